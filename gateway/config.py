@@ -1,0 +1,105 @@
+"""Typed configuration for the whole gateway, read from ``GATEWAY_*`` environment variables.
+
+Every field has a safe default so that ``make up`` runs with no configuration at all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, PositiveInt, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BASE_MODEL_NAME = "datanet-tiny-llama"
+
+
+class EngineConfig(BaseSettings):
+    """Settings of the vLLM engine owned by each engine replica."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_ENGINE_", extra="forbid")
+
+    max_model_len: PositiveInt = Field(1024, description="Context length in tokens (prompt + output).")
+    max_num_seqs: PositiveInt = Field(64, description="Sequences the engine runs in one batch.")
+    max_loras: PositiveInt = Field(8, description="Adapters active in one batch (accelerator slots).")
+    max_cpu_loras: PositiveInt = Field(32, description="Adapters kept loaded in host memory (LRU).")
+    max_lora_rank: PositiveInt = Field(16, description="Largest adapter rank the engine accepts.")
+    kv_cache_gib: PositiveInt = Field(1, description="KV cache size in GiB (CPU backend).")
+    enforce_eager: bool = Field(True, description="Skip graph capture: faster start on the CPU backend.")
+    seed: int = Field(0, description="Engine seed, for reproducible sampling.")
+
+    @model_validator(mode="after")
+    def _cpu_loras_hold_active_loras(self) -> "EngineConfig":
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be >= max_loras")
+        return self
+
+
+class ReplicaConfig(BaseSettings):
+    """How the engine deployment is replicated and placed."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_REPLICA_", extra="forbid")
+
+    num_replicas: PositiveInt = Field(1, description="Engine replicas (ignored when autoscaling is set).")
+    min_replicas: int | None = Field(None, ge=0, description="Autoscaling lower bound; enables autoscaling.")
+    max_replicas: PositiveInt | None = Field(None, description="Autoscaling upper bound.")
+    target_ongoing_requests: PositiveInt = Field(32, description="Autoscaling target per replica.")
+    num_cpus: float = Field(1.0, ge=0, description="Logical CPUs reserved per engine replica.")
+    num_gpus: float = Field(0.0, ge=0, description="Accelerator share per replica (fractions allowed).")
+    max_ongoing_requests: PositiveInt = Field(256, description="Requests one replica accepts at once.")
+    adapters_per_replica: PositiveInt = Field(
+        64, description="Adapters a replica keeps resolved before evicting the least recently used."
+    )
+
+    @property
+    def autoscaling(self) -> dict[str, Any] | None:
+        if self.min_replicas is None and self.max_replicas is None:
+            return None
+        low = self.min_replicas if self.min_replicas is not None else 1
+        high = self.max_replicas if self.max_replicas is not None else max(low, 1)
+        return {"min_replicas": low, "max_replicas": high, "target_ongoing_requests": self.target_ongoing_requests}
+
+    @property
+    def serves_http_in_replica(self) -> bool:
+        """One fixed replica answers HTTP itself: no proxy hop on the token path."""
+        return self.autoscaling is None and self.num_replicas == 1
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> "ReplicaConfig":
+        if self.min_replicas is not None and self.max_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+
+class GatewayConfig(BaseSettings):
+    """Top-level settings: where state lives, where each front door listens."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+
+    state_dir: Path = Field(Path(".gateway"), description="Database, adapters, indexes, outbox, chain state.")
+    host: str = Field("127.0.0.1", description="Address the front doors bind.")
+    http_port: int = Field(8000, ge=1, le=65535, description="OpenAI-compatible HTTP port.")
+    grpc_port: int = Field(9000, ge=1, le=65535, description="gRPC inference port.")
+    adapter_store: str = Field(
+        "", description="Adapter store: a directory or an fsspec URL (s3://…). Default: <state_dir>/adapters."
+    )
+    base_model_path: str = Field("", description="Base model directory. Default: the demo model in the state dir.")
+    served_model_name: str = Field(BASE_MODEL_NAME, description="Name clients use for the base model.")
+    ray_num_cpus: PositiveInt = Field(4, description="Logical CPUs Ray may schedule on this node.")
+    stream_interval_ms: int = Field(
+        0, ge=0, description="Coalesce streamed deltas for this long (0 = one chunk per engine step)."
+    )
+    demo_adapters: int = Field(60, ge=0, description="Demo adapters built on first start.")
+
+    @property
+    def store_url(self) -> str:
+        return self.adapter_store or str((self.state_dir / "adapters").resolve())
+
+    @property
+    def model_path(self) -> Path:
+        return Path(self.base_model_path) if self.base_model_path else (self.state_dir / "models" / BASE_MODEL_NAME)
+
+    @property
+    def cache_dir(self) -> Path:
+        """Local copies of adapters fetched from a remote store."""
+        return self.state_dir / "cache" / "adapters"

@@ -1,0 +1,108 @@
+"""Starts the whole stack on one node (Ray, the Serve application), waits for it, stops it cleanly."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from gateway.config import EngineConfig, GatewayConfig, ReplicaConfig
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_SECONDS = 600.0
+# Keep the idle stack quiet: no usage reporting, a slower Serve control loop.
+RAY_ENV_DEFAULTS = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    "RAY_DEDUP_LOGS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+}
+
+
+def ensure_demo_assets(config: GatewayConfig) -> None:
+    """Build the demo model and adapters on first start (skipped when a model path is configured)."""
+    from training.demo_assets import ensure_base_model, ensure_demo_adapters
+
+    if config.base_model_path:
+        return
+    print(f"[gateway] demo assets in {config.state_dir} (built once, then cached)", flush=True)
+    model_dir = ensure_base_model(config.model_path)
+    if "://" not in config.store_url:
+        ensure_demo_adapters(model_dir, Path(config.store_url), config.demo_adapters)
+
+
+def wait_until_healthy(url: str, timeout: float, stop: threading.Event) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not stop.is_set():
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not become healthy in {timeout:.0f} s")
+
+
+def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> None:
+    """Run until SIGINT/SIGTERM, then shut Serve and Ray down."""
+    for key, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    ensure_demo_assets(config)
+
+    import ray
+    from ray import serve
+
+    from serving.deployment import build_application
+
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        print(f"\n[gateway] signal {signum}: shutting down", flush=True)
+        stop.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+
+    print("[gateway] starting Ray", flush=True)
+    ray.init(
+        address="local",
+        num_cpus=config.ray_num_cpus,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+    )
+    try:
+        direct = replica.serves_http_in_replica
+        serve.start(
+            http_options={
+                "host": config.host,
+                "port": config.http_port,
+                "location": "NoServer" if direct else "HeadOnly",
+            },
+            logging_config={"log_level": "WARNING", "enable_access_log": False},
+        )
+        print("[gateway] deploying the engine (first start builds the vLLM engine, ~30 s)", flush=True)
+        serve.run(build_application(config, engine, replica), name="gateway", route_prefix="/", blocking=False)
+        base = f"http://{config.host}:{config.http_port}"
+        wait_until_healthy(f"{base}/health", READY_TIMEOUT_SECONDS, stop)
+        if not stop.is_set():
+            print(f"[gateway] ready: OpenAI API at {base}/v1 (model '{config.served_model_name}'"
+                  f" and adapters from {config.store_url}); Ctrl-C stops", flush=True)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        print("[gateway] stopping Serve and Ray", flush=True)
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+        print("[gateway] stopped", flush=True)

@@ -1,0 +1,200 @@
+"""Adapter store: LoRA adapters resolved by name from a directory or any fsspec URL.
+
+Layout: ``<store>/<adapter name>/adapter_config.json`` and ``adapter_model.safetensors``.
+An adapter written into the store is servable at once; listing is cached for ``list_ttl_seconds``.
+Adapters are checked against the base model before the engine sees them, because a malformed
+adapter handed to vLLM kills the engine process.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+
+from serving.errors import AdapterUnavailable, InvalidRequest
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+SAFETENSORS_HEADER_BYTES_MAX = 16 * 1024 * 1024
+ADAPTER_BYTES_MAX = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class BaseModelShape:
+    """What an adapter must fit: module input/output sizes of the base model."""
+
+    num_layers: int
+    module_io: dict[str, tuple[int, int]]
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path) -> "BaseModelShape":
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        hidden, inter = config["hidden_size"], config["intermediate_size"]
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or hidden // heads
+        kv = head_dim * config.get("num_key_value_heads", heads)
+        return cls(
+            num_layers=config["num_hidden_layers"],
+            module_io={
+                "q_proj": (hidden, head_dim * heads),
+                "k_proj": (hidden, kv),
+                "v_proj": (hidden, kv),
+                "o_proj": (head_dim * heads, hidden),
+                "gate_proj": (hidden, inter),
+                "up_proj": (hidden, inter),
+                "down_proj": (inter, hidden),
+            },
+        )
+
+
+def validate_name(name: str) -> str:
+    if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+        raise InvalidRequest(
+            "adapter names are 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit",
+            param="model",
+        )
+    return name
+
+
+def read_safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header, without loading the tensors."""
+    with open(path, "rb") as handle:
+        raw = handle.read(8)
+        if len(raw) != 8:
+            raise ValueError("file is shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", raw)
+        if length <= 0 or length > SAFETENSORS_HEADER_BYTES_MAX:
+            raise ValueError(f"safetensors header length {length} is out of range")
+        header = json.loads(handle.read(length))
+    return {name: list(info["shape"]) for name, info in header.items() if name != "__metadata__"}
+
+
+def check_adapter_dir(path: Path, base: BaseModelShape, max_rank: int) -> int:
+    """Raise AdapterUnavailable unless `path` is a LoRA the engine can load; return its rank."""
+    name = path.name
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AdapterUnavailable(f"adapter '{name}' has no {CONFIG_FILE}", param="model") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterUnavailable(f"adapter '{name}': {CONFIG_FILE} is not valid JSON ({exc})", param="model") from None
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise AdapterUnavailable(f"adapter '{name}' is not a LoRA adapter", param="model")
+    rank = config.get("r")
+    if not isinstance(rank, int) or rank < 1:
+        raise AdapterUnavailable(f"adapter '{name}': 'r' must be a positive integer", param="model")
+    if rank > max_rank:
+        raise AdapterUnavailable(
+            f"adapter '{name}' has rank {rank}, above this engine's max_lora_rank {max_rank}", param="model"
+        )
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise AdapterUnavailable(f"adapter '{name}' has no {WEIGHTS_FILE}", param="model")
+    if weights.stat().st_size > ADAPTER_BYTES_MAX:
+        raise AdapterUnavailable(f"adapter '{name}' is larger than {ADAPTER_BYTES_MAX} bytes", param="model")
+    try:
+        shapes = read_safetensors_shapes(weights)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AdapterUnavailable(f"adapter '{name}': unreadable weights ({exc})", param="model") from None
+    if not shapes:
+        raise AdapterUnavailable(f"adapter '{name}' holds no tensors", param="model")
+    pattern = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+    for tensor, shape in shapes.items():
+        match = pattern.search(tensor)
+        if not match:
+            raise AdapterUnavailable(f"adapter '{name}': unexpected tensor '{tensor}'", param="model")
+        layer, module, side = int(match[1]), match[2], match[3]
+        if layer >= base.num_layers or module not in base.module_io:
+            raise AdapterUnavailable(f"adapter '{name}': '{tensor}' has no matching base layer", param="model")
+        fan_in, fan_out = base.module_io[module]
+        expected = [rank, fan_in] if side == "A" else [fan_out, rank]
+        if shape != expected:
+            raise AdapterUnavailable(
+                f"adapter '{name}': '{tensor}' has shape {shape}, the base model needs {expected}", param="model"
+            )
+    return rank
+
+
+class AdapterStore:
+    """Names → adapter directories, in a local directory or behind an fsspec URL."""
+
+    def __init__(self, url: str, cache_dir: Path, list_ttl_seconds: float = 2.0) -> None:
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.is_local = self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol
+        self.cache_dir = Path(cache_dir)
+        self.list_ttl_seconds = list_ttl_seconds
+        self._listing: tuple[float, list[str]] = (0.0, [])
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        """Registered adapter names, sorted; re-read from the store at most every TTL."""
+        now = time.monotonic()
+        with self._lock:
+            stamp, names = self._listing
+            if now - stamp < self.list_ttl_seconds:
+                return names
+        try:
+            entries = self.fs.ls(self.root, detail=False) if self.fs.exists(self.root) else []
+        except FileNotFoundError:
+            entries = []
+        found = sorted(
+            base for base in (entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries) if ADAPTER_NAME.match(base)
+        )
+        with self._lock:
+            self._listing = (now, found)
+        return found
+
+    def has(self, name: str) -> bool:
+        if name in self.names():
+            return True
+        return bool(ADAPTER_NAME.match(name)) and self.fs.exists(f"{self.root}/{name}/{CONFIG_FILE}")
+
+    def local_path(self, name: str) -> Path:
+        """A local directory holding the adapter's files (downloaded once for remote stores)."""
+        if self.is_local:
+            return Path(self.root) / name
+        target = self.cache_dir / name
+        if (target / CONFIG_FILE).exists():
+            return target
+        staging = self.cache_dir / f".{name}.{uuid.uuid4().hex}"
+        staging.mkdir(parents=True, exist_ok=True)
+        try:
+            for file in (CONFIG_FILE, WEIGHTS_FILE):
+                self.fs.get(f"{self.root}/{name}/{file}", str(staging / file))
+            staging.rename(target)
+        except FileNotFoundError as exc:
+            raise AdapterUnavailable(f"adapter '{name}' is missing a file in the store ({exc})", param="model") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def forget_local_copy(self, name: str) -> None:
+        if not self.is_local:
+            shutil.rmtree(self.cache_dir / name, ignore_errors=True)
+
+    def put(self, name: str, source: Path) -> None:
+        """Register an adapter by copying its directory into the store."""
+        validate_name(name)
+        for file in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (Path(source) / file).is_file():
+                raise InvalidRequest(f"{source} has no {file}")
+        staging = f"{self.root}/.{name}.{uuid.uuid4().hex}"
+        self.fs.makedirs(staging, exist_ok=True)
+        for file in (CONFIG_FILE, WEIGHTS_FILE):
+            self.fs.put(str(Path(source) / file), f"{staging}/{file}")
+        if self.fs.exists(f"{self.root}/{name}"):
+            self.fs.rm(f"{self.root}/{name}", recursive=True)
+        self.fs.mv(staging, f"{self.root}/{name}", recursive=True)
+        with self._lock:
+            self._listing = (0.0, [])

@@ -1,0 +1,194 @@
+"""Ray Serve application: the engine deployment and, with several replicas, a thin ingress.
+
+* One fixed replica (the default): the replica owns the vLLM engine and answers HTTP itself on
+  the gateway port, so a token crosses no process boundary between the engine and the socket.
+  Ray Serve still owns its life cycle (start, health checks, restart on failure).
+* Several replicas or autoscaling: Ray Serve's proxy hands each request to `Ingress`, which reads
+  only the `model` field and forwards the raw body to an engine replica with the adapter as the
+  multiplexed model id, so requests for an adapter go to a replica that already holds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from gateway.config import EngineConfig, GatewayConfig, ReplicaConfig
+from serving.errors import ApiError, InvalidRequest
+from serving.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from serving.openai_service import OpenAIService
+
+log = logging.getLogger(__name__)
+
+HTTP_START_TIMEOUT_SECONDS = 30.0
+ROUTES = {"/v1/completions": (CompletionRequest, False), "/v1/chat/completions": (ChatCompletionRequest, True)}
+
+
+class EngineReplica:
+    """Owns one vLLM engine. Serves HTTP directly when it is the only replica."""
+
+    async def __init__(self, config: dict, engine: dict, replica: dict) -> None:
+        from serving.engine import Engine
+
+        self.config = GatewayConfig(**config)
+        self.replica = ReplicaConfig(**replica)
+        engine_config = EngineConfig(**engine)
+        self.engine = Engine(self.config, engine_config, self.replica.adapters_per_replica)
+        self.service = OpenAIService(self.engine, self.replica.max_ongoing_requests)
+        self._server = None
+        if self.replica.serves_http_in_replica:
+            await self._start_http()
+
+    async def _start_http(self) -> None:
+        import uvicorn
+
+        from serving.openai_router import build_app
+
+        async def service() -> OpenAIService:
+            return self.service
+
+        app = build_app(service)
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app, host=self.config.host, port=self.config.http_port, log_level="warning",
+                access_log=False, timeout_keep_alive=30,
+            )
+        )
+        self._server_task = asyncio.create_task(server.serve())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HTTP_START_TIMEOUT_SECONDS
+        while not server.started:
+            if self._server_task.done():
+                raise RuntimeError(f"HTTP server could not listen on {self.config.host}:{self.config.http_port}")
+            if loop.time() > deadline:
+                raise RuntimeError("HTTP server did not start in time")
+            await asyncio.sleep(0.05)
+        self._server = server
+        log.info("engine replica serving HTTP on %s:%d", self.config.host, self.config.http_port)
+
+    @serve.multiplexed(max_num_models_per_replica=64)
+    async def _adapter(self, name: str) -> str:
+        await self.engine.adapters.get(name)
+        return name
+
+    async def models(self) -> dict[str, Any]:
+        return self.service.list_models()
+
+    async def handle(self, route: str, body: bytes) -> AsyncIterator[Any]:
+        """Forwarded request: yields (status, headers) first, then response bytes."""
+        model_id = serve.get_multiplexed_model_id()
+        try:
+            if model_id:
+                await self._adapter(model_id)
+            kind, chat = ROUTES[route]
+            request = parse_request(kind, body)
+            job = await (self.service.prepare_chat(request) if chat else self.service.prepare_completion(request))
+        except ApiError as exc:
+            yield (exc.status, {})
+            yield json.dumps(exc.to_body()).encode()
+            return
+        headers = {"x-attribution-trace-id": job.request_id}
+        if job.stream:
+            yield (200, {**headers, "content-type": "text/event-stream"})
+            async for chunk in self.service.stream(job, chat):
+                yield chunk
+        else:
+            yield (200, {**headers, "content-type": "application/json"})
+            yield json.dumps(await self.service.run(job, chat)).encode()
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+        if self._server is not None and self._server_task.done():
+            raise RuntimeError("HTTP server stopped")
+
+    async def __del__(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        self.engine.shutdown()
+
+
+def model_field(body: bytes) -> str:
+    """The `model` of a JSON body, for routing; full validation happens on the engine replica."""
+    try:
+        value = json.loads(body).get("model")
+    except (ValueError, AttributeError):
+        raise InvalidRequest("request body must be a JSON object") from None
+    return value if isinstance(value, str) else ""
+
+
+def _ingress_class() -> type:
+    """`Ingress`, built on first use so that importing this module does not import FastAPI's app."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+    app = FastAPI(docs_url=None, redoc_url=None)
+
+    @serve.ingress(app)
+    class Ingress:
+        """Routes OpenAI requests to engine replicas by adapter (multi-replica mode only)."""
+
+        def __init__(self, engine_handle: Any, base_model: str) -> None:
+            self.engine = engine_handle
+            self.base_model = base_model
+
+        @app.get("/health")
+        async def health(self) -> Response:
+            return Response(status_code=200)
+
+        @app.get("/v1/models")
+        async def models(self) -> JSONResponse:
+            return JSONResponse(await self.engine.models.remote())
+
+        @app.post("/v1/completions")
+        async def completions(self, request: Request) -> Response:
+            return await self._forward(request)
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(self, request: Request) -> Response:
+            return await self._forward(request)
+
+        async def _forward(self, request: Request) -> Response:
+            body = await request.body()
+            try:
+                model = model_field(body)
+            except ApiError as exc:
+                return JSONResponse(exc.to_body(), status_code=exc.status)
+            adapter = "" if model == self.base_model else model
+            handle = self.engine.options(stream=True, multiplexed_model_id=adapter)
+            stream = handle.handle.remote(request.url.path, body)
+            status, headers = await stream.__anext__()
+            media = headers.pop("content-type", "application/json")
+            if media == "text/event-stream":
+                return StreamingResponse(stream, media_type=media, headers=headers, status_code=status)
+            payload = b"".join([chunk async for chunk in stream])
+            return Response(payload, media_type=media, headers=headers, status_code=status)
+
+    return Ingress
+
+
+def build_application(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> Any:
+    """The Serve application for these settings (see the module docstring for the two shapes)."""
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": replica.num_cpus, "num_gpus": replica.num_gpus},
+        "max_ongoing_requests": replica.max_ongoing_requests,
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 30,
+        "graceful_shutdown_timeout_s": 5,
+    }
+    if replica.autoscaling:
+        options["autoscaling_config"] = replica.autoscaling
+    else:
+        options["num_replicas"] = replica.num_replicas
+    args = (config.model_dump(mode="json"), engine.model_dump(mode="json"), replica.model_dump(mode="json"))
+    engine_app = serve.deployment(EngineReplica, name="engine").options(**options).bind(*args)
+    if replica.serves_http_in_replica:
+        return engine_app
+    ingress = serve.deployment(_ingress_class(), name="ingress").options(
+        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4 * replica.max_ongoing_requests
+    )
+    return ingress.bind(engine_app, config.served_model_name)

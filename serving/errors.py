@@ -1,0 +1,65 @@
+"""Errors the serving layer turns into OpenAI error bodies.
+
+    ApiError                     (any status; carries type, param, code)
+    ├── InvalidRequest           400 invalid_request_error
+    ├── ModelNotFound            404 invalid_request_error / model_not_found
+    ├── AdapterUnavailable       422 invalid_request_error / adapter_unavailable
+    ├── Overloaded               429 rate_limit_error / overloaded   (gRPC: RESOURCE_EXHAUSTED)
+    └── EngineUnavailable        503 server_error / engine_unavailable
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApiError(Exception):
+    """An error with an HTTP status and OpenAI's error fields."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(ApiError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ModelNotFound(ApiError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model '{model}' does not exist (see GET /v1/models).", param="model")
+
+
+class AdapterUnavailable(ApiError):
+    """The adapter is registered but its files cannot be served (missing, corrupt, incompatible)."""
+
+    status = 422
+    type = "invalid_request_error"
+    code = "adapter_unavailable"
+
+
+class Overloaded(ApiError):
+    status = 429
+    type = "rate_limit_error"
+    code = "overloaded"
+
+
+class EngineUnavailable(ApiError):
+    status = 503
+    type = "server_error"
+    code = "engine_unavailable"

@@ -1,0 +1,78 @@
+"""HTTP transport of the OpenAI-compatible API: decode → OpenAIService → encode."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.errors import ApiError
+from serving.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from serving.openai_service import OpenAIService
+
+log = logging.getLogger(__name__)
+
+TRACE_HEADER = "x-attribution-trace-id"
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.to_body(), status_code=exc.status)
+
+
+def build_app(service_factory: Callable[[], Awaitable[OpenAIService]]) -> FastAPI:
+    """The OpenAI HTTP app; `service_factory` yields the service bound to this process's engine."""
+    app = FastAPI(title="Datanet Gateway", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = ApiError(str(exc.detail), code=str(exc.status_code))
+        error.type = "invalid_request_error"
+        return JSONResponse(error.to_body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return JSONResponse(ApiError(f"internal error: {type(exc).__name__}").to_body(), status_code=500)
+
+    @app.get("/health")
+    async def health() -> Response:
+        service = await service_factory()
+        await service.engine.check_health()
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        service = await service_factory()
+        return JSONResponse(service.list_models())
+
+    async def _generate(request: Request, chat: bool) -> Response:
+        service = await service_factory()
+        body = await request.body()
+        if chat:
+            job = await service.prepare_chat(parse_request(ChatCompletionRequest, body))
+        else:
+            job = await service.prepare_completion(parse_request(CompletionRequest, body))
+        headers = {TRACE_HEADER: job.request_id}
+        if job.stream:
+            return StreamingResponse(
+                service.stream(job, chat), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
+            )
+        return JSONResponse(await service.run(job, chat), headers=headers)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _generate(request, chat=True)
+
+    return app

@@ -1,0 +1,165 @@
+"""OpenAI completions and chat completions on top of an `Engine`: request → engine → response.
+
+Everything that can be rejected is rejected before the first byte is sent, so a bad request gets a
+proper status code; an engine failure mid-stream ends the stream with an error event.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from serving.engine import Engine, StepOutput
+from serving.errors import ApiError, ModelNotFound, Overloaded
+from serving.openai_protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready for the engine."""
+
+    request_id: str
+    model: str
+    prompt_ids: list[int]
+    params: Any
+    lora: Any
+    stream: bool
+    include_usage: bool
+    n: int
+    created: int
+
+
+class OpenAIService:
+    def __init__(self, engine: Engine, max_ongoing_requests: int = 256) -> None:
+        self.engine = engine
+        self.max_ongoing_requests = max_ongoing_requests
+        self.ongoing = 0
+
+    # ---- models -------------------------------------------------------------------------
+    def list_models(self) -> dict[str, Any]:
+        created = int(time.time())
+        data = [
+            {"id": card.id, "object": "model", "created": created, "owned_by": "datanet-gateway",
+             "root": card.id, "parent": card.parent}
+            for card in self.engine.models()
+        ]
+        return {"object": "list", "data": data}
+
+    # ---- preparing ----------------------------------------------------------------------
+    def _admit(self, model: str) -> None:
+        if not self.engine.is_known(model):
+            raise ModelNotFound(model)
+        if self.ongoing >= self.max_ongoing_requests:
+            raise Overloaded(f"this replica is serving {self.ongoing} requests, its limit; retry shortly")
+
+    async def _prepare(self, request: SamplingFields, prompt_ids: list[int], max_tokens: int | None, prefix: str) -> Prepared:
+        request.reject_unsupported()
+        lora = await self.engine.lora_request(request.model)
+        limit = self.engine.check_length(prompt_ids, max_tokens)
+        params = request.to_sampling_params(limit)
+        return Prepared(
+            request_id=f"{prefix}-{uuid.uuid4().hex}",
+            model=request.model,
+            prompt_ids=prompt_ids,
+            params=params,
+            lora=lora,
+            stream=request.stream,
+            include_usage=request.include_usage,
+            n=request.n,
+            created=int(time.time()),
+        )
+
+    async def prepare_completion(self, request: CompletionRequest) -> Prepared:
+        prompt = request.single_prompt()
+        self._admit(request.model)
+        prompt_ids = self.engine.encode_prompt(prompt)
+        return await self._prepare(request, prompt_ids, request.max_tokens, "cmpl")
+
+    async def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
+        self._admit(request.model)
+        prompt_ids = self.engine.encode_chat(request.rendered_messages())
+        return await self._prepare(request, prompt_ids, request.output_limit, "chatcmpl")
+
+    # ---- running ------------------------------------------------------------------------
+    async def _steps(self, job: Prepared) -> AsyncIterator[StepOutput]:
+        self.ongoing += 1
+        try:
+            async for step in self.engine.generate(job.prompt_ids, job.params, job.lora, job.request_id):
+                yield step
+        finally:
+            self.ongoing -= 1
+
+    @staticmethod
+    def _usage(job: Prepared, completion_tokens: int) -> dict[str, int]:
+        return {
+            "prompt_tokens": len(job.prompt_ids),
+            "completion_tokens": completion_tokens,
+            "total_tokens": len(job.prompt_ids) + completion_tokens,
+        }
+
+    async def run(self, job: Prepared, chat: bool) -> dict[str, Any]:
+        texts = [""] * job.n
+        finish: list[str | None] = [None] * job.n
+        tokens = 0
+        async for step in self._steps(job):
+            for delta in step.deltas:
+                texts[delta.index] += delta.text
+                tokens += len(delta.token_ids)
+                if delta.finish_reason:
+                    finish[delta.index] = delta.finish_reason
+        if chat:
+            choices = [
+                {"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+                 "finish_reason": finish[i]}
+                for i in range(job.n)
+            ]
+            kind = "chat.completion"
+        else:
+            choices = [
+                {"index": i, "text": texts[i], "logprobs": None, "finish_reason": finish[i]} for i in range(job.n)
+            ]
+            kind = "text_completion"
+        return {
+            "id": job.request_id, "object": kind, "created": job.created, "model": job.model,
+            "choices": choices, "usage": self._usage(job, tokens),
+        }
+
+    async def stream(self, job: Prepared, chat: bool) -> AsyncIterator[bytes]:
+        """SSE chunks, one per engine step, ending with an optional usage chunk and [DONE]."""
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        head = {"id": job.request_id, "object": kind, "created": job.created, "model": job.model}
+        tokens = 0
+        if chat:
+            first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for i in range(job.n)]
+            yield sse({**head, "choices": first})
+        try:
+            async for step in self._steps(job):
+                choices = []
+                for delta in step.deltas:
+                    tokens += len(delta.token_ids)
+                    if chat:
+                        body = {"content": delta.text} if delta.text else {}
+                        choices.append({"index": delta.index, "delta": body, "logprobs": None,
+                                        "finish_reason": delta.finish_reason})
+                    else:
+                        choices.append({"index": delta.index, "text": delta.text, "logprobs": None,
+                                        "finish_reason": delta.finish_reason})
+                yield sse({**head, "choices": choices})
+        except ApiError as exc:
+            yield sse(exc.to_body())
+            yield DONE
+            return
+        if job.include_usage:
+            yield sse({**head, "choices": [], "usage": self._usage(job, tokens)})
+        yield DONE
