@@ -158,7 +158,7 @@ class AdapterStore:
     def has(self, name: str) -> bool:
         if name in self.names():
             return True
-        return bool(ADAPTER_NAME.match(name)) and self.fs.exists(f"{self.root}/{name}/{CONFIG_FILE}")
+        return bool(ADAPTER_NAME.match(name)) and self.fs.isdir(f"{self.root}/{name}")
 
     def local_path(self, name: str) -> Path:
         """A local directory holding the adapter's files (downloaded once for remote stores)."""

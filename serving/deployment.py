@@ -26,6 +26,7 @@ from serving.openai_service import OpenAIService
 log = logging.getLogger(__name__)
 
 HTTP_START_TIMEOUT_SECONDS = 30.0
+REPLICA_HEADER = "x-gateway-replica"
 ROUTES = {"/v1/completions": (CompletionRequest, False), "/v1/chat/completions": (ChatCompletionRequest, True)}
 
 
@@ -41,6 +42,7 @@ class EngineReplica:
         self.engine = Engine(self.config, engine_config, self.replica.adapters_per_replica)
         self.service = OpenAIService(self.engine, self.replica.max_ongoing_requests)
         self._server = None
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         if self.replica.serves_http_in_replica:
             await self._start_http()
 
@@ -79,6 +81,9 @@ class EngineReplica:
     async def models(self) -> dict[str, Any]:
         return self.service.list_models()
 
+    async def stats(self) -> dict[str, Any]:
+        return {"replica": self.replica_id, **self.service.stats()}
+
     async def handle(self, route: str, body: bytes) -> AsyncIterator[Any]:
         """Forwarded request: yields (status, headers) first, then response bytes."""
         model_id = serve.get_multiplexed_model_id()
@@ -89,10 +94,10 @@ class EngineReplica:
             request = parse_request(kind, body)
             job = await (self.service.prepare_chat(request) if chat else self.service.prepare_completion(request))
         except ApiError as exc:
-            yield (exc.status, {})
+            yield (exc.status, {REPLICA_HEADER: self.replica_id})
             yield json.dumps(exc.to_body()).encode()
             return
-        headers = {"x-attribution-trace-id": job.request_id}
+        headers = {"x-attribution-trace-id": job.request_id, REPLICA_HEADER: self.replica_id}
         if job.stream:
             yield (200, {**headers, "content-type": "text/event-stream"})
             async for chunk in self.service.stream(job, chat):

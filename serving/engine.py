@@ -139,14 +139,14 @@ class Engine:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def check_length(self, prompt_ids: list[int], max_tokens: int | None) -> int:
+    def check_length(self, prompt_ids: list[int], max_tokens: int | None, prompt_param: str) -> int:
         """The max_tokens to use; InvalidRequest if prompt + output cannot fit the context."""
         room = self.max_model_len - len(prompt_ids)
         if room < 1:
             raise InvalidRequest(
                 f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
                 f"{len(prompt_ids)} tokens. Shorten the prompt.",
-                param="messages" if max_tokens is None else "prompt",
+                param=prompt_param,
                 code="context_length_exceeded",
             )
         if max_tokens is None:
@@ -187,6 +187,9 @@ class Engine:
         finally:
             if not finished:
                 await asyncio.shield(self.llm.abort(request_id))
+
+    def unfinished_requests(self) -> int:
+        return self.llm.output_processor.get_num_unfinished_requests()
 
     async def check_health(self) -> None:
         if self.llm.errored:

@@ -48,6 +48,11 @@ def build_app(service_factory: Callable[[], Awaitable[OpenAIService]]) -> FastAP
         await service.engine.check_health()
         return Response(status_code=200)
 
+    @app.get("/stats")
+    async def stats() -> JSONResponse:
+        service = await service_factory()
+        return JSONResponse(service.stats())
+
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         service = await service_factory()

@@ -55,6 +55,16 @@ class OpenAIService:
         ]
         return {"object": "list", "data": data}
 
+    def stats(self) -> dict[str, Any]:
+        """Live counters for operators and tests: requests in flight, adapters held."""
+        return {
+            "ongoing_requests": self.ongoing,
+            "engine_unfinished_requests": self.engine.unfinished_requests(),
+            "adapters_loaded": self.engine.adapters.loaded(),
+            "adapter_loads_total": self.engine.adapters.loads,
+            "adapter_evictions_total": self.engine.adapters.evictions,
+        }
+
     # ---- preparing ----------------------------------------------------------------------
     def _admit(self, model: str) -> None:
         if not self.engine.is_known(model):
@@ -62,10 +72,12 @@ class OpenAIService:
         if self.ongoing >= self.max_ongoing_requests:
             raise Overloaded(f"this replica is serving {self.ongoing} requests, its limit; retry shortly")
 
-    async def _prepare(self, request: SamplingFields, prompt_ids: list[int], max_tokens: int | None, prefix: str) -> Prepared:
+    async def _prepare(
+        self, request: SamplingFields, prompt_ids: list[int], max_tokens: int | None, prefix: str, prompt_param: str
+    ) -> Prepared:
         request.reject_unsupported()
         lora = await self.engine.lora_request(request.model)
-        limit = self.engine.check_length(prompt_ids, max_tokens)
+        limit = self.engine.check_length(prompt_ids, max_tokens, prompt_param)
         params = request.to_sampling_params(limit)
         return Prepared(
             request_id=f"{prefix}-{uuid.uuid4().hex}",
@@ -83,12 +95,12 @@ class OpenAIService:
         prompt = request.single_prompt()
         self._admit(request.model)
         prompt_ids = self.engine.encode_prompt(prompt)
-        return await self._prepare(request, prompt_ids, request.max_tokens, "cmpl")
+        return await self._prepare(request, prompt_ids, request.max_tokens, "cmpl", "prompt")
 
     async def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
         self._admit(request.model)
         prompt_ids = self.engine.encode_chat(request.rendered_messages())
-        return await self._prepare(request, prompt_ids, request.output_limit, "chatcmpl")
+        return await self._prepare(request, prompt_ids, request.output_limit, "chatcmpl", "messages")
 
     # ---- running ------------------------------------------------------------------------
     async def _steps(self, job: Prepared) -> AsyncIterator[StepOutput]:

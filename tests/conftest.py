@@ -1,0 +1,56 @@
+"""Shared fixtures. The heavy stack (Ray Serve + vLLM) starts once per test session."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.launcher import GatewayProcess
+
+ADAPTERS_PER_REPLICA = 40  # below the 60 demo adapters, so the replica's LRU evicts during the tests
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def demo_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state directory with the demo model and adapters (built once per session)."""
+    from gateway.config import GatewayConfig
+    from gateway.supervisor import ensure_demo_assets
+
+    state = tmp_path_factory.mktemp("state")
+    ensure_demo_assets(GatewayConfig(state_dir=state))
+    return state
+
+
+@pytest.fixture(scope="session")
+def gateway(demo_state: Path) -> Iterator[GatewayProcess]:
+    """One gateway (one engine replica serving HTTP directly) shared by the whole session."""
+    process = GatewayProcess(
+        state_dir=demo_state,
+        http_port=free_port(),
+        env={
+            "GATEWAY_REPLICA_ADAPTERS_PER_REPLICA": str(ADAPTERS_PER_REPLICA),
+            "GATEWAY_ENGINE_MAX_LORAS": "4",
+            "GATEWAY_ENGINE_MAX_CPU_LORAS": "16",
+        },
+    )
+    process.start()
+    yield process
+    assert process.stop() == 0, "gateway did not shut down cleanly"
+
+
+@pytest.fixture()
+def scratch_adapter(demo_state: Path, tmp_path: Path) -> Path:
+    """A copy of a demo adapter in a scratch directory, for tests that damage or register one."""
+    target = tmp_path / "adapter"
+    shutil.copytree(demo_state / "adapters" / "demo-adapter-000", target)
+    return target
