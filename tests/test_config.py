@@ -1,0 +1,44 @@
+"""Typed configuration: defaults, environment overrides and cross-field checks."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from gateway.config import EngineConfig, GatewayConfig, ReplicaConfig
+
+
+def test_defaults_are_the_documented_ports_and_state_dir() -> None:
+    config = GatewayConfig()
+    assert (config.host, config.http_port, config.grpc_port) == ("127.0.0.1", 8000, 9000)
+    assert str(config.state_dir) == ".gateway"
+    assert config.store_url.endswith(".gateway/adapters")
+
+
+def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_HTTP_PORT", "8123")
+    monkeypatch.setenv("GATEWAY_ENGINE_MAX_LORAS", "2")
+    monkeypatch.setenv("GATEWAY_REPLICA_NUM_GPUS", "0.25")
+    assert GatewayConfig().http_port == 8123
+    assert EngineConfig().max_loras == 2
+    assert ReplicaConfig().num_gpus == 0.25
+
+
+def test_cpu_loras_must_hold_active_loras() -> None:
+    with pytest.raises(ValidationError, match="max_cpu_loras must be >= max_loras"):
+        EngineConfig(max_loras=8, max_cpu_loras=4)
+
+
+def test_replica_modes() -> None:
+    assert ReplicaConfig().serves_http_in_replica
+    assert not ReplicaConfig(num_replicas=2).serves_http_in_replica
+    scaled = ReplicaConfig(min_replicas=1, max_replicas=3)
+    assert scaled.autoscaling == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 32}
+    assert not scaled.serves_http_in_replica
+    with pytest.raises(ValidationError, match="min_replicas must be <= max_replicas"):
+        ReplicaConfig(min_replicas=4, max_replicas=2)
+
+
+def test_engine_rejects_unknown_settings() -> None:
+    with pytest.raises(ValidationError):
+        EngineConfig(max_lora=3)
