@@ -16,10 +16,12 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from gateway.config import EngineConfig, GatewayConfig, ReplicaConfig
-from serving.errors import ApiError, InvalidRequest
+from serving.errors import ApiError, InvalidRequest, ModelNotFound
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from serving.openai_service import OpenAIService
 
@@ -89,6 +91,8 @@ class EngineReplica:
         model_id = serve.get_multiplexed_model_id()
         try:
             if model_id:
+                if not self.engine.is_known(model_id):
+                    raise ModelNotFound(model_id)
                 await self._adapter(model_id)
             kind, chat = ROUTES[route]
             request = parse_request(kind, body)
@@ -126,54 +130,48 @@ def model_field(body: bytes) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _ingress_class() -> type:
-    """`Ingress`, built on first use so that importing this module does not import FastAPI's app."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
+ingress_app = FastAPI(docs_url=None, redoc_url=None)
 
-    app = FastAPI(docs_url=None, redoc_url=None)
 
-    @serve.ingress(app)
-    class Ingress:
-        """Routes OpenAI requests to engine replicas by adapter (multi-replica mode only)."""
+@serve.ingress(ingress_app)
+class Ingress:
+    """Routes OpenAI requests to engine replicas by adapter (multi-replica mode only)."""
 
-        def __init__(self, engine_handle: Any, base_model: str) -> None:
-            self.engine = engine_handle
-            self.base_model = base_model
+    def __init__(self, engine_handle: Any, base_model: str) -> None:
+        self.engine = engine_handle
+        self.base_model = base_model
 
-        @app.get("/health")
-        async def health(self) -> Response:
-            return Response(status_code=200)
+    @ingress_app.get("/health")
+    async def health(self) -> Response:
+        return Response(status_code=200)
 
-        @app.get("/v1/models")
-        async def models(self) -> JSONResponse:
-            return JSONResponse(await self.engine.models.remote())
+    @ingress_app.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        return JSONResponse(await self.engine.models.remote())
 
-        @app.post("/v1/completions")
-        async def completions(self, request: Request) -> Response:
-            return await self._forward(request)
+    @ingress_app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._forward(request)
 
-        @app.post("/v1/chat/completions")
-        async def chat_completions(self, request: Request) -> Response:
-            return await self._forward(request)
+    @ingress_app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._forward(request)
 
-        async def _forward(self, request: Request) -> Response:
-            body = await request.body()
-            try:
-                model = model_field(body)
-            except ApiError as exc:
-                return JSONResponse(exc.to_body(), status_code=exc.status)
-            adapter = "" if model == self.base_model else model
-            handle = self.engine.options(stream=True, multiplexed_model_id=adapter)
-            stream = handle.handle.remote(request.url.path, body)
-            status, headers = await stream.__anext__()
-            media = headers.pop("content-type", "application/json")
-            if media == "text/event-stream":
-                return StreamingResponse(stream, media_type=media, headers=headers, status_code=status)
-            payload = b"".join([chunk async for chunk in stream])
-            return Response(payload, media_type=media, headers=headers, status_code=status)
-
-    return Ingress
+    async def _forward(self, request: Request) -> Response:
+        body = await request.body()
+        try:
+            model = model_field(body)
+        except ApiError as exc:
+            return JSONResponse(exc.to_body(), status_code=exc.status)
+        adapter = "" if model == self.base_model else model
+        handle = self.engine.options(stream=True, multiplexed_model_id=adapter)
+        stream = handle.handle.remote(request.url.path, body)
+        status, headers = await stream.__anext__()
+        media = headers.pop("content-type", "application/json")
+        if media == "text/event-stream":
+            return StreamingResponse(stream, media_type=media, headers=headers, status_code=status)
+        payload = b"".join([chunk async for chunk in stream])
+        return Response(payload, media_type=media, headers=headers, status_code=status)
 
 
 def build_application(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> Any:
@@ -193,7 +191,7 @@ def build_application(config: GatewayConfig, engine: EngineConfig, replica: Repl
     engine_app = serve.deployment(EngineReplica, name="engine").options(**options).bind(*args)
     if replica.serves_http_in_replica:
         return engine_app
-    ingress = serve.deployment(_ingress_class(), name="ingress").options(
+    ingress = serve.deployment(Ingress, name="ingress").options(
         ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4 * replica.max_ongoing_requests
     )
     return ingress.bind(engine_app, config.served_model_name)

@@ -1,0 +1,88 @@
+"""Several engine replicas behind Ray Serve's proxy: requests for an adapter go to the replica
+that already holds it, and errors keep their status codes through the forwarding hop."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.launcher import GatewayProcess
+from tests.conftest import free_port
+
+REPLICA_HEADER = "x-gateway-replica"
+
+
+@pytest.fixture(scope="module")
+def two_replicas(demo_state: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    state = tmp_path_factory.mktemp("replicas")
+    (state / "models").symlink_to(demo_state / "models")
+    (state / "adapters").symlink_to(demo_state / "adapters")
+    process = GatewayProcess(
+        state_dir=state,
+        http_port=free_port(),
+        env={"GATEWAY_REPLICA_NUM_REPLICAS": "2", "GATEWAY_REPLICA_NUM_CPUS": "1"},
+    )
+    process.start()
+    yield process
+    assert process.stop() == 0
+
+
+def complete(gateway: GatewayProcess, model: str, **extra: object) -> httpx.Response:
+    body = {"model": model, "prompt": "The value", "max_tokens": 3, "temperature": 0, **extra}
+    return httpx.post(f"{gateway.base_url}/v1/completions", json=body, timeout=120)
+
+
+def test_adapter_requests_stick_to_one_replica(two_replicas: GatewayProcess) -> None:
+    seen: dict[str, set[str]] = defaultdict(set)
+    adapters = [f"demo-adapter-{i:03d}" for i in range(40, 52)]
+    for _ in range(3):
+        for name in adapters:
+            response = complete(two_replicas, name)
+            assert response.status_code == 200, response.text
+            seen[name].add(response.headers[REPLICA_HEADER])
+    assert all(len(replicas) == 1 for replicas in seen.values()), dict(seen)
+    assert len(set().union(*seen.values())) == 2, "new adapters are spread over both replicas"
+
+
+def test_same_answers_as_a_single_replica(two_replicas: GatewayProcess, gateway: GatewayProcess) -> None:
+    for model in ("datanet-tiny-llama", "demo-adapter-041"):
+        assert complete(two_replicas, model).json()["choices"][0]["text"] == \
+            complete(gateway, model).json()["choices"][0]["text"]
+
+
+def test_streaming_through_the_proxy(two_replicas: GatewayProcess) -> None:
+    body = {"model": "demo-adapter-042", "prompt": "The value", "max_tokens": 4, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{two_replicas.base_url}/v1/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["x-attribution-trace-id"].startswith("cmpl-")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 4
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "status"),
+    [("no-such-adapter", {}, 404), ("demo-adapter-043", {"max_tokens": -1}, 400),
+     ("datanet-tiny-llama", {"temperature": "hot"}, 400)],
+)
+def test_errors_keep_their_status_through_the_hop(two_replicas: GatewayProcess, model: str, extra: dict,
+                                                  status: int) -> None:
+    response = complete(two_replicas, model, **extra)
+    assert response.status_code == status
+    assert response.json()["error"]["message"]
+
+
+def test_malformed_body_is_400_at_the_ingress(two_replicas: GatewayProcess) -> None:
+    response = httpx.post(f"{two_replicas.base_url}/v1/completions", content=b"{nope")
+    assert response.status_code == 400
+
+
+def test_model_list_through_the_proxy(two_replicas: GatewayProcess) -> None:
+    data = httpx.get(f"{two_replicas.base_url}/v1/models").json()["data"]
+    assert len([m for m in data if m["parent"] == "datanet-tiny-llama"]) >= 50
