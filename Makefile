@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip==25.3
 	$(PIP) install --quiet -c constraints.txt torch==2.13.0
-	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	$(PIP) install --quiet -c constraints.txt -e '.[cpu,dev]'
 	$(PIP) uninstall --quiet --yes $(BROKEN_EXTRAS) || true
 	$(PY) -c "from transformers import LlamaConfig; import vllm, ray.serve; print('install ok: vllm', vllm.__version__)"
 	@touch $(STAMP)

@@ -6,7 +6,7 @@ Every field has a safe default so that ``make up`` runs with no configuration at
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,6 +27,9 @@ class EngineConfig(BaseSettings):
     kv_cache_gib: PositiveInt = Field(1, description="KV cache size in GiB (CPU backend).")
     enforce_eager: bool = Field(True, description="Skip graph capture: faster start on the CPU backend.")
     seed: int = Field(0, description="Engine seed, for reproducible sampling.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="Weight/activation dtype; float32 suits CPUs without bf16 units, use auto on GPUs."
+    )
 
     @model_validator(mode="after")
     def _cpu_loras_hold_active_loras(self) -> "EngineConfig":

@@ -83,7 +83,7 @@ def engine_args(config: GatewayConfig, engine: EngineConfig) -> Any:
         max_num_seqs=engine.max_num_seqs,
         enforce_eager=engine.enforce_eager,
         seed=engine.seed,
-        dtype="float32",
+        dtype=engine.dtype,
         disable_log_stats=True,
     )
 
