@@ -89,8 +89,8 @@ class GatewayConfig(BaseSettings):
     base_model_path: str = Field("", description="Base model directory. Default: the demo model in the state dir.")
     served_model_name: str = Field(BASE_MODEL_NAME, description="Name clients use for the base model.")
     ray_num_cpus: PositiveInt = Field(4, description="Logical CPUs Ray may schedule on this node.")
-    stream_interval_ms: int = Field(
-        0, ge=0, description="Coalesce streamed deltas for this long (0 = one chunk per engine step)."
+    stream_worker_logs: bool = Field(
+        False, description="Stream replica/engine logs to this console (costs ~0.01 core while idle)."
     )
     demo_adapters: int = Field(60, ge=0, description="Demo adapters built on first start.")
 

@@ -16,10 +16,18 @@ from gateway.config import EngineConfig, GatewayConfig, ReplicaConfig
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_SECONDS = 600.0
-# Keep the idle stack quiet: no usage reporting, a slower Serve control loop.
+# Keep the idle stack quiet (measured: loadtests/bench_serving.py prints idle CPU). Ray's own
+# metrics are off: the gateway exports its metrics itself. Every value can be overridden by env.
 RAY_ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    "RAY_enable_metrics_collection": "0",
+    "RAY_metrics_report_interval_ms": "60000",
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "2",
+    "RAY_SERVE_EVENT_LOOP_MONITORING_INTERVAL_S": "60",
+    "RAY_SERVE_REPLICA_UTILIZATION_REPORT_INTERVAL_S": "60",
+    "RAY_SERVE_REPLICA_MAX_PROCESSING_LATENCY_REPORT_INTERVAL_S": "60",
+    "RAY_SERVE_STATUS_GAUGE_REPORT_INTERVAL_S": "60",
+    "AUTOSCALER_UPDATE_INTERVAL_S": "30",
     "RAY_DEDUP_LOGS": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "VLLM_LOGGING_LEVEL": "WARNING",
@@ -78,8 +86,14 @@ def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> 
         num_cpus=config.ray_num_cpus,
         include_dashboard=False,
         logging_level=logging.WARNING,
-        log_to_driver=True,
+        log_to_driver=config.stream_worker_logs,
     )
+    if not config.stream_worker_logs:
+        # Ray's log monitor polls every log file ten times a second (~0.01 core when idle); the
+        # logs stay in Ray's session directory.
+        node = ray._private.worker._global_node
+        node.kill_log_monitor()
+        print(f"[gateway] replica and engine logs: {node.get_logs_dir_path()}", flush=True)
     try:
         direct = replica.serves_http_in_replica
         serve.start(

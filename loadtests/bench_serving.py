@@ -170,18 +170,31 @@ class ProcessTree:
                 pass
         return rows
 
-    def kill_leftovers(self, snapshot: dict[tuple[int, float], float]) -> list[int]:
-        """SIGKILL, by pid, any process of an earlier snapshot still alive after the server stopped."""
-        killed = []
+    def kill_leftovers(self, snapshot: dict[tuple[int, float], float], grace: float = 15.0) -> list[int]:
+        """Processes of an earlier snapshot still running after the server stopped: given `grace` seconds
+        to finish (e.g. multiprocessing's resource tracker cleaning up), then SIGKILLed by pid."""
+        def running(proc: psutil.Process) -> bool:
+            try:
+                return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                return False
+
+        alive = []
         for pid, created in snapshot:
             try:
-                proc = psutil.Process(pid)
-                if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
-                    proc.kill()
-                    killed.append(pid)
+                if (proc := psutil.Process(pid)).create_time() == created:
+                    alive.append(proc)
             except psutil.Error:
                 pass
-        return killed
+        deadline = time.monotonic() + grace
+        while (alive := [p for p in alive if running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        return [proc.pid for proc in alive]
 
 
 def cpu_delta(before: dict[tuple[int, float], float], after: dict[tuple[int, float], float]) -> float:
