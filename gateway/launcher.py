@@ -9,11 +9,28 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 READY_TIMEOUT_SECONDS = 600.0
 STOP_TIMEOUT_SECONDS = 60.0
+POLL_SECONDS = 0.5
+
+
+def wait_until_healthy(url: str, timeout: float, still_waiting: Callable[[], None] = lambda: None) -> None:
+    """Poll `url` until it answers 200. `still_waiting` may raise to give up early (process died)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        still_waiting()
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(POLL_SECONDS)
+    raise TimeoutError(f"{url} did not become healthy in {timeout:.0f} s")
 
 
 @dataclass
@@ -41,19 +58,18 @@ class GatewayProcess:
             env=env,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.process.returncode}; see {log_path}")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(1.0)
-        self.stop()
-        raise TimeoutError(f"gateway not healthy after {timeout:.0f} s; see {log_path}")
+        process = self.process
+
+        def alive() -> None:
+            if process.poll() is not None:
+                raise RuntimeError(f"gateway exited with {process.returncode}; see {log_path}")
+
+        try:
+            wait_until_healthy(f"{self.base_url}/health", timeout, alive)
+        except TimeoutError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> int | None:
         """Ctrl-C the gateway and wait for its clean shutdown (kill the group if it hangs)."""

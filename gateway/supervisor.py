@@ -6,16 +6,13 @@ import logging
 import os
 import signal
 import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from gateway.config import EngineConfig, GatewayConfig, ReplicaConfig
+from gateway.launcher import READY_TIMEOUT_SECONDS, wait_until_healthy
 
 log = logging.getLogger(__name__)
 
-READY_TIMEOUT_SECONDS = 600.0
 # Keep the idle stack quiet (measured: loadtests/bench_serving.py prints idle CPU). Ray's own
 # metrics are off: the gateway exports its metrics itself. Every value can be overridden by env.
 RAY_ENV_DEFAULTS = {
@@ -34,6 +31,10 @@ RAY_ENV_DEFAULTS = {
 }
 
 
+class StopRequested(Exception):
+    """Ctrl-C/SIGTERM arrived while the stack was still starting."""
+
+
 def ensure_demo_assets(config: GatewayConfig) -> None:
     """Build the demo model and adapters on first start (skipped when a model path is configured)."""
     from training.demo_assets import ensure_base_model, ensure_demo_adapters
@@ -44,19 +45,6 @@ def ensure_demo_assets(config: GatewayConfig) -> None:
     model_dir = ensure_base_model(config.model_path)
     if "://" not in config.store_url:
         ensure_demo_adapters(model_dir, Path(config.store_url), config.demo_adapters)
-
-
-def wait_until_healthy(url: str, timeout: float, stop: threading.Event) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not stop.is_set():
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not become healthy in {timeout:.0f} s")
 
 
 def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> None:
@@ -107,10 +95,17 @@ def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> 
         print("[gateway] deploying the engine (first start builds the vLLM engine, ~30 s)", flush=True)
         serve.run(build_application(config, engine, replica), name="gateway", route_prefix="/", blocking=False)
         base = f"http://{config.host}:{config.http_port}"
-        wait_until_healthy(f"{base}/health", READY_TIMEOUT_SECONDS, stop)
-        if not stop.is_set():
-            print(f"[gateway] ready: OpenAI API at {base}/v1 (model '{config.served_model_name}'"
-                  f" and adapters from {config.store_url}); Ctrl-C stops", flush=True)
+
+        def not_stopped() -> None:
+            if stop.is_set():
+                raise StopRequested
+
+        try:
+            wait_until_healthy(f"{base}/health", READY_TIMEOUT_SECONDS, not_stopped)
+        except StopRequested:
+            return
+        print(f"[gateway] ready: OpenAI API at {base}/v1 (model '{config.served_model_name}'"
+              f" and adapters from {config.store_url}); Ctrl-C stops", flush=True)
         while not stop.wait(1.0):
             pass
     finally:

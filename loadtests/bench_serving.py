@@ -38,8 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -48,7 +46,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gateway.config import EngineConfig, GatewayConfig  # noqa: E402
-from gateway.launcher import GatewayProcess  # noqa: E402
+from gateway.launcher import GatewayProcess, wait_until_healthy  # noqa: E402
 from gateway.supervisor import ensure_demo_assets  # noqa: E402
 from training.demo_assets import demo_adapter_name  # noqa: E402
 
@@ -262,7 +260,7 @@ class VllmServer(Server):
             "--enable-lora", "--max-loras", str(engine.max_loras), "--max-cpu-loras", str(engine.max_cpu_loras),
             "--max-lora-rank", str(engine.max_lora_rank), "--max-model-len", str(engine.max_model_len),
             "--max-num-seqs", str(engine.max_num_seqs), *(["--enforce-eager"] if engine.enforce_eager else []),
-            "--dtype", "float32", "--seed", str(engine.seed), "--disable-log-stats",
+            "--dtype", engine.dtype, "--seed", str(engine.seed), "--disable-log-stats",
             "--lora-modules", *(f"{name}={Path(config.store_url) / name}" for name in adapters),
         ])
         self.log_path = state_dir / "vllm.log"
@@ -277,19 +275,14 @@ class VllmServer(Server):
         self.tree = ProcessTree(self.process.pid)
 
     def wait_ready(self) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vllm exited with {self.process.returncode}; see {self.log_path}")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(1.0)
-        raise TimeoutError(f"vllm not healthy after {READY_TIMEOUT_S:.0f} s; see {self.log_path}")
+        process = self.process
+        assert process is not None
+
+        def alive() -> None:
+            if process.poll() is not None:
+                raise RuntimeError(f"vllm exited with {process.returncode}; see {self.log_path}")
+
+        wait_until_healthy(f"{self.base_url}/health", READY_TIMEOUT_S, alive)
 
     def terminate(self) -> None:
         if self.process is None:
