@@ -54,7 +54,9 @@ class ReplicaConfig(BaseSettings):
     num_gpus: float = Field(0.0, ge=0, description="Accelerator share per replica (fractions allowed).")
     max_ongoing_requests: PositiveInt = Field(256, description="Requests one replica accepts at once.")
     adapters_per_replica: PositiveInt = Field(
-        64, description="Adapters a replica keeps resolved before evicting the least recently used."
+        128,
+        description="Adapters a replica keeps resolved before evicting the least recently used; an evicted "
+        "adapter is also dropped from the engine, so keep this >= the engine's max_cpu_loras.",
     )
 
     @property
