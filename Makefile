@@ -8,9 +8,19 @@ STAMP := $(VENV)/.installed
 # does not need them; with them present `from transformers import LlamaConfig` fails).
 BROKEN_EXTRAS := torchvision torchaudio torchcodec
 
-.PHONY: install up test clean
+# gRPC stubs are generated from proto/ (never committed, never edited), next to the package they
+# belong to: proto/gateway/inference/v1/*.proto -> gateway/inference/v1/*_pb2*.py(i).
+PROTOS := $(shell find proto -name '*.proto')
+STUBS := gateway/inference/v1/inference_pb2.py
 
-install: $(STAMP)
+.PHONY: install up test clean stubs
+
+install: $(STAMP) $(STUBS)
+
+stubs: $(STUBS)
+
+$(STUBS): $(PROTOS) $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,4 +38,4 @@ test: install
 	$(VENV)/bin/pytest
 
 clean:
-	rm -rf $(VENV) .gateway
+	rm -rf $(VENV) .gateway gateway/inference

@@ -13,7 +13,7 @@ from gateway.config import EngineConfig, GatewayConfig, ReplicaConfig
 
 def _config(args: argparse.Namespace) -> GatewayConfig:
     overrides = {}
-    for field in ("state_dir", "http_port", "host"):
+    for field in ("state_dir", "http_port", "grpc_port", "host"):
         value = getattr(args, field, None)
         if value is not None:
             overrides[field] = value
@@ -66,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="start the whole stack and block until Ctrl-C")
     up.add_argument("--http-port", dest="http_port", type=int)
+    up.add_argument("--grpc-port", dest="grpc_port", type=int)
     up.add_argument("--host")
     up.set_defaults(func=cmd_up)
 

@@ -33,10 +33,22 @@ def wait_until_healthy(url: str, timeout: float, still_waiting: Callable[[], Non
     raise TimeoutError(f"{url} did not become healthy in {timeout:.0f} s")
 
 
+def interrupt_and_wait(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
+    """SIGINT a server started with its own session; SIGKILL its group if it has not exited in time."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 @dataclass
 class GatewayProcess:
     state_dir: Path
     http_port: int
+    grpc_port: int = 9000
     env: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
     process: subprocess.Popen | None = None
@@ -45,6 +57,10 @@ class GatewayProcess:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
     def start(self, timeout: float = READY_TIMEOUT_SECONDS) -> "GatewayProcess":
         gateway = Path(sys.executable).with_name("gateway")
         log_path = self.log_path or self.state_dir / "gateway.log"
@@ -52,7 +68,8 @@ class GatewayProcess:
         self._log = open(log_path, "ab")
         env = {**os.environ, **self.env}
         self.process = subprocess.Popen(
-            [str(gateway), "--state-dir", str(self.state_dir), "up", "--http-port", str(self.http_port)],
+            [str(gateway), "--state-dir", str(self.state_dir), "up", "--http-port", str(self.http_port),
+             "--grpc-port", str(self.grpc_port)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -75,12 +92,6 @@ class GatewayProcess:
         """Ctrl-C the gateway and wait for its clean shutdown (kill the group if it hangs)."""
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(STOP_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        interrupt_and_wait(self.process)
         self._log.close()
         return self.process.returncode

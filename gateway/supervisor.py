@@ -104,8 +104,9 @@ def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> 
             wait_until_healthy(f"{base}/health", READY_TIMEOUT_SECONDS, not_stopped)
         except StopRequested:
             return
-        print(f"[gateway] ready: OpenAI API at {base}/v1 (model '{config.served_model_name}'"
-              f" and adapters from {config.store_url}); Ctrl-C stops", flush=True)
+        print(f"[gateway] ready: OpenAI API at {base}/v1, gRPC at {config.host}:{config.grpc_port}"
+              f" (model '{config.served_model_name}' and adapters from {config.store_url}); Ctrl-C stops",
+              flush=True)
         while not stop.wait(1.0):
             pass
     finally:

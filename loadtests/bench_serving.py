@@ -14,6 +14,9 @@ CPU-seconds per 1k output tokens (the server's whole process tree: for the gatew
 raylet, workers and the vLLM engine core; processes naming the Ray session are added if any escape
 the tree), and the client's own CPU. Before the rounds: the idle CPU of each tree over `--idle-seconds`.
 
+With `--grpc` (the default) the gateway is also driven through its gRPC `GenerateStream` (column
+gateway-grpc, port gateway-port + 1) with the same requests, and the ratio gRPC/HTTP is printed.
+
 Run from the repository root (full run; the short smoke test is `--rounds 1 --requests 32`):
 
     .venv/bin/python loadtests/bench_serving.py [--mode single|zipf|both] [--json out.json]
@@ -46,7 +49,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gateway.config import EngineConfig, GatewayConfig  # noqa: E402
-from gateway.launcher import GatewayProcess, wait_until_healthy  # noqa: E402
+from gateway.launcher import GatewayProcess, interrupt_and_wait, wait_until_healthy  # noqa: E402
 from gateway.supervisor import ensure_demo_assets  # noqa: E402
 from training.demo_assets import demo_adapter_name  # noqa: E402
 
@@ -115,6 +118,39 @@ class OpenAIHttpClient:
 
     async def aclose(self) -> None:
         await self.session.close()
+
+
+class GrpcStreamClient:
+    """Streams `gateway.inference.v1.Inference/GenerateStream` and times the messages."""
+
+    def __init__(self, target: str) -> None:
+        import grpc
+
+        from gateway.inference.v1 import inference_pb2 as pb
+        from gateway.inference.v1 import inference_pb2_grpc as pb_grpc
+
+        self.pb = pb
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = pb_grpc.InferenceStub(self.channel)
+
+    async def stream(self, model: str, prompt: str) -> StreamResult:
+        request = self.pb.GenerateRequest(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                          ignore_eos=True)
+        stamps: list[float] = []
+        tokens = 0
+        start = time.perf_counter()
+        async for message in self.stub.GenerateStream(request, timeout=600):
+            if message.token_ids:
+                stamps.append(time.perf_counter())
+            if message.HasField("usage"):
+                tokens = message.usage.completion_tokens
+        if not stamps:
+            raise RuntimeError("stream ended without a token")
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        return StreamResult(stamps[0] - start, gaps, tokens or len(stamps))
+
+    async def aclose(self) -> None:
+        await self.channel.close()
 
 
 # ---- servers and their process trees ------------------------------------------------------------
@@ -236,7 +272,8 @@ class GatewayServer(Server):
     def __init__(self, state_dir: Path, port: int) -> None:
         gateway = Path(sys.executable).with_name("gateway")
         super().__init__("gateway", port, [str(gateway), "--state-dir", str(state_dir), "up", "--http-port", str(port)])
-        self.process = GatewayProcess(state_dir, port, env={"GATEWAY_DEMO_ADAPTERS": str(NUM_ADAPTERS)})
+        self.process = GatewayProcess(state_dir, port, grpc_port=port + 1,
+                                      env={"GATEWAY_DEMO_ADAPTERS": str(NUM_ADAPTERS)})
 
     def start(self) -> None:
         try:
@@ -287,13 +324,7 @@ class VllmServer(Server):
     def terminate(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        interrupt_and_wait(self.process, STOP_TIMEOUT_S)
         self._log.close()
 
 
@@ -373,30 +404,49 @@ def ratio(a: float, b: float) -> str:
 
 
 def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
-    print(f"\n=== gateway vs vLLM: {args.requests} requests x {MAX_TOKENS} tokens per round, concurrency "
+    print(f"\n=== gateway (HTTP{' and gRPC' if args.grpc else ''}) vs vLLM: {args.requests} requests x {MAX_TOKENS} tokens per round, concurrency "
           f"{args.concurrency}, {args.rounds} rounds per server; medians over rounds ===")
     idle = report["idle_cores"]
     print(f"idle CPU over {args.idle_seconds:.0f} s (cores busy): gateway {idle['gateway']:.3f}, "
           f"vllm {idle['vllm']:.3f}")
     for mode, figures in report["medians"].items():
-        gw, vl = figures["gateway"], figures["vllm"]
+        gw, vl, rpc = figures["gateway"], figures["vllm"], figures.get("gateway-grpc")
         print(f"\n--- mode {mode} ---")
-        print(f"{'':28}{'gateway':>12}{'vllm':>12}{'gw/vllm':>10}")
+        print(f"{'':28}{'gateway':>12}{'vllm':>12}{'gw/vllm':>10}" + (f"{'gw-grpc':>12}{'grpc/http':>10}" if rpc else ""))
         for key, label, fmt in ROWS:
-            print(f"{label:28}{fmt.format(gw[key]):>12}{fmt.format(vl[key]):>12}{ratio(gw[key], vl[key]):>10}")
+            line = f"{label:28}{fmt.format(gw[key]):>12}{fmt.format(vl[key]):>12}{ratio(gw[key], vl[key]):>10}"
+            if rpc:
+                line += f"{fmt.format(rpc[key]):>12}{ratio(rpc[key], gw[key]):>10}"
+            print(line)
     if "single" in report["medians"] and "zipf" in report["medians"]:
         zipf, single = report["medians"]["zipf"], report["medians"]["single"]
         print("\nzipf throughput / single-adapter throughput: "
-              + ", ".join(f"{s} {ratio(zipf[s]['tok_s'], single[s]['tok_s'])}" for s in ("gateway", "vllm")))
+              + ", ".join(f"{s} {ratio(zipf[s]['tok_s'], single[s]['tok_s'])}" for s in zipf))
+
+
+class Target(NamedTuple):
+    """One column of the report: a server reached through one protocol."""
+
+    name: str
+    server: Server
+    client: Client
+
+
+def make_targets(servers: list[Server], args: argparse.Namespace) -> list[Target]:
+    targets = [Target(s.name, s, OpenAIHttpClient(s.base_url, args.concurrency)) for s in servers]
+    if args.grpc:
+        gateway = servers[0]
+        assert isinstance(gateway, GatewayServer)
+        targets.insert(1, Target("gateway-grpc", gateway, GrpcStreamClient(gateway.process.grpc_target)))
+    return targets
 
 
 async def bench(args: argparse.Namespace, servers: list[Server], adapters: list[str]) -> dict[str, Any]:
-    clients: dict[str, Client] = {s.name: OpenAIHttpClient(s.base_url, args.concurrency) for s in servers}
+    targets = make_targets(servers, args)
     report: dict[str, Any] = {"rounds": [], "medians": {}, "idle_cores": {}}
     try:
-        for server in servers:  # first requests build lazy state (HTTP path, adapter load)
-            await run_requests(clients[server.name], workload("single", args.concurrency, adapters, 0),
-                               args.concurrency)
+        for target in targets:  # first requests build lazy state (HTTP path, adapter load)
+            await run_requests(target.client, workload("single", args.concurrency, adapters, 0), args.concurrency)
         await asyncio.sleep(3)
         log(f"idle CPU: measuring both trees for {args.idle_seconds:.0f} s")
         before = {s.name: s.snapshot() for s in servers}
@@ -405,26 +455,26 @@ async def bench(args: argparse.Namespace, servers: list[Server], adapters: list[
             report["idle_cores"][s.name] = cpu_delta(before[s.name], s.snapshot()) / args.idle_seconds
         modes = ["single", "zipf"] if args.mode == "both" else [args.mode]
         for mode in modes:
-            for server in servers:
-                log(f"{mode}: warm-up of {server.name} ({args.warmup} requests)")
-                await run_requests(clients[server.name], workload(mode, args.warmup, adapters, args.seed - 1),
+            for target in targets:
+                log(f"{mode}: warm-up of {target.name} ({args.warmup} requests)")
+                await run_requests(target.client, workload(mode, args.warmup, adapters, args.seed - 1),
                                    args.concurrency)
             for index in range(args.rounds):
                 models = workload(mode, args.requests, adapters, args.seed + index)
-                for server in servers:
-                    log(f"{mode} round {index + 1}/{args.rounds}: {server.name} ...")
-                    result = await measured_round(server, clients[server.name], models, args.concurrency)
+                for target in targets:
+                    log(f"{mode} round {index + 1}/{args.rounds}: {target.name} ...")
+                    result = await measured_round(target.server, target.client, models, args.concurrency)
                     s = result["summary"]
-                    log(f"{mode} round {index + 1}/{args.rounds}: {server.name}: {s['tok_s']:.1f} tok/s, TTFT p50 "
+                    log(f"{mode} round {index + 1}/{args.rounds}: {target.name}: {s['tok_s']:.1f} tok/s, TTFT p50 "
                         f"{s['ttft_p50']:.1f} ms, ITL p50 {s['itl_p50']:.2f} ms, {s['cpu_per_1k']:.3f} CPU-s/1k tok,"
                         f" client {s['client_cpu_per_1k']:.3f}, {s['errors']:.0f} errors")
                     for error in result["errors"][:3]:
                         log(f"  error: {error}")
-                    report["rounds"].append({"mode": mode, "round": index, "server": server.name, **result})
-            report["medians"][mode] = {s.name: medians(report["rounds"], mode, s.name) for s in servers}
+                    report["rounds"].append({"mode": mode, "round": index, "server": target.name, **result})
+            report["medians"][mode] = {t.name: medians(report["rounds"], mode, t.name) for t in targets}
     finally:
-        for client in clients.values():
-            await client.aclose()
+        for target in targets:
+            await target.client.aclose()
     return report
 
 
@@ -441,6 +491,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gateway-port", type=int, default=18100)
     parser.add_argument("--vllm-port", type=int, default=18200)
     parser.add_argument("--json", type=Path, help="write all raw figures here")
+    parser.add_argument("--grpc", action=argparse.BooleanOptionalAction, default=True,
+                        help="also stream from the gateway over gRPC (column gateway-grpc)")
     return parser.parse_args(argv)
 
 
@@ -451,7 +503,7 @@ def _sigterm(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
-    for port in (args.gateway_port, args.vllm_port):
+    for port in (args.gateway_port, args.gateway_port + 1, args.vllm_port):
         check_port_free(port)
     state_dir = (args.state_dir or Path(tempfile.mkdtemp(prefix="bench-serving-", dir="/tmp"))).resolve()
     config = GatewayConfig(state_dir=state_dir, demo_adapters=NUM_ADAPTERS)

@@ -67,6 +67,7 @@ class EngineReplica:
             self._loop = DedicatedLoop()
             await self._loop.run(self._build())
             await self._loop.run(self._start_http())
+            await self._loop.run(self._start_grpc())
         else:
             await self._build()
 
@@ -104,10 +105,24 @@ class EngineReplica:
         self._server = server
         log.info("engine replica serving HTTP on %s:%d", self.config.host, self.config.http_port)
 
-    @serve.multiplexed(max_num_models_per_replica=64)
+    async def _start_grpc(self) -> None:
+        from serving.grpc_service import LocalBackend, start_grpc_server
+
+        self._grpc_server = await start_grpc_server(LocalBackend(self.service), self.config.host, self.config.grpc_port)
+        log.info("engine replica serving gRPC on %s:%d", self.config.host, self.config.grpc_port)
+
+    @serve.multiplexed(max_num_models_per_replica=128)
     async def _adapter(self, name: str) -> str:
         await self.engine.adapters.get(name)
         return name
+
+    async def _hold_routed_adapter(self) -> None:
+        """Load the adapter this request was routed for; Serve then routes its next requests here."""
+        model_id = serve.get_multiplexed_model_id()
+        if model_id:
+            if not self.engine.is_known(model_id):
+                raise ModelNotFound(model_id)
+            await self._adapter(model_id)
 
     async def models(self) -> dict[str, Any]:
         return self.service.list_models()
@@ -117,12 +132,8 @@ class EngineReplica:
 
     async def handle(self, route: str, body: bytes) -> AsyncIterator[Any]:
         """Forwarded request: yields (status, headers) first, then response bytes."""
-        model_id = serve.get_multiplexed_model_id()
         try:
-            if model_id:
-                if not self.engine.is_known(model_id):
-                    raise ModelNotFound(model_id)
-                await self._adapter(model_id)
+            await self._hold_routed_adapter()
             kind, chat = ROUTES[route]
             request = parse_request(kind, body)
             job = await (self.service.prepare_chat(request) if chat else self.service.prepare_completion(request))
@@ -139,6 +150,23 @@ class EngineReplica:
             yield (200, {**headers, "content-type": "application/json"})
             yield json.dumps(await self.service.run(job, chat)).encode()
 
+    async def generate_pb(self, request: bytes) -> AsyncIterator[Any]:
+        """Forwarded gRPC generation: serialized GenerateResponse messages, or an error dict."""
+        from gateway.inference.v1 import inference_pb2 as pb
+        from serving.grpc_service import LocalBackend, serialized_stream_error
+
+        try:
+            await self._hold_routed_adapter()
+            async for message in LocalBackend(self.service).generate(pb.GenerateRequest.FromString(request)):
+                yield message.SerializeToString()
+        except ApiError as exc:
+            yield serialized_stream_error(exc)
+
+    async def models_pb(self) -> bytes:
+        from serving.grpc_convert import models_to_pb
+
+        return models_to_pb(self.engine.models()).SerializeToString()
+
     async def check_health(self) -> None:
         if self._loop is None:
             await self.engine.check_health()
@@ -150,6 +178,7 @@ class EngineReplica:
     async def __del__(self) -> None:
         if self._server is not None:
             self._server.should_exit = True
+            await self._loop.run(self._grpc_server.stop(grace=1))
         self.engine.shutdown()
         if self._loop is not None:
             self._loop.stop()
@@ -171,9 +200,10 @@ ingress_app = FastAPI(docs_url=None, redoc_url=None)
 class Ingress:
     """Routes OpenAI requests to engine replicas by adapter (multi-replica mode only)."""
 
-    def __init__(self, engine_handle: Any, base_model: str) -> None:
+    def __init__(self, engine_handle: Any, base_model: str, grpc_ingress: Any) -> None:
         self.engine = engine_handle
         self.base_model = base_model
+        self.grpc_ingress = grpc_ingress  # bound here so Serve deploys it with the application
 
     @ingress_app.get("/health")
     async def health(self) -> Response:
@@ -208,6 +238,46 @@ class Ingress:
         return Response(payload, media_type=media, headers=headers, status_code=status)
 
 
+class RemoteBackend:
+    """gRPC generation on engine replicas, routed by adapter like the HTTP ingress."""
+
+    def __init__(self, engine_handle: Any, base_model: str) -> None:
+        self.engine = engine_handle
+        self.base_model = base_model
+
+    async def generate(self, request: Any) -> AsyncIterator[Any]:
+        from gateway.inference.v1 import inference_pb2 as pb
+
+        adapter = "" if request.model == self.base_model else request.model
+        handle = self.engine.options(stream=True, multiplexed_model_id=adapter)
+        async for item in handle.generate_pb.remote(request.SerializeToString()):
+            if isinstance(item, dict):
+                error = ApiError(item["error"]["message"], param=item["error"]["param"], code=item["error"]["code"])
+                error.status = item["error"]["status"]
+                raise error
+            yield pb.GenerateResponse.FromString(item)
+
+    async def list_models(self) -> Any:
+        from gateway.inference.v1 import inference_pb2 as pb
+
+        return pb.ListModelsResponse.FromString(await self.engine.models_pb.remote())
+
+
+class GrpcIngress:
+    """The gRPC front door in multi-replica mode: one zero-CPU replica running the gRPC server."""
+
+    async def __init__(self, engine_handle: Any, base_model: str, host: str, port: int) -> None:
+        from serving.grpc_service import start_grpc_server
+
+        self.server = await start_grpc_server(RemoteBackend(engine_handle, base_model), host, port)
+
+    async def check_health(self) -> None:
+        return None
+
+    async def __del__(self) -> None:
+        await self.server.stop(grace=1)
+
+
 def build_application(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> Any:
     """The Serve application for these settings (see the module docstring for the two shapes)."""
     options: dict[str, Any] = {
@@ -228,4 +298,8 @@ def build_application(config: GatewayConfig, engine: EngineConfig, replica: Repl
     ingress = serve.deployment(Ingress, name="ingress").options(
         ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4 * replica.max_ongoing_requests
     )
-    return ingress.bind(engine_app, config.served_model_name)
+    grpc_ingress = serve.deployment(GrpcIngress, name="grpc-ingress").options(
+        ray_actor_options={"num_cpus": 0}, num_replicas=1
+    )
+    grpc_app = grpc_ingress.bind(engine_app, config.served_model_name, config.host, config.grpc_port)
+    return ingress.bind(engine_app, config.served_model_name, grpc_app)

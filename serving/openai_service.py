@@ -103,7 +103,7 @@ class OpenAIService:
         return await self._prepare(request, prompt_ids, request.output_limit, "chatcmpl", "messages")
 
     # ---- running ------------------------------------------------------------------------
-    async def _steps(self, job: Prepared) -> AsyncIterator[StepOutput]:
+    async def steps(self, job: Prepared) -> AsyncIterator[StepOutput]:
         self.ongoing += 1
         try:
             async for step in self.engine.generate(job.prompt_ids, job.params, job.lora, job.request_id):
@@ -123,7 +123,7 @@ class OpenAIService:
         texts = [""] * job.n
         finish: list[str | None] = [None] * job.n
         tokens = 0
-        async for step in self._steps(job):
+        async for step in self.steps(job):
             for delta in step.deltas:
                 texts[delta.index] += delta.text
                 tokens += len(delta.token_ids)
@@ -156,7 +156,7 @@ class OpenAIService:
                       "finish_reason": None} for i in range(job.n)]
             yield sse({**head, "choices": first})
         try:
-            async for step in self._steps(job):
+            async for step in self.steps(job):
                 choices = []
                 for delta in step.deltas:
                     tokens += len(delta.token_ids)

@@ -12,6 +12,7 @@ import pytest
 from gateway.launcher import GatewayProcess
 
 ADAPTERS_PER_REPLICA = 40  # below the 60 demo adapters, so the replica's LRU evicts during the tests
+MAX_ONGOING_REQUESTS = 40  # above every test's concurrency but the overload test's
 
 
 def free_port() -> int:
@@ -37,10 +38,12 @@ def gateway(demo_state: Path) -> Iterator[GatewayProcess]:
     process = GatewayProcess(
         state_dir=demo_state,
         http_port=free_port(),
+        grpc_port=free_port(),
         env={
             "GATEWAY_REPLICA_ADAPTERS_PER_REPLICA": str(ADAPTERS_PER_REPLICA),
             "GATEWAY_ENGINE_MAX_LORAS": "4",
             "GATEWAY_ENGINE_MAX_CPU_LORAS": "16",
+            "GATEWAY_REPLICA_MAX_ONGOING_REQUESTS": str(MAX_ONGOING_REQUESTS),
         },
     )
     process.start()

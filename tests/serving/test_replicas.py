@@ -4,12 +4,18 @@ that already holds it, and errors keep their status codes through the forwarding
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
+
+from gateway.inference.v1 import inference_pb2 as pb
+from gateway.inference.v1 import inference_pb2_grpc as pb_grpc
 
 from gateway.launcher import GatewayProcess
 from tests.conftest import free_port
@@ -25,6 +31,7 @@ def two_replicas(demo_state: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     process = GatewayProcess(
         state_dir=state,
         http_port=free_port(),
+        grpc_port=free_port(),
         env={"GATEWAY_REPLICA_NUM_REPLICAS": "2", "GATEWAY_REPLICA_NUM_CPUS": "1"},
     )
     process.start()
@@ -39,14 +46,21 @@ def complete(gateway: GatewayProcess, model: str, **extra: object) -> httpx.Resp
 
 def test_adapter_requests_stick_to_one_replica(two_replicas: GatewayProcess) -> None:
     seen: dict[str, set[str]] = defaultdict(set)
-    adapters = [f"demo-adapter-{i:03d}" for i in range(40, 52)]
-    for _ in range(3):
+    adapters = [f"demo-adapter-{i:03d}" for i in range(40, 56)]
+
+    def record(name: str) -> None:
+        response = complete(two_replicas, name, max_tokens=24, ignore_eos=True)
+        assert response.status_code == 200, response.text
+        seen[name].add(response.headers[REPLICA_HEADER])
+
+    with ThreadPoolExecutor(len(adapters)) as pool:  # a first wave at once: both replicas get busy
+        list(pool.map(record, adapters))
+    assert len(set().union(*seen.values())) == 2, "a wave of new adapters is spread over both replicas"
+    time.sleep(2)  # replicas report the adapters they hold to Serve's routers every 0.1 s, via the controller
+    for _ in range(2):
         for name in adapters:
-            response = complete(two_replicas, name)
-            assert response.status_code == 200, response.text
-            seen[name].add(response.headers[REPLICA_HEADER])
+            record(name)
     assert all(len(replicas) == 1 for replicas in seen.values()), dict(seen)
-    assert len(set().union(*seen.values())) == 2, "new adapters are spread over both replicas"
 
 
 def test_same_answers_as_a_single_replica(two_replicas: GatewayProcess, gateway: GatewayProcess) -> None:
@@ -86,3 +100,21 @@ def test_malformed_body_is_400_at_the_ingress(two_replicas: GatewayProcess) -> N
 def test_model_list_through_the_proxy(two_replicas: GatewayProcess) -> None:
     data = httpx.get(f"{two_replicas.base_url}/v1/models").json()["data"]
     assert len([m for m in data if m["parent"] == "datanet-tiny-llama"]) >= 50
+
+
+def test_grpc_through_the_grpc_ingress(two_replicas: GatewayProcess, gateway: GatewayProcess) -> None:
+    with grpc.insecure_channel(two_replicas.grpc_target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        assert len(stub.ListModels(pb.ListModelsRequest()).models) >= 51
+        request = pb.GenerateRequest(model="demo-adapter-044", prompt="The value", max_tokens=5, temperature=0)
+        reply = stub.Generate(request)
+        assert reply.usage.completion_tokens == 5
+        assert reply.text == complete(gateway, "demo-adapter-044", max_tokens=5).json()["choices"][0]["text"]
+        streamed = list(stub.GenerateStream(request))
+        assert "".join(m.text for m in streamed) == reply.text
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Generate(pb.GenerateRequest(model="no-such-adapter", prompt="x"))
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Generate(pb.GenerateRequest(model="demo-adapter-044", prompt="x", temperature=9.0))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT

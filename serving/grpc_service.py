@@ -1,0 +1,116 @@
+"""gRPC front door: the `Inference` servicer (thin: decode → backend → encode) and its server,
+with the standard health service and server reflection on the same port."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gateway.inference.v1 import inference_pb2 as pb
+from gateway.inference.v1 import inference_pb2_grpc as pb_grpc
+from serving.errors import ApiError
+from serving.grpc_convert import (
+    error_details,
+    from_pb,
+    models_to_pb,
+    status_of,
+    step_to_pb,
+    usage_pb,
+    with_proto_param,
+)
+from serving.openai_service import OpenAIService
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+
+
+class InferenceBackend(Protocol):
+    """Where generation happens: this process's engine, or engine replicas behind a Serve handle."""
+
+    def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]: ...
+    async def list_models(self) -> pb.ListModelsResponse: ...
+
+
+class LocalBackend:
+    """Generation on the engine of this process."""
+
+    def __init__(self, service: OpenAIService) -> None:
+        self.service = service
+
+    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+        service = self.service
+        try:
+            parsed, chat = from_pb(request)
+            job = await (service.prepare_chat(parsed) if chat else service.prepare_completion(parsed))  # type: ignore[arg-type]
+        except ApiError as exc:
+            raise with_proto_param(exc, request) from None
+        completion_tokens = 0
+        async for step in service.steps(job):
+            completion_tokens += len(step.deltas[0].token_ids)
+            message = step_to_pb(job.request_id, job.model, step)
+            if step.finished:
+                message.usage.CopyFrom(usage_pb(len(job.prompt_ids), completion_tokens))
+                message.attribution_trace_id = job.request_id
+            yield message
+
+    async def list_models(self) -> pb.ListModelsResponse:
+        return models_to_pb(self.service.engine.models())
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, backend: InferenceBackend) -> None:
+        self.backend = backend
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        text: list[str] = []
+        token_ids: list[int] = []
+        last = pb.GenerateResponse()
+        try:
+            async for message in self.backend.generate(request):
+                text.append(message.text)
+                token_ids.extend(message.token_ids)
+                last = message
+        except ApiError as exc:
+            await context.abort(status_of(exc), error_details(exc))
+        whole = pb.GenerateResponse()
+        whole.CopyFrom(last)
+        whole.text = "".join(text)
+        whole.token_ids[:] = token_ids
+        return whole
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            async for message in self.backend.generate(request):
+                yield message
+        except ApiError as exc:
+            await context.abort(status_of(exc), error_details(exc))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return await self.backend.list_models()
+
+
+async def start_grpc_server(backend: InferenceBackend, host: str, port: int) -> grpc.aio.Server:
+    """Serve `Inference`, `grpc.health.v1.Health` and reflection on host:port; raises if it cannot bind."""
+    server = grpc.aio.server()
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(backend), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise RuntimeError(f"gRPC server could not listen on {host}:{port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server
+
+
+def serialized_stream_error(exc: ApiError) -> dict[str, Any]:
+    """An ApiError as a plain value that crosses a Serve handle (exceptions lose their type there)."""
+    return {"error": {"status": exc.status, "message": exc.message, "param": exc.param, "code": exc.code}}
