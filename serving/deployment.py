@@ -1,11 +1,12 @@
 """Ray Serve application: the engine deployment and, with several replicas, a thin ingress.
 
-* One fixed replica (the default): the replica owns the vLLM engine and answers HTTP itself on
-  the gateway port, so a token crosses no process boundary between the engine and the socket.
-  Ray Serve still owns its life cycle (start, health checks, restart on failure).
-* Several replicas or autoscaling: Ray Serve's proxy hands each request to `Ingress`, which reads
-  only the `model` field and forwards the raw body to an engine replica with the adapter as the
-  multiplexed model id, so requests for an adapter go to a replica that already holds it.
+* One fixed replica (the default): the replica owns the vLLM engine and answers HTTP and gRPC
+  itself on the gateway ports, so a token crosses no process boundary between the engine and the
+  socket. Ray Serve still owns its life cycle (start, health checks, restart on failure).
+* Several replicas or autoscaling: Ray Serve's proxy hands each HTTP request to `Ingress`, which
+  reads only the `model` field and forwards the raw body to an engine replica with the adapter as
+  the multiplexed model id, so requests for an adapter go to a replica that already holds it;
+  `GrpcIngress` does the same for gRPC.
 """
 
 from __future__ import annotations
