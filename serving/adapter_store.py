@@ -131,7 +131,8 @@ class AdapterStore:
     def __init__(self, url: str, cache_dir: Path, list_ttl_seconds: float = 2.0) -> None:
         self.url = url.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        self.is_local = self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.is_local = "file" in protocols
         self.cache_dir = Path(cache_dir)
         self.list_ttl_seconds = list_ttl_seconds
         self._listing: tuple[float, list[str]] = (0.0, [])

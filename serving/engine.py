@@ -121,7 +121,7 @@ class Engine:
 
         if model == self.base_model:
             return None
-        if not isinstance(model, str) or not self.store.has(model):
+        if not self.store.has(model):
             raise ModelNotFound(str(model))
         adapter = await self.adapters.get(model)
         return LoRARequest(adapter.name, adapter.lora_id, str(adapter.path))
