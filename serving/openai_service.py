@@ -40,6 +40,11 @@ class Prepared:
 
 
 class OpenAIService:
+    """Validated requests → engine steps → OpenAI responses; shared by the HTTP and gRPC doors.
+
+    Admission is checked when a request is prepared and counted while its steps run, so a burst that
+    arrives at once can overshoot `max_ongoing_requests` by the requests still being prepared."""
+
     def __init__(self, engine: Engine, max_ongoing_requests: int = 256) -> None:
         self.engine = engine
         self.max_ongoing_requests = max_ongoing_requests
@@ -104,6 +109,7 @@ class OpenAIService:
 
     # ---- running ------------------------------------------------------------------------
     async def steps(self, job: Prepared) -> AsyncIterator[StepOutput]:
+        """The engine steps of a prepared request, counted as ongoing while they run."""
         self.ongoing += 1
         try:
             async for step in self.engine.generate(job.prompt_ids, job.params, job.lora, job.request_id):
