@@ -135,16 +135,18 @@ class AdapterStore:
         self.is_local = "file" in protocols
         self.cache_dir = Path(cache_dir)
         self.list_ttl_seconds = list_ttl_seconds
-        self._listing: tuple[float, list[str]] = (0.0, [])
+        self._listing: tuple[float, list[str], frozenset[str]] = (0.0, [], frozenset())
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
         """Registered adapter names, sorted; re-read from the store at most every TTL."""
+        return self._refresh()[1]
+
+    def _refresh(self) -> tuple[float, list[str], frozenset[str]]:
         now = time.monotonic()
         with self._lock:
-            stamp, names = self._listing
-            if now - stamp < self.list_ttl_seconds:
-                return names
+            if now - self._listing[0] < self.list_ttl_seconds:
+                return self._listing
         try:
             entries = self.fs.ls(self.root, detail=False) if self.fs.exists(self.root) else []
         except FileNotFoundError:
@@ -153,11 +155,12 @@ class AdapterStore:
             base for base in (entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries) if ADAPTER_NAME.match(base)
         )
         with self._lock:
-            self._listing = (now, found)
-        return found
+            self._listing = (now, found, frozenset(found))
+            return self._listing
 
     def has(self, name: str) -> bool:
-        if name in self.names():
+        """Whether `name` is in the store (the cached listing first, then the store itself)."""
+        if name in self._refresh()[2]:
             return True
         return bool(ADAPTER_NAME.match(name)) and self.fs.isdir(f"{self.root}/{name}")
 
@@ -198,4 +201,4 @@ class AdapterStore:
             self.fs.rm(f"{self.root}/{name}", recursive=True)
         self.fs.mv(staging, f"{self.root}/{name}", recursive=True)
         with self._lock:
-            self._listing = (0.0, [])
+            self._listing = (0.0, [], frozenset())
