@@ -49,15 +49,19 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gateway.config import EngineConfig, GatewayConfig  # noqa: E402
-from gateway.launcher import GatewayProcess, interrupt_and_wait, wait_until_healthy  # noqa: E402
+from gateway.launcher import (  # noqa: E402
+    READY_TIMEOUT_SECONDS,
+    STOP_TIMEOUT_SECONDS,
+    GatewayProcess,
+    interrupt_and_wait,
+    wait_until_healthy,
+)
 from gateway.supervisor import ensure_demo_assets  # noqa: E402
 from training.demo_assets import demo_adapter_name  # noqa: E402
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 MAX_TOKENS = 64
 NUM_ADAPTERS = 100
-READY_TIMEOUT_S = 600.0
-STOP_TIMEOUT_S = 60.0
 RAY_SESSION = re.compile(r"session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_\d+")
 Figures = dict[str, float]
 
@@ -277,7 +281,7 @@ class GatewayServer(Server):
 
     def start(self) -> None:
         try:
-            self.process.start(READY_TIMEOUT_S)  # blocks until /health answers
+            self.process.start(READY_TIMEOUT_SECONDS)  # blocks until /health answers
         finally:
             if self.process.process is not None and self.process.process.poll() is None:
                 self.tree = ProcessTree(self.process.process.pid)
@@ -319,12 +323,12 @@ class VllmServer(Server):
             if process.poll() is not None:
                 raise RuntimeError(f"vllm exited with {process.returncode}; see {self.log_path}")
 
-        wait_until_healthy(f"{self.base_url}/health", READY_TIMEOUT_S, alive)
+        wait_until_healthy(f"{self.base_url}/health", READY_TIMEOUT_SECONDS, alive)
 
     def terminate(self) -> None:
         if self.process is None:
             return
-        interrupt_and_wait(self.process, STOP_TIMEOUT_S)
+        interrupt_and_wait(self.process, STOP_TIMEOUT_SECONDS)
         self._log.close()
 
 

@@ -25,6 +25,7 @@ from ray import serve
 from gateway.config import EngineConfig, GatewayConfig, ReplicaConfig
 from serving.errors import ApiError, InvalidRequest, ModelNotFound
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from serving.openai_router import TRACE_HEADER
 from serving.openai_service import OpenAIService
 
 log = logging.getLogger(__name__)
@@ -84,10 +85,7 @@ class EngineReplica:
 
         from serving.openai_router import build_app
 
-        async def service() -> OpenAIService:
-            return self.service
-
-        app = build_app(service)
+        app = build_app(self.service)
         server = uvicorn.Server(
             uvicorn.Config(
                 app, host=self.config.host, port=self.config.http_port, log_level="warning",
@@ -112,6 +110,8 @@ class EngineReplica:
         self._grpc_server = await start_grpc_server(LocalBackend(self.service), self.config.host, self.config.grpc_port)
         log.info("engine replica serving gRPC on %s:%d", self.config.host, self.config.grpc_port)
 
+    # Serve's own per-replica list only steers routing; the adapter LRU that loads and evicts is
+    # self.engine.adapters (sized by adapters_per_replica, default 128 like this).
     @serve.multiplexed(max_num_models_per_replica=128)
     async def _adapter(self, name: str) -> str:
         await self.engine.adapters.get(name)
@@ -142,7 +142,7 @@ class EngineReplica:
             yield (exc.status, {REPLICA_HEADER: self.replica_id})
             yield json.dumps(exc.to_body()).encode()
             return
-        headers = {"x-attribution-trace-id": job.request_id, REPLICA_HEADER: self.replica_id}
+        headers = {TRACE_HEADER: job.request_id, REPLICA_HEADER: self.replica_id}
         if job.stream:
             yield (200, {**headers, "content-type": "text/event-stream"})
             async for chunk in self.service.stream(job, chat):

@@ -122,7 +122,7 @@ class Engine:
         if model == self.base_model:
             return None
         if not self.store.has(model):
-            raise ModelNotFound(str(model))
+            raise ModelNotFound(model)
         adapter = await self.adapters.get(model)
         return LoRARequest(adapter.name, adapter.lora_id, str(adapter.path))
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,8 +21,8 @@ def error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.to_body(), status_code=exc.status)
 
 
-def build_app(service_factory: Callable[[], Awaitable[OpenAIService]]) -> FastAPI:
-    """The OpenAI HTTP app; `service_factory` yields the service bound to this process's engine."""
+def build_app(service: OpenAIService) -> FastAPI:
+    """The OpenAI HTTP app over `service` (bound to this process's engine)."""
     app = FastAPI(title="Datanet Gateway", docs_url=None, redoc_url=None)
 
     @app.exception_handler(ApiError)
@@ -44,22 +42,18 @@ def build_app(service_factory: Callable[[], Awaitable[OpenAIService]]) -> FastAP
 
     @app.get("/health")
     async def health() -> Response:
-        service = await service_factory()
         await service.engine.check_health()
         return Response(status_code=200)
 
     @app.get("/stats")
     async def stats() -> JSONResponse:
-        service = await service_factory()
         return JSONResponse(service.stats())
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        service = await service_factory()
         return JSONResponse(service.list_models())
 
     async def _generate(request: Request, chat: bool) -> Response:
-        service = await service_factory()
         body = await request.body()
         if chat:
             job = await service.prepare_chat(parse_request(ChatCompletionRequest, body))

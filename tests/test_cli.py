@@ -1,0 +1,49 @@
+"""The `gateway adapter` commands: what each bad input gets, and that the store is left intact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+
+
+@pytest.fixture()
+def state(demo_state: Path, tmp_path: Path) -> Path:
+    """A state dir sharing the demo model, with an empty adapter store of its own."""
+    (tmp_path / "models").symlink_to(demo_state / "models")
+    return tmp_path
+
+
+def run(state: Path, *args: str) -> int:
+    return main(["--state-dir", str(state), "adapter", *args])
+
+
+def test_register_then_list(state: Path, scratch_adapter: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(state, "register", "mine", str(scratch_adapter)) == 0
+    capsys.readouterr()
+    assert run(state, "list", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == ["mine"]
+
+
+@pytest.mark.parametrize(
+    ("name", "source", "phrase"),
+    [
+        ("../escape", "adapter", "adapter names are"),
+        ("ok-name", "missing-dir", "has no adapter_config.json"),
+        ("ok-name", "not-lora", "not a LoRA adapter"),
+    ],
+)
+def test_register_rejects_bad_input_with_exit_2(state: Path, scratch_adapter: Path, tmp_path: Path, name: str,
+                                                source: str, phrase: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(state, "register", "kept", str(scratch_adapter)) == 0
+    paths = {"adapter": scratch_adapter, "missing-dir": tmp_path / "nowhere", "not-lora": tmp_path / "prefix"}
+    if source == "not-lora":
+        paths[source].mkdir()
+        (paths[source] / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
+    capsys.readouterr()
+    assert run(state, "register", name, str(paths[source])) == 2
+    assert phrase in capsys.readouterr().err
+    assert sorted(p.name for p in (state / "adapters").iterdir()) == ["kept"], "nothing stored is lost or added"
