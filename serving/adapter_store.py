@@ -202,3 +202,12 @@ class AdapterStore:
         self.fs.mv(staging, f"{self.root}/{name}", recursive=True)
         with self._lock:
             self._listing = (0.0, [], frozenset())
+
+    def remove(self, name: str) -> None:
+        """Delete an adapter from the store (used to undo a registration that could not be recorded)."""
+        validate_name(name)
+        if self.fs.exists(f"{self.root}/{name}"):
+            self.fs.rm(f"{self.root}/{name}", recursive=True)
+        self.forget_local_copy(name)
+        with self._lock:
+            self._listing = (0.0, [], frozenset())

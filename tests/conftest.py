@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import shutil
 import socket
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from gateway.launcher import GatewayProcess
+from tests.support.postgres import PostgresServer
 
 ADAPTERS_PER_REPLICA = 40  # below the 60 demo adapters, so the replica's LRU evicts during the tests
 MAX_ONGOING_REQUESTS = 40  # above every test's concurrency but the overload test's
@@ -57,3 +59,20 @@ def scratch_adapter(demo_state: Path, tmp_path: Path) -> Path:
     target = tmp_path / "adapter"
     shutil.copytree(demo_state / "adapters" / "demo-adapter-000", target)
     return target
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server on loopback for the whole session (its own cluster, removed after)."""
+    server = PostgresServer(free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty ledger database on each backend: SQLite (the default) and PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.create_database(f"t{uuid.uuid4().hex[:12]}")

@@ -1,0 +1,1 @@
+"""Ledger: datanet registry, adapter registry, journal, settlement and the chain client."""
