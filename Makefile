@@ -15,7 +15,11 @@ BROKEN_EXTRAS := torchvision torchaudio torchcodec
 PROTOS := $(shell find proto -name '*.proto')
 STUBS := gateway/inference/v1/inference_pb2.py
 
-.PHONY: install up test clean stubs
+# The tests start their own PostgreSQL server (tests/support/postgres.py) from Debian's package.
+PG_SERVER := $(firstword $(wildcard /usr/lib/postgresql/*/bin/postgres))
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install up test clean stubs system-packages
 
 install: $(STAMP) $(NODE_STAMP) $(STUBS)
 
@@ -40,7 +44,13 @@ $(NODE_STAMP): package.json package-lock.json
 up: install
 	$(VENV)/bin/gateway up
 
-test: install
+system-packages:
+ifeq ($(PG_SERVER),)
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql
+endif
+
+test: install system-packages
 	$(VENV)/bin/pytest
 
 clean:

@@ -1,13 +1,17 @@
-"""The `gateway` command."""
+"""The `gateway` command: run the stack, manage datanets and adapters.
+
+Output and exit conventions are in `gateway.cli_output`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
+from gateway import adapter_commands, datanet_commands
+from gateway.cli_output import EXIT_BAD_INPUT, EXIT_FAILED, CommandError, fail
 from gateway.config import EngineConfig, GatewayConfig, ReplicaConfig
 
 
@@ -20,43 +24,16 @@ def _config(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(**overrides)
 
 
-def cmd_up(args: argparse.Namespace) -> int:
+def cmd_up(config: GatewayConfig, args: argparse.Namespace) -> None:
     from gateway.supervisor import run
 
-    run(_config(args), EngineConfig(), ReplicaConfig())
-    return 0
+    run(config, EngineConfig(), ReplicaConfig())
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo(config: GatewayConfig, args: argparse.Namespace) -> None:
     from gateway.supervisor import ensure_demo_assets
 
-    ensure_demo_assets(_config(args))
-    return 0
-
-
-def cmd_adapter_register(args: argparse.Namespace) -> int:
-    from serving.adapter_store import AdapterStore, BaseModelShape, check_adapter_dir
-    from serving.errors import ApiError
-
-    config = _config(args)
-    source = Path(args.path)
-    try:
-        check_adapter_dir(source, BaseModelShape.from_model_dir(config.model_path), EngineConfig().max_lora_rank)
-        AdapterStore(config.store_url, config.cache_dir).put(args.name, source)
-    except ApiError as exc:
-        print(f"gateway: cannot register '{args.name}': {exc.message}", file=sys.stderr)
-        return 2
-    print(f"registered adapter '{args.name}' in {config.store_url}")
-    return 0
-
-
-def cmd_adapter_list(args: argparse.Namespace) -> int:
-    from serving.adapter_store import AdapterStore
-
-    config = _config(args)
-    names = AdapterStore(config.store_url, config.cache_dir).names()
-    print(json.dumps(names, indent=2) if args.json else "\n".join(names))
-    return 0
+    ensure_demo_assets(config)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,25 +47,44 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--host")
     up.set_defaults(func=cmd_up)
 
-    demo = commands.add_parser("demo", help="build the demo base model and adapters (cached)")
+    demo = commands.add_parser("demo", help="build the demo base model and load-test adapters (cached)")
     demo.set_defaults(func=cmd_demo)
 
-    adapter = commands.add_parser("adapter", help="manage LoRA adapters in the adapter store")
-    adapter_commands = adapter.add_subparsers(dest="adapter_command", required=True)
-    register = adapter_commands.add_parser("register", help="add an adapter directory to the store")
-    register.add_argument("name")
-    register.add_argument("path")
-    register.set_defaults(func=cmd_adapter_register)
-    listing = adapter_commands.add_parser("list", help="list registered adapters")
-    listing.add_argument("--json", action="store_true")
-    listing.set_defaults(func=cmd_adapter_list)
+    datanet_commands.add_parser(commands)
+    adapter_commands.add_parser(commands)
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pydantic import ValidationError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ledger.chain.errors import ChainConfigError, ChainError
+    from ledger.errors import AnchorFailed, LedgerError
+
     args = parser().parse_args(argv)
-    return args.func(args)
+    level = logging.INFO if args.command in ("up", "demo") else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(_config(args), args)
+    except CommandError as exc:
+        return fail(str(exc), exc.exit_code)
+    except ChainConfigError as exc:
+        return fail(str(exc), EXIT_BAD_INPUT)
+    except (AnchorFailed, ChainError) as exc:
+        return fail(str(exc), EXIT_FAILED)
+    except LedgerError as exc:
+        return fail(str(exc), EXIT_BAD_INPUT)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        return fail(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}", EXIT_BAD_INPUT)
+    except SQLAlchemyError as exc:
+        return fail(f"ledger database error: {exc.__class__.__name__}: {str(exc).splitlines()[0]}", EXIT_FAILED)
+    except KeyboardInterrupt:
+        return fail("interrupted", 130)
+    except OSError as exc:
+        return fail(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", EXIT_FAILED)
+    return 0
 
 
 if __name__ == "__main__":

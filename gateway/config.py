@@ -97,7 +97,10 @@ class GatewayConfig(BaseSettings):
     stream_worker_logs: bool = Field(
         False, description="Stream replica/engine logs to this console (costs ~0.01 core while idle)."
     )
-    demo_adapters: int = Field(60, ge=0, description="Demo adapters built on first start.")
+    demo_adapters: int = Field(60, ge=0, description="Random load-test adapters built on first start.")
+    demo_datanets: bool = Field(
+        True, description="On first start, create the demo datanets and train an adapter on each (a few minutes)."
+    )
 
     @property
     def store_url(self) -> str:

@@ -47,13 +47,29 @@ def ensure_demo_assets(config: GatewayConfig) -> None:
         ensure_demo_adapters(model_dir, Path(config.store_url), config.demo_adapters)
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> None:
-    """Run until SIGINT/SIGTERM, then shut Serve and Ray down."""
+    """Run until SIGINT/SIGTERM, then shut Serve, Ray and the local chain down."""
+    from gateway.demo_data import ensure_demo_datanets
+    from gateway.ledger_access import registry_contract
+
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    signal.signal(signal.SIGTERM, _interrupt)  # until serving starts: unwind, so the chain node is stopped
     config.state_dir.mkdir(parents=True, exist_ok=True)
     ensure_demo_assets(config)
+    with registry_contract(config) as registry:
+        print(f"[gateway] chain {registry.client.rpc_url}: DatanetRegistry at {registry.address}", flush=True)
+        if config.demo_datanets and not config.base_model_path:
+            ensure_demo_datanets(config, registry, lambda line: print(line, flush=True))
+        _serve(config, engine, replica)
 
+
+def _serve(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> None:
+    """Ray and the Serve application, until a signal."""
     import ray
     from ray import serve
 

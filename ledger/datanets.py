@@ -297,23 +297,21 @@ class DatanetRegistry:
                 select(func.max(DatanetVersion.number)).where(DatanetVersion.datanet_id == datanet.id)
             ).one()
             number = (last or 0) + 1
-            pending = session.exec(
-                select(Contribution.id).where(Contribution.datanet_id == datanet.id, Contribution.status == "pending")
-            ).all()
-            if not pending:
-                raise NothingToPublish(
-                    f"datanet '{datanet.name}' has no new contributions since "
-                    + (f"version {last}" if last else "it was created")
-                )
-            documents = session.exec(
-                select(Contribution.id, Contribution.text)
+            rows = session.exec(
+                select(Contribution.id, Contribution.text, Contribution.status)
                 .where(Contribution.datanet_id == datanet.id)
-                .where((Contribution.status == "published") | col(Contribution.id).in_(pending))
                 .order_by(Contribution.id)
             ).all()
+        pending = [cid for cid, _, status in rows if status == "pending"]
+        if not pending:
+            raise NothingToPublish(
+                f"datanet '{datanet.name}' has no new contributions since "
+                + (f"version {last}" if last else "it was created")
+            )
+        documents = [(cid, text) for cid, text, _ in rows]
         index_dir = Path(index_root) / datanet.id / f"v{number}"
         shutil.rmtree(index_dir, ignore_errors=True)  # left by an attempt that failed before its commit
-        build_index(((cid, text) for cid, text in documents), index_dir)
+        build_index(documents, index_dir)
         tree = MerkleTree.from_ids([bytes.fromhex(cid) for cid, _ in documents])
         with Session(self.engine) as session:
             version = DatanetVersion(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,33 +18,51 @@ def state(demo_state: Path, tmp_path: Path) -> Path:
     return tmp_path
 
 
+OWNER = "0x" + "ab" * 20
+
+
 def run(state: Path, *args: str) -> int:
     return main(["--state-dir", str(state), "adapter", *args])
 
 
+def register(state: Path, name: str, path: Path) -> int:
+    return run(state, "register", name, "--path", str(path), "--owner", OWNER)
+
+
 def test_register_then_list(state: Path, scratch_adapter: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(state, "register", "mine", str(scratch_adapter)) == 0
+    assert register(state, "mine", scratch_adapter) == 0
     capsys.readouterr()
     assert run(state, "list", "--json") == 0
-    assert json.loads(capsys.readouterr().out) == ["mine"]
+    [listed] = json.loads(capsys.readouterr().out)["adapters"]
+    assert (listed["adapter"], listed["registered"], listed["lineage"]) == ("mine", True, [])
 
 
 @pytest.mark.parametrize(
     ("name", "source", "phrase"),
     [
         ("../escape", "adapter", "adapter names are"),
-        ("ok-name", "missing-dir", "has no adapter_config.json"),
+        ("ok-name", "missing-dir", "is not a directory"),
         ("ok-name", "not-lora", "not a LoRA adapter"),
     ],
 )
 def test_register_rejects_bad_input_with_exit_2(state: Path, scratch_adapter: Path, tmp_path: Path, name: str,
                                                 source: str, phrase: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(state, "register", "kept", str(scratch_adapter)) == 0
+    assert register(state, "kept", scratch_adapter) == 0
     paths = {"adapter": scratch_adapter, "missing-dir": tmp_path / "nowhere", "not-lora": tmp_path / "prefix"}
     if source == "not-lora":
         paths[source].mkdir()
         (paths[source] / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
     capsys.readouterr()
-    assert run(state, "register", name, str(paths[source])) == 2
+    assert register(state, name, paths[source]) == 2
     assert phrase in capsys.readouterr().err
     assert sorted(p.name for p in (state / "adapters").iterdir()) == ["kept"], "nothing stored is lost or added"
+
+
+def test_list_shows_store_only_adapters_and_show_rejects_unknown(state: Path, scratch_adapter: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copytree(scratch_adapter, state / "adapters" / "loadtest-only")
+    assert run(state, "list", "--json") == 0
+    [listed] = json.loads(capsys.readouterr().out)["adapters"]
+    assert (listed["adapter"], listed["registered"], listed["owner"]) == ("loadtest-only", False, None)
+    assert run(state, "show", "loadtest-only") == 2
+    assert capsys.readouterr().err == "gateway: no registered adapter named 'loadtest-only'\n"

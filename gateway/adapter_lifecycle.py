@@ -1,0 +1,102 @@
+"""Putting adapters into service: train or take a LoRA directory, store it, record owner/price/lineage.
+
+Shared by `gateway adapter train|register` and the demo data built at first start. The store and
+the ledger agree: an adapter is copied into the store only after it passed the base-model checks,
+and removed again if the ledger refuses to record it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlmodel import Session
+
+from gateway.config import EngineConfig, GatewayConfig
+from gateway.ledger_access import Registries
+from ledger.adapters import AdapterRecord
+from ledger.errors import AlreadyExists, InvalidInput
+from ledger.models import Datanet, DatanetVersion
+from serving.adapter_store import AdapterStore, BaseModelShape, check_adapter_dir, validate_name
+from serving.errors import ApiError
+
+
+def adapter_store(config: GatewayConfig) -> AdapterStore:
+    return AdapterStore(config.store_url, config.cache_dir)
+
+
+def check_new_name(config: GatewayConfig, registries: Registries, name: str) -> None:
+    try:
+        validate_name(name)
+    except ApiError as exc:
+        raise InvalidInput(exc.message) from None
+    if registries.adapters.is_registered(name) or adapter_store(config).has(name):
+        raise AlreadyExists(f"adapter '{name}' already exists; choose another name")
+
+
+def store_and_register(config: GatewayConfig, registries: Registries, name: str, source_dir: Path, *,
+                       owner: str, price: int, lineage: list[DatanetVersion], source: str) -> AdapterRecord:
+    """Check the adapter against the base model, copy it into the store, then record it in the ledger."""
+    store = adapter_store(config)
+    try:
+        check_adapter_dir(source_dir, BaseModelShape.from_model_dir(config.model_path), EngineConfig().max_lora_rank)
+        store.put(name, source_dir)
+    except ApiError as exc:
+        raise InvalidInput(f"cannot register '{name}': {exc.message}") from None
+    try:
+        return registries.adapters.register(
+            name, uri=f"{config.store_url}/{name}", base_model=config.served_model_name, owner=owner,
+            price_per_1k_tokens=price, lineage=lineage, source=source,
+        )
+    except Exception:
+        store.remove(name)
+        raise
+
+
+def lineage_label(registries: Registries, version: DatanetVersion) -> str:
+    with Session(registries.engine) as session:
+        return f"{session.get(Datanet, version.datanet_id).name}@{version.number}"
+
+
+def training_texts(registries: Registries, lineage: list[DatanetVersion]) -> list[str]:
+    """The texts of every contribution in the lineage's versions, in a stable order."""
+    texts = []
+    for version in lineage:
+        name = lineage_label(registries, version).rsplit("@", 1)[0]
+        texts += [c.text for c in registries.datanets.contributions(name, version.number)]
+    return texts
+
+
+@dataclass(frozen=True)
+class TrainedAdapter:
+    record: AdapterRecord
+    steps: int
+    final_loss: float
+    seconds: float
+
+
+def train_and_register(config: GatewayConfig, registries: Registries, name: str, lineage: list[DatanetVersion], *,
+                       owner: str, price: int, training: object, progress: Callable[[object], None] | None = None,
+                       should_stop: Callable[[], bool] | None = None) -> TrainedAdapter:
+    """Fine-tune a LoRA adapter on the lineage's contributions, then store and register it.
+
+    Raises training.lora_training.TrainingInterrupted (nothing written) when `should_stop` fires.
+    """
+    from training.lora_training import train_adapter
+
+    check_new_name(config, registries, name)
+    texts = training_texts(registries, lineage)
+    scratch = config.state_dir / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="train-", dir=scratch))
+    try:
+        result = train_adapter(config.model_path, texts, workdir / name, training,  # type: ignore[arg-type]
+                               progress=progress, should_stop=should_stop)
+        record = store_and_register(config, registries, name, result.out_dir, owner=owner, price=price,
+                                    lineage=lineage, source="trained")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return TrainedAdapter(record, result.steps, result.final_loss, result.seconds)

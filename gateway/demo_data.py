@@ -1,0 +1,85 @@
+"""Demo datanets and the adapters trained on them, built on first start so the first request is attributed.
+
+Each demo datanet gets its passages from `training.demo_passages`, signed by demo contributors
+(anvil's well-known development accounts 1-4: local use only), is published (index + Merkle root
+anchored on the local chain) and gets one adapter trained on it, owned by development account 5.
+Every step is skipped when already done, so a restart after an interruption resumes the work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from gateway.adapter_lifecycle import train_and_register
+from gateway.config import GatewayConfig
+from gateway.ledger_access import Registries, index_builder, index_dir, open_registries
+from ledger.adapters import DEFAULT_PRICE_PER_1K_TOKENS
+from ledger.chain.anvil import ANVIL_DEV_KEYS
+from ledger.contribution_content import address_of_key, content_id, normalize, sign_contribution
+from ledger.datanets import RootAnchor, SignedText
+from ledger.errors import NotFound
+from training.demo_passages import DEMO_DATANETS, DemoDatanet
+
+DEMO_CONTRIBUTOR_KEYS = ANVIL_DEV_KEYS[1:5]
+DEMO_ADAPTER_OWNER_KEY = ANVIL_DEV_KEYS[5]
+
+
+def demo_adapter_name(datanet: DemoDatanet) -> str:
+    return f"{datanet.name}-lora"
+
+
+def demo_contributor_address(index: int) -> str:
+    return address_of_key(DEMO_CONTRIBUTOR_KEYS[index])
+
+
+def ensure_demo_datanets(config: GatewayConfig, anchor: RootAnchor, say: Callable[[str], None]) -> None:
+    """Create, fill, publish and train the demo datanets and adapters that do not exist yet."""
+    registries = open_registries(config)
+    for datanet in DEMO_DATANETS:
+        _ensure_published(config, registries, datanet, anchor, say)
+        _ensure_adapter(config, registries, datanet, say)
+
+
+def _ensure_published(config: GatewayConfig, registries: Registries, datanet: DemoDatanet, anchor: RootAnchor,
+                      say: Callable[[str], None]) -> None:
+    try:
+        record = registries.datanets.get(datanet.name)
+    except NotFound:
+        record = registries.datanets.create(datanet.name, datanet.description)
+    versions = registries.datanets.versions(datanet.name)
+    if versions and versions[-1].anchor_tx:
+        return
+    if not versions:
+        items = [
+            SignedText(f"demo:{datanet.name}:{i}", p.text, demo_contributor_address(p.contributor_index),
+                       sign_contribution(DEMO_CONTRIBUTOR_KEYS[p.contributor_index], record.id,
+                                         content_id(normalize(p.text))))
+            for i, p in enumerate(datanet.passages)
+        ]
+        result = registries.datanets.contribute(datanet.name, items)
+        for rejected in result.rejected:
+            say(f"[demo] {rejected.source} rejected: {rejected.reason}")
+    say(f"[demo] publishing datanet '{datanet.name}' (index + Merkle root anchored on-chain)")
+    version = registries.datanets.publish(datanet.name, index_builder(config), anchor, index_dir(config))
+    say(f"[demo] '{datanet.name}' version {version.version}: root {version.merkle_root}, tx {version.tx_hash}")
+
+
+def _ensure_adapter(config: GatewayConfig, registries: Registries, datanet: DemoDatanet,
+                    say: Callable[[str], None]) -> None:
+    from training.lora_training import TrainingConfig
+
+    name = demo_adapter_name(datanet)
+    if registries.adapters.is_registered(name):
+        return
+    lineage = [registries.datanets.version(datanet.name)]
+    training = TrainingConfig()
+    say(f"[demo] training adapter '{name}' on '{datanet.name}' ({training.steps} steps, once)")
+
+    def report(update) -> None:  # type: ignore[no-untyped-def]
+        if update.step % 25 == 0 or update.step == update.total_steps:
+            say(f"[demo]   step {update.step}/{update.total_steps} loss {update.loss:.3f}")
+
+    trained = train_and_register(config, registries, name, lineage, owner=address_of_key(DEMO_ADAPTER_OWNER_KEY),
+                                 price=DEFAULT_PRICE_PER_1K_TOKENS, training=training, progress=report)
+    say(f"[demo] adapter '{name}' ready ({trained.seconds:.0f} s, loss {trained.final_loss:.3f})")
+

@@ -1,0 +1,1 @@
+"""Solidity contracts of the ledger, their compiler script and the compiled artifacts."""

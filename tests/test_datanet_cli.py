@@ -1,0 +1,179 @@
+"""`gateway datanet …` end to end: real files, real signatures, real index, anvil started by the CLI.
+
+Each command runs as a user runs it (`main([...])`), prints one JSON object with --json, and
+answers every bad input with a non-zero exit and one line on stderr, leaving stored data intact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from eth_account import Account
+
+from gateway.cli import main
+from tests.conftest import free_port
+
+ALICE = Account.from_key("0x" + "a1" * 32)
+BOB = Account.from_key("0x" + "b2" * 32)
+PASSAGES = [
+    "Rivers carry sediment from the mountains to the sea, building wide deltas over thousands of years.",
+    "A good loaf of bread needs flour, water, salt, yeast and above all patience while the dough rises.",
+    "The night sky over the desert shows the band of the galaxy clearly when the moon has already set.",
+    "Old maps drew sea monsters at the edges of the known world, where the sailors had not yet been.",
+]
+
+
+@pytest.fixture(scope="module")
+def state(demo_state: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state dir sharing the demo model (its tokenizer indexes the datanets), with its own ledger and chain."""
+    state = tmp_path_factory.mktemp("cli-state")
+    (state / "models").symlink_to(demo_state / "models")
+    return state
+
+
+@pytest.fixture(autouse=True)
+def chain_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_CHAIN_PORT", str(CHAIN_PORT))
+    monkeypatch.delenv("GATEWAY_CONTRIBUTOR_KEY", raising=False)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+
+
+CHAIN_PORT = free_port()
+
+
+def gateway(state: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict | None, str]:
+    capsys.readouterr()
+    code = main(["--state-dir", str(state), *args])
+    out, err = capsys.readouterr()
+    payload = json.loads(out) if code == 0 and "--json" in args else None
+    return code, payload, err
+
+
+def write(directory: Path, name: str, content: str | bytes) -> Path:
+    path = directory / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def test_create_list_and_bad_names(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, created, _ = gateway(state, capsys, "datanet", "create", "rivers", "--description", "water", "--json")
+    assert code == 0 and created["name"] == "rivers" and len(created["id"]) == 32
+    code, _, err = gateway(state, capsys, "datanet", "create", "rivers", "--json")
+    assert code == 2 and err == "gateway: datanet 'rivers' already exists\n"
+    code, _, err = gateway(state, capsys, "datanet", "create", "Bad Name")
+    assert code == 2 and "not a datanet name" in err and err.count("\n") == 1
+    code, listing, _ = gateway(state, capsys, "datanet", "list", "--json")
+    assert [d["name"] for d in listing["datanets"]] == ["rivers"]
+    code, _, err = gateway(state, capsys, "datanet", "show", "lakes")
+    assert code == 2 and "no datanet named 'lakes'" in err
+
+
+def test_contribute_files_with_each_rejection(state: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    files = [
+        write(tmp_path, "river.txt", PASSAGES[0]),
+        write(tmp_path, "bread.md", PASSAGES[1] + "\r\n"),
+        write(tmp_path, "more.jsonl", "\n".join([json.dumps({"text": PASSAGES[2]}), "{not json",
+                                                  json.dumps({"body": "no text field"})])),
+        write(tmp_path, "latin1.txt", "caf\xe9".encode("latin-1")),
+        write(tmp_path, "empty.txt", "  \n"),
+        write(tmp_path, "copy.txt", PASSAGES[0] + "   "),
+        write(tmp_path, "paper.pdf", b"%PDF"),
+    ]
+    key_file = write(tmp_path, "alice.key", ALICE.key.hex())
+    code, result, err = gateway(state, capsys, "datanet", "contribute", "rivers", *map(str, files),
+                                "--key-file", str(key_file), "--json")
+    assert code == 0, err
+    assert [(c["file"].rsplit("/", 1)[-1], c["contributor"]) for c in result["contributions"]] == [
+        ("river.txt", ALICE.address), ("bread.md", ALICE.address), ("more.jsonl:1", ALICE.address)]
+    reasons = {r["file"].rsplit("/", 1)[-1]: r["reason"] for r in result["rejected"]}
+    assert reasons == {
+        "more.jsonl:2": reasons["more.jsonl:2"],
+        "more.jsonl:3": "a JSON line needs a string field 'text'",
+        "latin1.txt": "not valid UTF-8 (byte 3)",
+        "empty.txt": "empty contribution (nothing left after trimming whitespace)",
+        "copy.txt": reasons["copy.txt"],
+        "paper.pdf": "unsupported file type '.pdf' (use .txt, .md or .jsonl)",
+    }
+    assert reasons["more.jsonl:2"].startswith("not valid JSON")
+    assert reasons["copy.txt"].startswith("exact duplicate of contribution")
+    assert ALICE.key.hex() not in capsys.readouterr().err, "the key is never echoed"
+
+    monkeypatch.setenv("GATEWAY_CONTRIBUTOR_KEY", BOB.key.hex())
+    code, result, _ = gateway(state, capsys, "datanet", "contribute", "rivers",
+                              str(write(tmp_path, "maps.txt", PASSAGES[3])), "--json")
+    assert code == 0 and result["contributions"][0]["contributor"] == BOB.address
+
+
+@pytest.mark.parametrize(
+    ("key_content", "env_key", "reason"),
+    [
+        (None, None, "no contributor key: pass --key-file PATH or set GATEWAY_CONTRIBUTOR_KEY"),
+        ("not-a-key-secret", None, "does not hold a private key"),
+        (None, "0x1234", "GATEWAY_CONTRIBUTOR_KEY does not hold a private key"),
+    ],
+)
+def test_contribute_key_errors(state: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                               monkeypatch: pytest.MonkeyPatch, key_content: str | None, env_key: str | None,
+                               reason: str) -> None:
+    args = ["datanet", "contribute", "rivers", str(write(tmp_path, "x.txt", "a brand new text about lakes"))]
+    if key_content is not None:
+        args += ["--key-file", str(write(tmp_path, "bad.key", key_content))]
+    if env_key is not None:
+        monkeypatch.setenv("GATEWAY_CONTRIBUTOR_KEY", env_key)
+    code, _, err = gateway(state, capsys, *args)
+    assert code == 2 and reason in err and "not-a-key-secret" not in err
+
+
+def test_publish_anchors_and_proofs_verify_on_chain(state: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    code, published, err = gateway(state, capsys, "datanet", "publish", "rivers", "--json")
+    assert code == 0, err
+    assert published["version"] == 1 and published["contributions"] == 4
+    assert published["tx_hash"].startswith("0x") and len(published["tx_hash"]) == 66
+    index = Path(published["index_path"])
+    assert len(json.loads((index / "contributions.json").read_text())) == 4
+    code, _, err = gateway(state, capsys, "datanet", "publish", "rivers")
+    assert code == 2 and "no new contributions since version 1" in err
+
+    code, shown, _ = gateway(state, capsys, "datanet", "show", "rivers", "--json")
+    assert {c["status"] for c in shown["contributions"]} == {"published"}
+    assert shown["versions"][0]["merkle_root"] == published["merkle_root"]
+    first = shown["contributions"][0]["id"]
+    code, proof, err = gateway(state, capsys, "datanet", "proof", "rivers", first, "--json")
+    assert code == 0, err
+    assert proof["verified_on_chain"] is True and proof["root"] == published["merkle_root"]
+    assert proof["root_on_chain"] == published["merkle_root"]
+
+    own_copy = write(tmp_path, "mine.txt", PASSAGES[0] + "\n")
+    code, by_file, _ = gateway(state, capsys, "datanet", "proof", "rivers", "--file", str(own_copy), "--json")
+    assert code == 0 and by_file["verified_on_chain"] and by_file["contribution_id"] in {
+        c["id"] for c in shown["contributions"]}
+    tampered = write(tmp_path, "tampered.txt", PASSAGES[0].replace("sea", "ocean"))
+    code, _, err = gateway(state, capsys, "datanet", "proof", "rivers", "--file", str(tampered))
+    assert code == 2 and "is not in datanet 'rivers'" in err
+
+
+def test_adapter_register_with_lineage(state: Path, scratch_adapter: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, record, err = gateway(state, capsys, "adapter", "register", "river-guide", "--path", str(scratch_adapter),
+                                "--datanet", "rivers@1", "--owner", BOB.address.lower(), "--json")
+    assert code == 0, err
+    assert record["lineage"] == ["rivers@1"] and record["owner"] == BOB.address
+    assert record["price_per_1k_tokens"] == str(10**15)
+    code, shown, _ = gateway(state, capsys, "adapter", "show", "river-guide", "--json")
+    assert shown["servable"] is True and shown["lineage"] == ["rivers@1"]
+    for args, reason in [
+        (["river-guide", "--path", str(scratch_adapter), "--owner", BOB.address], "already exists"),
+        (["other", "--path", str(scratch_adapter), "--owner", "bob"], "is not an Ethereum address"),
+        (["other", "--path", str(scratch_adapter), "--owner", BOB.address, "--datanet", "rivers@2"],
+         "has no version 2"),
+        (["other", "--path", str(scratch_adapter), "--owner", BOB.address, "--price-per-1k-tokens", "0.5"],
+         "must be a non-negative integer"),
+        (["other", "--path", str(scratch_adapter.parent / "nowhere"), "--owner", BOB.address], "is not a directory"),
+    ]:
+        code, _, err = gateway(state, capsys, "adapter", "register", *args)
+        assert code == 2 and reason in err, (args, err)
+    code, listing, _ = gateway(state, capsys, "adapter", "list", "--json")
+    assert [a["adapter"] for a in listing["adapters"]] == ["river-guide"], "nothing half-registered is left"
