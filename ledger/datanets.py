@@ -310,7 +310,8 @@ class DatanetRegistry:
             )
         documents = [(cid, text) for cid, text, _ in rows]
         index_dir = Path(index_root) / datanet.id / f"v{number}"
-        shutil.rmtree(index_dir, ignore_errors=True)  # left by an attempt that failed before its commit
+        for leftover in [index_dir, *index_dir.parent.glob(f".{index_dir.name}.*")]:
+            shutil.rmtree(leftover, ignore_errors=True)  # left by an attempt that died before its commit
         build_index(documents, index_dir)
         tree = MerkleTree.from_ids([bytes.fromhex(cid) for cid, _ in documents])
         with Session(self.engine) as session:
