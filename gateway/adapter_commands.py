@@ -44,17 +44,13 @@ def _owner(args: argparse.Namespace) -> str:
 
 
 def cmd_train(config: GatewayConfig, args: argparse.Namespace) -> None:
-    from training.lora_training import TrainingConfig, TrainingInterrupted
+    from training.lora_training import TrainingInterrupted
 
     registries = open_registries(config)
     check_new_name(config, registries, args.adapter)
     price = parse_price(args.price_per_1k_tokens)
     owner = _owner(args)
     lineage = registries.adapters.resolve_lineage(args.datanet)
-    try:
-        training = TrainingConfig(**({"steps": args.steps} if args.steps is not None else {}))
-    except ValueError as exc:
-        raise CommandError(str(exc)) from None
     stop = threading.Event()
 
     def on_interrupt(_signum: int, _frame: object) -> None:
@@ -63,10 +59,12 @@ def cmd_train(config: GatewayConfig, args: argparse.Namespace) -> None:
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
     labels = ", ".join(lineage_label(registries, v) for v in lineage)
-    progress(f"[train] '{args.adapter}' on {labels}: {training.steps} steps (Ctrl-C stops safely)")
+    progress(f"[train] '{args.adapter}' on {labels} (Ctrl-C stops safely)")
     try:
         trained = train_and_register(config, registries, args.adapter, lineage, owner=owner, price=price,
-                                     training=training, progress=_train_progress, should_stop=stop.is_set)
+                                     steps=args.steps, progress=_train_progress, should_stop=stop.is_set)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     except TrainingInterrupted:
         raise CommandError("training interrupted: nothing was written or registered", EXIT_INTERRUPTED) from None
     finally:
@@ -76,7 +74,9 @@ def cmd_train(config: GatewayConfig, args: argparse.Namespace) -> None:
 
 
 def _train_progress(update: Any) -> None:
-    if update.step == 1 or update.step % 10 == 0 or update.step == update.total_steps:
+    if update.step == 0:
+        progress(f"[train] {update.total_steps} steps")
+    elif update.step == 1 or update.step % 10 == 0 or update.step == update.total_steps:
         progress(f"[train] step {update.step}/{update.total_steps} loss {update.loss:.4f} "
                  f"({update.elapsed_seconds:.0f} s)")
 

@@ -7,10 +7,11 @@ and removed again if the ledger refuses to record it.
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sqlmodel import Session
@@ -22,6 +23,7 @@ from ledger.errors import AlreadyExists, InvalidInput
 from ledger.models import Datanet, DatanetVersion
 from serving.adapter_store import AdapterStore, BaseModelShape, check_adapter_dir, validate_name
 from serving.errors import ApiError
+from training.lora_training import TrainingConfig, TrainingProgress, train_adapter
 
 
 def adapter_store(config: GatewayConfig) -> AdapterStore:
@@ -78,23 +80,33 @@ class TrainedAdapter:
     seconds: float
 
 
+def training_config(texts: list[str], steps: int | None) -> TrainingConfig:
+    """Training settings for these texts: the default steps per mini-batch unless `steps` is given."""
+    default = TrainingConfig()
+    if steps is None:
+        steps = default.steps * max(1, math.ceil(len(texts) / default.batch_size))
+    return replace(default, steps=steps)
+
+
 def train_and_register(config: GatewayConfig, registries: Registries, name: str, lineage: list[DatanetVersion], *,
-                       owner: str, price: int, training: object, progress: Callable[[object], None] | None = None,
+                       owner: str, price: int, steps: int | None = None,
+                       progress: Callable[[TrainingProgress], None] | None = None,
                        should_stop: Callable[[], bool] | None = None) -> TrainedAdapter:
     """Fine-tune a LoRA adapter on the lineage's contributions, then store and register it.
 
-    Raises training.lora_training.TrainingInterrupted (nothing written) when `should_stop` fires.
+    Raises TrainingInterrupted (nothing written) when `should_stop` fires, ValueError for bad steps.
     """
-    from training.lora_training import train_adapter
-
     check_new_name(config, registries, name)
     texts = training_texts(registries, lineage)
+    training = training_config(texts, steps)
+    if progress is not None:
+        progress(TrainingProgress(0, training.steps, float("nan"), 0.0))
     scratch = config.state_dir / "tmp"
     scratch.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="train-", dir=scratch))
     try:
-        result = train_adapter(config.model_path, texts, workdir / name, training,  # type: ignore[arg-type]
-                               progress=progress, should_stop=should_stop)
+        result = train_adapter(config.model_path, texts, workdir / name, training, progress=progress,
+                               should_stop=should_stop, base_model_name=config.served_model_name)
         record = store_and_register(config, registries, name, result.out_dir, owner=owner, price=price,
                                     lineage=lineage, source="trained")
     finally:

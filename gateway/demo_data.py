@@ -19,6 +19,7 @@ from ledger.contribution_content import address_of_key, content_id, normalize, s
 from ledger.datanets import RootAnchor, SignedText
 from ledger.errors import NotFound
 from training.demo_passages import DEMO_DATANETS, DemoDatanet
+from training.lora_training import TrainingProgress
 
 DEMO_CONTRIBUTOR_KEYS = ANVIL_DEV_KEYS[1:5]
 DEMO_ADAPTER_OWNER_KEY = ANVIL_DEV_KEYS[5]
@@ -66,20 +67,17 @@ def _ensure_published(config: GatewayConfig, registries: Registries, datanet: De
 
 def _ensure_adapter(config: GatewayConfig, registries: Registries, datanet: DemoDatanet,
                     say: Callable[[str], None]) -> None:
-    from training.lora_training import TrainingConfig
-
     name = demo_adapter_name(datanet)
     if registries.adapters.is_registered(name):
         return
     lineage = [registries.datanets.version(datanet.name)]
-    training = TrainingConfig()
-    say(f"[demo] training adapter '{name}' on '{datanet.name}' ({training.steps} steps, once)")
+    say(f"[demo] training adapter '{name}' on '{datanet.name}' (once, about a minute)")
 
-    def report(update) -> None:  # type: ignore[no-untyped-def]
-        if update.step % 25 == 0 or update.step == update.total_steps:
+    def report(update: TrainingProgress) -> None:
+        if update.step and (update.step % 10 == 0 or update.step == update.total_steps):
             say(f"[demo]   step {update.step}/{update.total_steps} loss {update.loss:.3f}")
 
     trained = train_and_register(config, registries, name, lineage, owner=address_of_key(DEMO_ADAPTER_OWNER_KEY),
-                                 price=DEFAULT_PRICE_PER_1K_TOKENS, training=training, progress=report)
+                                 price=DEFAULT_PRICE_PER_1K_TOKENS, progress=report)
     say(f"[demo] adapter '{name}' ready ({trained.seconds:.0f} s, loss {trained.final_loss:.3f})")
 
