@@ -36,7 +36,11 @@ def demo_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def gateway(demo_state: Path) -> Iterator[GatewayProcess]:
-    """One gateway (one engine replica serving HTTP directly) shared by the whole session."""
+    """One gateway (one engine replica serving HTTP directly) shared by the whole session.
+
+    It runs `gateway up` on the embedded defaults but ports: a local anvil in the state directory,
+    the demo datanets published on it and their adapters trained (the first-start path of `make up`).
+    """
     process = GatewayProcess(
         state_dir=demo_state,
         http_port=free_port(),
@@ -46,6 +50,7 @@ def gateway(demo_state: Path) -> Iterator[GatewayProcess]:
             "GATEWAY_ENGINE_MAX_LORAS": "4",
             "GATEWAY_ENGINE_MAX_CPU_LORAS": "16",
             "GATEWAY_REPLICA_MAX_ONGOING_REQUESTS": str(MAX_ONGOING_REQUESTS),
+            "GATEWAY_CHAIN_PORT": str(free_port()),
         },
     )
     process.start()
