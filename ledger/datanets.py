@@ -17,10 +17,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from sqlalchemy import Engine, func
+import numpy as np
+from sqlalchemy import Engine, func, insert
 from sqlmodel import Session, col, select
 
 from ledger import near_duplicates
+from ledger.chain.registry import datanet_key
 from ledger.config import DatanetConfig
 from ledger.contribution_content import BadSignature, checksum_address, content_id, normalize, recover_contributor
 from ledger.contribution_files import Rejection
@@ -63,6 +65,21 @@ class SignedText:
 
 
 @dataclass(frozen=True)
+class _Candidate:
+    """A submitted text that passed the checks that need no database."""
+
+    source: str
+    id: str
+    text: str
+    size: int
+    contributor: str
+    signature: str
+    license: str
+    minhash: np.ndarray
+    band_keys: list[int]
+
+
+@dataclass(frozen=True)
 class Accepted:
     id: str
     contributor: str
@@ -95,13 +112,6 @@ class InclusionProof:
     anchor_tx: str | None
     root_on_chain: str | None
     verified_on_chain: bool
-
-
-def datanet_key(datanet_id: str) -> bytes:
-    """The bytes32 key of a datanet in the registry contract: keccak256 of its id."""
-    from eth_utils import keccak
-
-    return keccak(text=datanet_id)
 
 
 def parse_version_spec(spec: str) -> tuple[str, int | None]:
@@ -200,22 +210,50 @@ class DatanetRegistry:
     # -- contributions --------------------------------------------------------------------------
 
     def contribute(self, name: str, items: Sequence[SignedText]) -> ContributeResult:
-        """Validate and store signed texts; each rejected item gets a reason, the rest are stored together."""
+        """Validate and store signed texts; each rejected item gets a reason, the rest are stored together.
+
+        Checks run in this order: empty, size, address, signature, daily limit, exact duplicate,
+        near-duplicate (against the ledger and against earlier items of the same call).
+        """
         datanet = self.get(name)
         result = ContributeResult()
+        candidates: list[_Candidate] = []
+        for item in items:
+            checked = self._check_alone(datanet, item)
+            if isinstance(checked, str):
+                result.rejected.append(Rejection(item.source, checked))
+            else:
+                candidates.append(checked)
         with Session(self.engine) as session:
+            known = self._existing(session, [c.id for c in candidates])
+            neighbours = self._band_neighbours(session, {k for c in candidates for k in c.band_keys})
             day_start = self.clock().replace(hour=0, minute=0, second=0, microsecond=0)
-            used_today: dict[str, int] = {}
-            for item in items:
-                reason = self._admit(session, datanet, item, day_start, used_today, result)
+            used_today = dict(
+                session.exec(
+                    select(Contribution.contributor, func.sum(Contribution.bytes))
+                    .where(col(Contribution.contributor).in_({c.contributor for c in candidates}))
+                    .where(Contribution.created_at >= day_start)
+                    .group_by(Contribution.contributor)
+                ).all()
+            ) if candidates else {}
+            accepted: list[_Candidate] = []
+            for candidate in candidates:
+                reason = self._check_against(candidate, known, neighbours, used_today)
                 if reason:
-                    result.rejected.append(Rejection(item.source, reason))
+                    result.rejected.append(Rejection(candidate.source, reason))
+                    continue
+                accepted.append(candidate)
+                known[candidate.id] = datanet.name
+                for key in candidate.band_keys:
+                    neighbours.setdefault(key, []).append((candidate.id, candidate.minhash))
+                used_today[candidate.contributor] = used_today.get(candidate.contributor, 0) + candidate.size
+                result.accepted.append(Accepted(candidate.id, candidate.contributor, candidate.source))
+            self._insert(session, datanet, accepted)
             session.commit()
         return result
 
-    def _admit(self, session: Session, datanet: Datanet, item: SignedText, day_start: datetime,
-               used_today: dict[str, int], result: ContributeResult) -> str | None:
-        """Store one item; return the reason it is rejected, or None."""
+    def _check_alone(self, datanet: Datanet, item: SignedText) -> _Candidate | str:
+        """What can be checked without the database: content, size, address, signature."""
         text = normalize(item.text)
         if not text:
             return "empty contribution (nothing left after trimming whitespace)"
@@ -233,54 +271,84 @@ class DatanetRegistry:
             return str(exc)
         if signer != claimed:
             return f"signature is not {claimed}'s signature over this datanet and content"
-        if claimed not in used_today:
-            used_today[claimed] = session.exec(
-                select(func.coalesce(func.sum(Contribution.bytes), 0)).where(
-                    Contribution.contributor == claimed, Contribution.created_at >= day_start
-                )
-            ).one()
-        if used_today[claimed] + size > self.config.max_bytes_per_contributor_per_day:
+        minhash = near_duplicates.signature(text)
+        return _Candidate(item.source, cid, text, size, claimed, item.signature.lower(),
+                          item.license or self.config.default_license, minhash, near_duplicates.band_keys(minhash))
+
+    def _check_against(self, candidate: _Candidate, known: dict[str, str],
+                       neighbours: dict[int, list[tuple[str, np.ndarray]]], used_today: dict[str, int]) -> str | None:
+        used = used_today.get(candidate.contributor, 0)
+        if used + candidate.size > self.config.max_bytes_per_contributor_per_day:
             return (
-                f"daily limit reached: {claimed} has contributed {used_today[claimed]} bytes today, "
+                f"daily limit reached: {candidate.contributor} has contributed {used} bytes today, "
                 f"the limit is {self.config.max_bytes_per_contributor_per_day}"
             )
-        existing = session.get(Contribution, cid)
-        if existing is not None:
-            where = session.get(Datanet, existing.datanet_id)
-            return f"exact duplicate of contribution {cid} in datanet '{where.name if where else '?'}'"
-        signature = near_duplicates.signature(text)
-        keys = near_duplicates.band_keys(signature)
-        near = self._nearest(session, signature, keys)
-        if near is not None:
-            other, score = near
+        if candidate.id in known:
+            return f"exact duplicate of contribution {candidate.id} in datanet '{known[candidate.id]}'"
+        best: tuple[str, float] | None = None
+        seen: set[str] = set()
+        for key in candidate.band_keys:
+            for other_id, other_hash in neighbours.get(key, ()):
+                if other_id in seen:
+                    continue
+                seen.add(other_id)
+                score = near_duplicates.similarity(candidate.minhash, other_hash)
+                if score >= self.config.near_duplicate_threshold and (best is None or score > best[1]):
+                    best = (other_id, score)
+        if best is not None:
             return (
-                f"near-duplicate of contribution {other} (similarity {score:.2f} >= "
+                f"near-duplicate of contribution {best[0]} (similarity {best[1]:.2f} >= "
                 f"{self.config.near_duplicate_threshold:.2f})"
             )
-        session.add(
-            Contribution(
-                id=cid, datanet_id=datanet.id, contributor=claimed, signature=item.signature.lower(),
-                license=item.license or self.config.default_license, bytes=size, text=text,
-                minhash=near_duplicates.to_bytes(signature), source=item.source[-255:], created_at=self.clock(),
-            )
-        )
-        session.add_all(ContributionBand(key=key, contribution_id=cid) for key in set(keys))
-        session.flush()
-        used_today[claimed] += size
-        result.accepted.append(Accepted(cid, claimed, item.source))
         return None
 
-    def _nearest(self, session: Session, signature, keys: list[int]) -> tuple[str, float] | None:  # type: ignore[no-untyped-def]
-        candidates = session.exec(
-            select(ContributionBand.contribution_id).where(col(ContributionBand.key).in_(keys)).distinct()
-        ).all()
-        best: tuple[str, float] | None = None
-        for cid in candidates:
-            other = session.get(Contribution, cid)
-            score = near_duplicates.similarity(signature, near_duplicates.from_bytes(other.minhash))
-            if score >= self.config.near_duplicate_threshold and (best is None or score > best[1]):
-                best = (cid, score)
-        return best
+    @staticmethod
+    def _existing(session: Session, ids: list[str]) -> dict[str, str]:
+        """Contribution id → datanet name, for the ids already in the ledger."""
+        found: dict[str, str] = {}
+        for start in range(0, len(ids), ID_CHUNK):
+            found.update(
+                session.exec(
+                    select(Contribution.id, Datanet.name)
+                    .join(Datanet, col(Datanet.id) == col(Contribution.datanet_id))
+                    .where(col(Contribution.id).in_(ids[start : start + ID_CHUNK]))
+                ).all()
+            )
+        return found
+
+    @staticmethod
+    def _band_neighbours(session: Session, keys: set[int]) -> dict[int, list[tuple[str, np.ndarray]]]:
+        """Bucket key → (contribution id, MinHash) of stored contributions sharing that bucket."""
+        ordered = sorted(keys)
+        neighbours: dict[int, list[tuple[str, np.ndarray]]] = {}
+        for start in range(0, len(ordered), ID_CHUNK):
+            rows = session.exec(
+                select(ContributionBand.key, Contribution.id, Contribution.minhash)
+                .join(Contribution, col(Contribution.id) == col(ContributionBand.contribution_id))
+                .where(col(ContributionBand.key).in_(ordered[start : start + ID_CHUNK]))
+            ).all()
+            for key, cid, minhash in rows:
+                neighbours.setdefault(key, []).append((cid, near_duplicates.from_bytes(minhash)))
+        return neighbours
+
+    def _insert(self, session: Session, datanet: Datanet, accepted: list[_Candidate]) -> None:
+        if not accepted:
+            return
+        now = self.clock()
+        connection = session.connection()  # Core executemany: no ORM objects for bulk rows
+        connection.execute(
+            insert(Contribution.__table__),
+            [
+                {"id": c.id, "datanet_id": datanet.id, "contributor": c.contributor, "signature": c.signature,
+                 "license": c.license, "bytes": c.size, "text": c.text, "minhash": near_duplicates.to_bytes(c.minhash),
+                 "status": "pending", "version": None, "source": c.source[-255:], "created_at": now}
+                for c in accepted
+            ],
+        )
+        connection.execute(
+            insert(ContributionBand.__table__),
+            [{"key": key, "contribution_id": c.id} for c in accepted for key in sorted(set(c.band_keys))],
+        )
 
     # -- publishing -----------------------------------------------------------------------------
 

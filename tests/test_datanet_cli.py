@@ -177,3 +177,28 @@ def test_adapter_register_with_lineage(state: Path, scratch_adapter: Path, capsy
         assert code == 2 and reason in err, (args, err)
     code, listing, _ = gateway(state, capsys, "adapter", "list", "--json")
     assert [a["adapter"] for a in listing["adapters"]] == ["river-guide"], "nothing half-registered is left"
+
+
+def test_training_interrupted_with_ctrl_c_leaves_nothing(state: Path) -> None:
+    """Ctrl-C during `adapter train`: exit 130, one line of reason, no adapter in the store or the ledger."""
+    import signal
+    import subprocess
+    import sys
+
+    gateway_bin = Path(sys.executable).with_name("gateway")
+    command = [str(gateway_bin), "--state-dir", str(state), "adapter", "train", "half-done", "--datanet", "rivers",
+               "--steps", "5000", "--owner", BOB.address]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if line.startswith("[train] step 1/"):
+            break
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, "".join(seen) + err
+    assert err.strip().splitlines()[-1] == "gateway: training interrupted: nothing was written or registered"
+    assert out == ""
+    assert not (state / "adapters" / "half-done").exists()
+    assert list((state / "tmp").iterdir()) == [], "the scratch directory is cleaned up"
+    assert main(["--state-dir", str(state), "adapter", "show", "half-done"]) == 2

@@ -247,3 +247,11 @@ def test_adapter_lineage_names_published_versions(registry: DatanetRegistry, tmp
         adapters.register("other", uri="x", base_model="tiny", owner="bob", price_per_1k_tokens=1, lineage=lineage,
                           source="trained")
     assert [a.name for a in adapters.list()] == ["river-guide"]
+
+
+def test_duplicates_within_one_submission_keep_the_first(registry: DatanetRegistry) -> None:
+    datanet = registry.create("rivers")
+    result = contribute(registry, signed(ALICE, datanet.id, TEXTS[0], "one"), signed(BOB, datanet.id, TEXTS[0], "two"))
+    assert [a.source for a in result.accepted] == ["one"]
+    assert result.rejected[0].source == "two" and "exact duplicate" in result.rejected[0].reason
+    assert [c.contributor for c in registry.contributions("rivers")] == [ALICE.address]
