@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from gateway.durable_files import fsync_path, write_durably
+
 FORMAT = "datanet-gateway/attribution-index"
 FORMAT_VERSION = 1
 LAYOUT_VERSION = 4  # infini-gram's index version: forward token order, documents preceded by a separator
@@ -231,7 +233,7 @@ def build_index(
         build_suffix_array(staging / TOKENS_FILE, staging / SUFFIX_ARRAY_FILE, staging / "scratch",
                            token_width=width, longest_document_bytes=(longest + 1) * width, progress=say)
         contributions_bytes = json.dumps(contributions).encode()
-        _write_file(staging / CONTRIBUTIONS_FILE, contributions_bytes)
+        write_durably(staging / CONTRIBUTIONS_FILE, contributions_bytes)
         manifest = IndexManifest(
             format=FORMAT,
             format_version=FORMAT_VERSION,
@@ -249,13 +251,13 @@ def build_index(
             built_at=datetime.now(UTC).isoformat(timespec="seconds"),
             contributions_sha256=hashlib.sha256(contributions_bytes).hexdigest(),
         )
-        _write_file(staging / MANIFEST_FILE, manifest.to_json().encode())
-        _fsync_path(staging)
+        write_durably(staging / MANIFEST_FILE, manifest.to_json().encode())
+        fsync_path(staging)
         os.rename(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _fsync_path(out_dir.parent)
+    fsync_path(out_dir.parent)
     say(f"indexed {manifest.doc_count} documents, {manifest.token_count} tokens in {manifest.build_seconds} s")
     return manifest
 
@@ -309,10 +311,10 @@ def _write_token_stream(
             say(f"tokenized {len(contributions)} documents, {token_count} tokens")
         tokens_out.flush()
         os.fsync(tokens_out.fileno())
-    _write_file(staging / OFFSETS_FILE, np.frombuffer(offsets, dtype=np.uint64).astype("<u8").tobytes())
+    write_durably(staging / OFFSETS_FILE, np.frombuffer(offsets, dtype=np.uint64).astype("<u8").tobytes())
     lines = [f"{token} {count}\n" for token, count in enumerate(unigram.tolist()) if count]
     lines.append(f"{base.separator} {len(contributions)}\n")
-    _write_file(staging / UNIGRAM_FILE, "".join(lines).encode())
+    write_durably(staging / UNIGRAM_FILE, "".join(lines).encode())
     return contributions, token_count, longest
 
 
@@ -407,16 +409,3 @@ def _run_all(scratch: Path, step: str, commands: list[list[str]]) -> None:
         raise RuntimeError(f"infini-gram indexer step {step} failed ({failures[0]})")
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-
-
-def _fsync_path(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

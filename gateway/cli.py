@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from gateway import adapter_commands, datanet_commands
@@ -55,6 +57,10 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def _terminate(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
     from sqlalchemy.exc import SQLAlchemyError
@@ -63,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     from ledger.errors import AnchorFailed, LedgerError
 
     args = parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: child processes (anvil) are stopped
     level = logging.INFO if args.command in ("up", "demo") else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -47,10 +47,6 @@ def ensure_demo_assets(config: GatewayConfig) -> None:
         ensure_demo_adapters(model_dir, Path(config.store_url), config.demo_adapters)
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> None:
     """Run until SIGINT/SIGTERM, then shut Serve, Ray and the local chain down."""
     from gateway.demo_data import ensure_demo_datanets
@@ -58,7 +54,6 @@ def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> 
 
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    signal.signal(signal.SIGTERM, _interrupt)  # until serving starts: unwind, so the chain node is stopped
     config.state_dir.mkdir(parents=True, exist_ok=True)
     ensure_demo_assets(config)
     with registry_contract(config) as registry:

@@ -442,8 +442,14 @@ class DatanetRegistry:
         chosen = self.version(name, version)
         if contribution.version > chosen.number:
             raise NotFound(f"contribution {cid} was published in version {contribution.version}, after {chosen.number}")
-        ids = [bytes.fromhex(c.id) for c in self.contributions(name, chosen.number)]
-        tree = MerkleTree.from_ids(ids)
+        with Session(self.engine) as session:
+            ids = session.exec(
+                select(Contribution.id).where(
+                    Contribution.datanet_id == datanet.id, Contribution.status == "published",
+                    col(Contribution.version) <= chosen.number,
+                )
+            ).all()
+        tree = MerkleTree.from_ids([bytes.fromhex(i) for i in ids])
         path = tree.proof(bytes.fromhex(cid))
         root_on_chain = anchor.root_of(datanet_key(datanet.id), chosen.number) if anchor else None
         verified = bool(

@@ -16,6 +16,7 @@ import argparse
 import json
 import random
 import re
+import signal
 import socket
 import sys
 import tempfile
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # unwind so the anvil node is stopped
 
     from training.demo_assets import ensure_base_model
 

@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 from eth_account import Account
 
+from attribution.index_builder import load_base_tokenizer
+from attribution.index_reader import open_index
 from gateway.cli import main
+from ledger.contribution_content import content_id, normalize
 from tests.conftest import free_port
 
 ALICE = Account.from_key("0x" + "a1" * 32)
@@ -135,6 +138,10 @@ def test_publish_anchors_and_proofs_verify_on_chain(state: Path, tmp_path: Path,
     assert published["tx_hash"].startswith("0x") and len(published["tx_hash"]) == 66
     index = Path(published["index_path"])
     assert len(json.loads((index / "contributions.json").read_text())) == 4
+    tokenizer = load_base_tokenizer(state / "models" / "datanet-tiny-llama").tokenizer
+    phrase = tokenizer.encode(" sediment from the mountains to the sea", add_special_tokens=False).ids
+    with open_index(index) as version_index:  # the index answers: this phrase is in the river passage only
+        assert version_index.documents_containing(phrase) == [content_id(normalize(PASSAGES[0]))]
     code, _, err = gateway(state, capsys, "datanet", "publish", "rivers")
     assert code == 2 and "no new contributions since version 1" in err
 

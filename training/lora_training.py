@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.durable_files import fsync_path
 from training.demo_assets import LORA_TARGETS
 
 MAX_LORA_RANK = 16
@@ -377,23 +378,17 @@ def _write_adapter(model: Any, out_dir: Path, base_model_name: str) -> None:
         (staging / CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
         for path in (staging / WEIGHTS_FILE, staging / CONFIG_FILE):
             os.chmod(path, 0o644)
-            _fsync(path)
+            fsync_path(path)
         os.chmod(staging, 0o755)
         if out_dir.exists():
             raise FileExistsError(f"output directory {out_dir} appeared during training; not overwriting it")
         os.rename(staging, out_dir)
-        _fsync(out_dir.parent)
+        fsync_path(out_dir.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def reproduction_report(base_model_dir: Path, adapter_dir: Path, texts: Sequence[str],

@@ -161,17 +161,11 @@ class AnvilNode:
         process, self._process = self._process, None
         if process is None:
             return 0
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=timeout_seconds)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                raise ChainNodeError(
-                    f"anvil did not exit within {timeout_seconds:g} s and was killed; state since the last "
-                    f"periodic dump is lost ({self.state_file})"
-                ) from None
+        if not _interrupt_and_wait(process, timeout_seconds):
+            raise ChainNodeError(
+                f"anvil did not exit within {timeout_seconds:g} s and was killed; state since the last "
+                f"periodic dump is lost ({self.state_file})"
+            )
         if process.returncode == 0 and _is_json_file(self.state_file):
             _copy_atomically(self.state_file, self.backup_file)
         return process.returncode
@@ -216,13 +210,8 @@ class AnvilNode:
 
     def _terminate_quietly(self) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=STOP_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            _interrupt_and_wait(process, STOP_TIMEOUT_SECONDS)
 
     def _recover_state_file(self) -> None:
         """Replace a truncated state file (anvil killed while dumping) by the copy of the last clean stop."""
@@ -287,3 +276,17 @@ def _copy_atomically(source: Path, target: Path) -> None:
     partial = target.with_name(target.name + ".partial")
     shutil.copyfile(source, partial)
     os.replace(partial, target)
+
+
+def _interrupt_and_wait(process: subprocess.Popen, timeout_seconds: float) -> bool:
+    """SIGINT (anvil dumps its state), wait; kill after the timeout. False when it had to be killed."""
+    if process.poll() is not None:
+        return True
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=timeout_seconds)
+        return True
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return False
