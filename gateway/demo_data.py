@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gateway.adapter_lifecycle import train_and_register
+from gateway.adapter_lifecycle import adapter_store, train_and_register
 from gateway.config import GatewayConfig
 from gateway.ledger_access import Registries, index_builder, index_dir, open_registries
 from ledger.adapters import DEFAULT_PRICE_PER_1K_TOKENS
@@ -71,13 +71,20 @@ def _ensure_adapter(config: GatewayConfig, registries: Registries, datanet: Demo
     if registries.adapters.is_registered(name):
         return
     lineage = [registries.datanets.version(datanet.name)]
+    owner = address_of_key(DEMO_ADAPTER_OWNER_KEY)
+    if adapter_store(config).has(name):  # trained before, but the ledger was reset: record it again
+        registries.adapters.register(name, uri=f"{config.store_url}/{name}", base_model=config.served_model_name,
+                                     owner=owner, price_per_1k_tokens=DEFAULT_PRICE_PER_1K_TOKENS, lineage=lineage,
+                                     source="trained")
+        say(f"[demo] adapter '{name}' found in the store: registered with lineage {datanet.name}")
+        return
     say(f"[demo] training adapter '{name}' on '{datanet.name}' (once, about 15 s on 2 cores)")
 
     def report(update: TrainingProgress) -> None:
         if update.step and (update.step % 10 == 0 or update.step == update.total_steps):
             say(f"[demo]   step {update.step}/{update.total_steps} loss {update.loss:.3f}")
 
-    trained = train_and_register(config, registries, name, lineage, owner=address_of_key(DEMO_ADAPTER_OWNER_KEY),
+    trained = train_and_register(config, registries, name, lineage, owner=owner,
                                  price=DEFAULT_PRICE_PER_1K_TOKENS, progress=report)
     say(f"[demo] adapter '{name}' ready ({trained.seconds:.0f} s, loss {trained.final_loss:.3f})")
 

@@ -7,7 +7,7 @@ anvil is exercised in test_registry_anvil.py and end to end in tests/test_datane
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from ledger.database import open_database
 from ledger.datanets import DatanetRegistry, SignedText, datanet_key
 from ledger.errors import AlreadyExists, AnchorFailed, InvalidInput, NothingToPublish, NotFound
 from ledger.merkle import verify_proof
+from tests.support.memory_anchor import MemoryAnchor
 
 ALICE = Account.from_key("0x" + "a1" * 32)
 BOB = Account.from_key("0x" + "b2" * 32)
@@ -35,31 +36,6 @@ TEXTS = [
     "A good loaf of bread needs flour, water, salt, yeast and above all patience while the dough rises.",
     "The night sky over the desert shows the band of the galaxy clearly when the moon has already set.",
 ]
-
-
-class MemoryAnchor:
-    """Stands in for the DatanetRegistry contract: roots by (datanet key, version)."""
-
-    address = "0x" + "00" * 19 + "01"
-    chain_id = 31337
-
-    def __init__(self) -> None:
-        self.roots: dict[tuple[bytes, int], bytes] = {}
-        self.fail = False
-
-    def anchor(self, datanet_key: bytes, version: int, root: bytes, count: int) -> str:
-        if self.fail:
-            raise ConnectionError("node unreachable")
-        assert (datanet_key, version) not in self.roots, "anchored twice"
-        self.roots[(datanet_key, version)] = root
-        return "0x" + f"{len(self.roots):064x}"
-
-    def root_of(self, datanet_key: bytes, version: int) -> bytes | None:
-        return self.roots.get((datanet_key, version))
-
-    def verify(self, datanet_key: bytes, version: int, contribution_id: bytes, proof: Sequence[bytes]) -> bool:
-        root = self.roots.get((datanet_key, version))
-        return root is not None and verify_proof(root, contribution_id, proof)
 
 
 def listing_index(documents: Iterable[tuple[str, str]], out_dir: Path) -> None:
