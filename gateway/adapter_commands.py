@@ -57,12 +57,19 @@ def cmd_train(config: GatewayConfig, args: argparse.Namespace) -> None:
         stop.set()
         progress("\n[train] stopping after this step")
 
-    previous = signal.signal(signal.SIGINT, on_interrupt)
     labels = ", ".join(lineage_label(registries, v) for v in lineage)
-    progress(f"[train] '{args.adapter}' on {labels} (Ctrl-C stops safely)")
+
+    def report(update: Any) -> None:
+        if update.step == 0:
+            progress(f"[train] '{args.adapter}' on {labels}: {update.total_steps} steps (Ctrl-C stops safely)")
+        elif update.step == 1 or update.step % 10 == 0 or update.step == update.total_steps:
+            progress(f"[train] step {update.step}/{update.total_steps} loss {update.loss:.4f} "
+                     f"({update.elapsed_seconds:.0f} s)")
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         trained = train_and_register(config, registries, args.adapter, lineage, owner=owner, price=price,
-                                     steps=args.steps, progress=_train_progress, should_stop=stop.is_set)
+                                     steps=args.steps, progress=report, should_stop=stop.is_set)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     except TrainingInterrupted:
@@ -71,14 +78,6 @@ def cmd_train(config: GatewayConfig, args: argparse.Namespace) -> None:
         signal.signal(signal.SIGINT, previous)
     emit(args, _payload(trained.record, {"steps": trained.steps, "final_loss": round(trained.final_loss, 4),
                                          "seconds": round(trained.seconds, 1)}), _human)
-
-
-def _train_progress(update: Any) -> None:
-    if update.step == 0:
-        progress(f"[train] {update.total_steps} steps")
-    elif update.step == 1 or update.step % 10 == 0 or update.step == update.total_steps:
-        progress(f"[train] step {update.step}/{update.total_steps} loss {update.loss:.4f} "
-                 f"({update.elapsed_seconds:.0f} s)")
 
 
 def cmd_register(config: GatewayConfig, args: argparse.Namespace) -> None:

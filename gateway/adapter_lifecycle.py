@@ -19,6 +19,7 @@ from sqlmodel import Session
 from gateway.config import EngineConfig, GatewayConfig
 from gateway.ledger_access import Registries
 from ledger.adapters import AdapterRecord
+from ledger.contribution_content import checksum_address
 from ledger.errors import AlreadyExists, InvalidInput
 from ledger.models import Datanet, DatanetVersion
 from serving.adapter_store import AdapterStore, BaseModelShape, check_adapter_dir, validate_name
@@ -97,6 +98,10 @@ def train_and_register(config: GatewayConfig, registries: Registries, name: str,
     Raises TrainingInterrupted (nothing written) when `should_stop` fires, ValueError for bad steps.
     """
     check_new_name(config, registries, name)
+    try:
+        checksum_address(owner)  # refuse a bad owner before minutes of training, not after
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
     texts = training_texts(registries, lineage)
     training = training_config(texts, steps)
     if progress is not None:

@@ -22,8 +22,10 @@ def load_private_key(key_file: Path | None) -> str:
     if key_file is not None:
         try:
             raw = key_file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CommandError(f"cannot read key file {key_file}: {getattr(exc, 'strerror', None) or exc}") from None
+        except OSError as exc:
+            raise CommandError(f"cannot read key file {key_file}: {exc.strerror or 'error'}") from None
+        except UnicodeDecodeError:
+            raise CommandError(f"key file {key_file} is not text (expected 64 hex digits)") from None
         where = f"key file {key_file}"
     else:
         raw = os.environ.get(KEY_ENV, "").strip()

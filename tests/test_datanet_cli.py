@@ -209,3 +209,16 @@ def test_training_interrupted_with_ctrl_c_leaves_nothing(state: Path) -> None:
     assert not (state / "adapters" / "half-done").exists()
     assert list((state / "tmp").iterdir()) == [], "the scratch directory is cleaned up"
     assert main(["--state-dir", str(state), "adapter", "show", "half-done"]) == 2
+
+
+def test_training_refuses_bad_input_before_training(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for args, reason in [
+        (["--datanet", "rivers", "--owner", "nobody"], "is not an Ethereum address"),
+        (["--datanet", "rivers@9", "--owner", BOB.address], "has no version 9"),
+        (["--datanet", "lakes", "--owner", BOB.address], "no datanet named 'lakes'"),
+        (["--datanet", "rivers", "--owner", BOB.address, "--steps", "0"], "steps"),
+        (["--datanet", "rivers", "--owner", BOB.address, "--price-per-1k-tokens", "-1"], "non-negative integer"),
+    ]:
+        code, _, err = gateway(state, capsys, "adapter", "train", "never", *args)
+        assert code == 2 and reason in err and err.count("\n") == 1, (args, err)
+    assert not (state / "adapters" / "never").exists()
