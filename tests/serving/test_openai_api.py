@@ -281,7 +281,8 @@ def test_unknown_route_gets_openai_error_body(gateway: GatewayProcess) -> None:
 def register(gateway: GatewayProcess, name: str, path: Path) -> subprocess.CompletedProcess:
     gateway_cli = Path(sys.executable).with_name("gateway")
     return subprocess.run(
-        [str(gateway_cli), "--state-dir", str(gateway.state_dir), "adapter", "register", name, str(path)],
+        [str(gateway_cli), "--state-dir", str(gateway.state_dir), "adapter", "register", name, "--path", str(path),
+         "--owner", "0x" + "ab" * 20],
         capture_output=True, text=True, timeout=120,
     )
 
@@ -303,9 +304,12 @@ def test_register_rejects_a_broken_adapter_and_keeps_the_store(gateway: GatewayP
     broken.mkdir()
     (broken / "adapter_config.json").write_text("{oops")
     (broken / "adapter_model.safetensors").write_bytes(b"junk")
-    result = register(gateway, "demo-adapter-010", broken)
+    result = register(gateway, "broken-one", broken)
     assert result.returncode == 2
     assert "not valid JSON" in result.stderr
+    assert not (gateway.state_dir / "adapters" / "broken-one").exists()
+    taken = register(gateway, "demo-adapter-010", broken)
+    assert taken.returncode == 2 and "already exists" in taken.stderr
     assert (gateway.state_dir / "adapters" / "demo-adapter-010" / "adapter_model.safetensors").stat().st_size > 1000
 
 
