@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import re
 import signal
 import socket
 import sys
@@ -25,7 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "loadtests"))
 
+from bench_index import synthetic_datanet  # noqa: E402
 from ledger.chain.anvil import ANVIL_DEV_KEYS, AnvilNode  # noqa: E402
 from ledger.chain.client import ChainClient  # noqa: E402
 from ledger.chain.registry import ensure_registry  # noqa: E402
@@ -36,19 +36,6 @@ from ledger.datanets import DatanetRegistry, SignedText  # noqa: E402
 
 BATCH = 500
 CONTRIBUTORS = 20
-
-
-def vocabulary() -> list[str]:
-    from pydoc_data.topics import topics
-
-    words = re.findall(r"[a-z]{3,12}", " ".join(topics.values()).lower())
-    return sorted(set(words))
-
-
-def passages(count: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    words = vocabulary()
-    return [" ".join(rng.choices(words, k=rng.randint(40, 60))).capitalize() + "." for _ in range(count)]
 
 
 def free_port() -> int:
@@ -64,7 +51,7 @@ def run_size(size: int, work: Path, tokenizer_dir: Path, registry_contract, keys
     limits = DatanetConfig(max_bytes_per_contributor_per_day=10**12)
     registry = DatanetRegistry(engine, limits)
     datanet = registry.create(f"bench-{size}-{int(time.time())}")
-    texts = passages(size, seed=size)
+    texts = [text for _, text in synthetic_datanet(size, seed=size)]
     addresses = [address_of_key(k) for k in keys]
 
     started = time.perf_counter()
