@@ -22,6 +22,7 @@ class LineageEntry:
     datanet: str
     version: int
     merkle_root: str
+    index_path: str  # the version's attribution index (what per-token attribution queries)
 
     def spec(self) -> str:
         return f"{self.datanet}@{self.version}"
@@ -107,7 +108,7 @@ class AdapterRegistry:
     @staticmethod
     def _record(session: Session, adapter: Adapter) -> AdapterRecord:
         rows = session.exec(
-            select(Datanet.name, DatanetVersion.number, DatanetVersion.merkle_root)
+            select(Datanet.name, DatanetVersion.number, DatanetVersion.merkle_root, DatanetVersion.index_path)
             .join(DatanetVersion, col(DatanetVersion.datanet_id) == col(Datanet.id))
             .join(AdapterLineage, col(AdapterLineage.datanet_version_id) == col(DatanetVersion.id))
             .where(AdapterLineage.adapter_name == adapter.name)
@@ -116,5 +117,5 @@ class AdapterRegistry:
         return AdapterRecord(
             name=adapter.name, base_model=adapter.base_model, uri=adapter.uri, owner=adapter.owner,
             price_per_1k_tokens=int(adapter.price_per_1k_tokens), source=adapter.source,
-            lineage=[LineageEntry(n, v, r) for n, v, r in rows],
+            lineage=[LineageEntry(n, v, r, i) for n, v, r, i in rows],
         )

@@ -211,6 +211,7 @@ def test_adapter_lineage_names_published_versions(registry: DatanetRegistry, tmp
     record = adapters.register("river-guide", uri="file:///store/river-guide", base_model="tiny", owner=BOB.address,
                                price_per_1k_tokens=10**19, lineage=lineage, source="trained")
     assert record.to_json()["lineage"] == ["rivers@1"]
+    assert [Path(e.index_path) for e in record.lineage] == [tmp_path / datanet.id / "v1"], "attribution finds the index"
     assert adapters.get("river-guide").price_per_1k_tokens == 10**19, "prices beyond 64 bits are exact"
     with pytest.raises(AlreadyExists):
         adapters.register("river-guide", uri="x", base_model="tiny", owner=BOB.address, price_per_1k_tokens=1,
