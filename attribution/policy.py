@@ -1,0 +1,193 @@
+"""The attribution weighting policy: the one place that turns matched spans into per-token weights.
+
+What this measures. Verbatim span matching measures *overlap* between generated text and indexed
+contributions: a long, rare span shared with a contribution is strong evidence that the text was
+copied (memorized) from it. It does not measure causal influence: a model can depend on a
+contribution without repeating it, and can repeat a phrase it learned elsewhere. A gradient-based
+influence method (for LoRA adapters) can replace this one by implementing `AttributionMethod`.
+
+The span rule (`SpanWeightingPolicy`), in words:
+
+1. Spans are maximal matches of the query (context tail + completion) in the lineage's indexes
+   (infini-gram `attribute`). A span is *accepted* if it has at least `min_span_tokens` tokens (L0)
+   and occurs at most `max_count` times. Only completion tokens receive weights, but a span may start
+   in the context (a completion that continues a quoted passage is covered by the passage's span).
+2. Each accepted span s gets evidence
+       e_s = (length_s - L0 + 1) * rarity_s,
+       rarity_s = clip(mean_surprisal_s / reference_surprisal_nats, rarity_floor, rarity_cap)
+                  / contributions_s ** count_exponent
+   where mean_surprisal_s is the mean unigram surprisal (-log p, nats) of the span's tokens in the
+   index and contributions_s the number of *distinct* contributions containing it (occurrences are
+   deduplicated: a contribution repeated across lineage versions, or a phrase repeated inside one
+   document, counts once). Longer, rarer, more surprising spans give more evidence.
+3. The span's evidence is split equally among its distinct contributions.
+4. For a completion token t with evidence E_t (sum over accepted spans covering t), the attributed
+   share is a_t = E_t / (E_t + half_share_evidence) -- so a borderline span (length L0, one
+   contribution, typical surprisal) attributes half of a token and a long rare span nearly all of
+   it -- split among contributions in proportion to their evidence; the rest, 1 - a_t, is
+   explicitly *unattributed*. Weights plus unattributed sum to 1 per token.
+
+The unattributed share is credited by `UnattributedPolicy` (see `lineage_allocation`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from attribution.trace import TokenAttribution
+
+# Chosen from a null distribution by `python -m attribution.calibration` (see attribution/calibration.json):
+# the smallest L such that at most 1% of positions of text that should not be attributed (random
+# vocabulary tokens, unrelated English, base-model greedy outputs) reach a match of >= L tokens.
+DEFAULT_MIN_SPAN_TOKENS = 3
+
+
+@dataclass(frozen=True)
+class MatchedSpan:
+    """A maximal span of the query found in the lineage's indexes, as the policy sees it.
+
+    `start`/`end` index the query (end exclusive); `count` is the engine's occurrence count;
+    `contribution_ids` the distinct contributions containing it (deduplicated, sorted);
+    `surprisal_nats` the span's summed unigram surprisal (-sum log p) in the index.
+    """
+
+    start: int
+    end: int
+    count: int
+    contribution_ids: tuple[str, ...]
+    surprisal_nats: float
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+class AttributionMethod(Protocol):
+    """Any per-token attribution method (verbatim spans now, gradient-based influence later)."""
+
+    name: str
+
+    def token_weights(self, context_ids: Sequence[int], completion_ids: Sequence[int]) -> list[TokenAttribution]:
+        """One TokenAttribution per completion token, weights + unattributed summing to 1."""
+        ...
+
+
+@dataclass(frozen=True)
+class SpanWeightingPolicy:
+    """How matched spans become per-token contribution weights (the rule in the module docstring)."""
+
+    min_span_tokens: int = DEFAULT_MIN_SPAN_TOKENS
+    """L0: spans shorter than this are chance matches and ignored (calibrated, see calibration.json)."""
+    max_count: int = 1000
+    """Spans occurring more often than this in the index are boilerplate and ignored (engine max_cnt)."""
+    reference_surprisal_nats: float = 6.0
+    """Mean unigram surprisal per token (nats) at which a span's rarity factor is 1."""
+    rarity_floor: float = 0.25
+    """Lower clip of the surprisal factor (a span of very common tokens still counts a little)."""
+    rarity_cap: float = 4.0
+    """Upper clip of the surprisal factor (unseen-ish tokens cannot dominate)."""
+    count_exponent: float = 1.0
+    """Evidence is divided by (distinct contributions containing the span) ** count_exponent."""
+    half_share_evidence: float = 1.0
+    """c in a_t = E_t / (E_t + c): the evidence at which a token is half attributed."""
+    name: str = field(default="verbatim-span-v1")
+    """Recorded as the trace's `method`."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.min_span_tokens, int) or self.min_span_tokens < 1:
+            raise ValueError(f"min_span_tokens must be an int >= 1, got {self.min_span_tokens!r}")
+        if not isinstance(self.max_count, int) or self.max_count < 1:
+            raise ValueError(f"max_count must be an int >= 1, got {self.max_count!r}")
+        for name in ("reference_surprisal_nats", "rarity_floor", "rarity_cap", "half_share_evidence"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if self.rarity_floor > self.rarity_cap:
+            raise ValueError("rarity_floor must be <= rarity_cap")
+        if not math.isfinite(self.count_exponent) or self.count_exponent < 0:
+            raise ValueError(f"count_exponent must be >= 0, got {self.count_exponent!r}")
+
+    def accepts(self, span: MatchedSpan) -> bool:
+        return span.length >= self.min_span_tokens and 0 < span.count <= self.max_count and bool(span.contribution_ids)
+
+    def span_evidence(self, length: int, contributions: int, surprisal_nats: float) -> float:
+        """e_s for an accepted span: non-decreasing in length and mean surprisal, non-increasing in contributions."""
+        if length < self.min_span_tokens or contributions < 1:
+            return 0.0
+        mean_surprisal = max(0.0, surprisal_nats) / length
+        factor = min(self.rarity_cap, max(self.rarity_floor, mean_surprisal / self.reference_surprisal_nats))
+        return (length - self.min_span_tokens + 1) * factor / contributions ** self.count_exponent
+
+    def attributed_share(self, evidence: float) -> float:
+        """a_t = E / (E + c)."""
+        return evidence / (evidence + self.half_share_evidence) if evidence > 0 else 0.0
+
+    def token_weights(self, spans: Sequence[MatchedSpan], completion_ids: Sequence[int],
+                      completion_start: int) -> list[TokenAttribution]:
+        """Weights for the completion tokens, at query positions completion_start .. +len(completion_ids)."""
+        evidence: list[dict[str, float]] = [{} for _ in completion_ids]
+        end_of_query = completion_start + len(completion_ids)
+        for span in spans:
+            if not self.accepts(span):
+                continue
+            share = self.span_evidence(span.length, len(span.contribution_ids), span.surprisal_nats)
+            share /= len(span.contribution_ids)
+            for position in range(max(span.start, completion_start), min(span.end, end_of_query)):
+                per_contribution = evidence[position - completion_start]
+                for contribution_id in span.contribution_ids:
+                    per_contribution[contribution_id] = per_contribution.get(contribution_id, 0.0) + share
+        tokens = []
+        for token_id, per_contribution in zip(completion_ids, evidence, strict=True):
+            total = math.fsum(per_contribution.values())
+            if total <= 0:
+                tokens.append(TokenAttribution.unattributed_token(int(token_id)))
+                continue
+            attributed = self.attributed_share(total)
+            weights = tuple((cid, attributed * value / total) for cid, value in sorted(per_contribution.items()))
+            unattributed = max(0.0, 1.0 - math.fsum(weight for _, weight in weights))
+            tokens.append(TokenAttribution(token_id=int(token_id), weights=weights, unattributed=unattributed))
+        return tokens
+
+
+@dataclass(frozen=True)
+class UnattributedPolicy:
+    """Who is credited with a completion's unattributed share when it is served through an adapter.
+
+    - "lineage_pro_rata" (default): the adapter was trained on its lineage's datanet versions, so the
+      unattributed share is spread equally over the distinct contributions of those versions (each
+      contribution gets unattributed / N). A base model (no lineage) credits nobody: the share stays
+      with the protocol (returned as an empty allocation).
+    - "treasury": nothing goes to contributors; the ledger books the whole share to the datanet
+      treasury (returned as an empty allocation, the caller routes the remainder).
+    The allocation never exceeds `unattributed_weight`; what it does not hand out is the remainder.
+    """
+
+    mode: Literal["lineage_pro_rata", "treasury"] = "lineage_pro_rata"
+
+    def allocate(self, unattributed_weight: float, lineage_contribution_ids: Sequence[str]) -> dict[str, float]:
+        if self.mode == "treasury":
+            _check_weight(unattributed_weight)
+            return {}
+        return lineage_allocation(unattributed_weight, lineage_contribution_ids)
+
+
+def lineage_allocation(unattributed_weight: float, lineage_contribution_ids: Sequence[str]) -> dict[str, float]:
+    """Split `unattributed_weight` equally over the distinct lineage contribution ids.
+
+    Empty lineage -> {} (nothing credited; the caller books the weight to the treasury).
+    The values sum to `unattributed_weight` (up to float rounding).
+    """
+    _check_weight(unattributed_weight)
+    distinct = sorted(set(lineage_contribution_ids))
+    if not distinct or unattributed_weight == 0:
+        return {}
+    each = unattributed_weight / len(distinct)
+    return {contribution_id: each for contribution_id in distinct}
+
+
+def _check_weight(weight: float) -> None:
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"unattributed_weight must be a finite number >= 0, got {weight!r}")

@@ -1,0 +1,138 @@
+"""Attribution traces: per completion token, which contributions it derives from and how much.
+
+Guarantees (checked in `__post_init__`, ValueError otherwise):
+- every weight is finite and >= 0, and so is every token's `unattributed` share;
+- per token, the contribution weights plus `unattributed` sum to 1 (within `SUM_TOLERANCE`);
+- a token lists each contribution id at most once;
+- `completion_tokens == len(tokens)`.
+
+What a weight means: the share of that token credited to a contribution by the attribution method
+named in `method` (see attribution/policy.py). For the verbatim-span method it measures *overlap*
+between the generated text and indexed contributions, not causal influence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+SUM_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class TokenAttribution:
+    """One completion token: `weights` maps contribution id (hex) -> share; the rest is unattributed."""
+
+    token_id: int
+    weights: tuple[tuple[str, float], ...]
+    unattributed: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.token_id, int) or isinstance(self.token_id, bool) or self.token_id < 0:
+            raise ValueError(f"token_id must be a non-negative int, got {self.token_id!r}")
+        seen: set[str] = set()
+        total = 0.0
+        for contribution_id, weight in self.weights:
+            if not isinstance(contribution_id, str) or not contribution_id:
+                raise ValueError(f"contribution id must be a non-empty string, got {contribution_id!r}")
+            if contribution_id in seen:
+                raise ValueError(f"contribution {contribution_id} appears twice in one token's weights")
+            seen.add(contribution_id)
+            _check_share(weight, f"weight of {contribution_id}")
+            total += weight
+        _check_share(self.unattributed, "unattributed")
+        if abs(total + self.unattributed - 1.0) > SUM_TOLERANCE:
+            raise ValueError(f"token {self.token_id}: weights ({total!r}) + unattributed ({self.unattributed!r}) != 1")
+
+    @property
+    def attributed(self) -> float:
+        return 1.0 - self.unattributed
+
+    @classmethod
+    def unattributed_token(cls, token_id: int) -> TokenAttribution:
+        return cls(token_id=token_id, weights=(), unattributed=1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"token_id": self.token_id, "weights": [[cid, weight] for cid, weight in self.weights],
+                "unattributed": self.unattributed}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TokenAttribution:
+        return cls(token_id=data["token_id"], weights=tuple((str(cid), float(w)) for cid, w in data["weights"]),
+                   unattributed=float(data["unattributed"]))
+
+
+@dataclass(frozen=True)
+class AttributionTrace:
+    """The attribution of one inference: one `TokenAttribution` per completion token.
+
+    An empty completion (`completion_tokens == 0`) has nothing to attribute: by definition its
+    `unattributed_fraction` is 1.0 and `attributed_fraction` 0.0, and `contribution_totals()` is empty.
+    """
+
+    trace_id: str
+    model: str
+    adapter: str | None
+    requester: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    tokens: tuple[TokenAttribution, ...]
+    method: str
+
+    def __post_init__(self) -> None:
+        if not self.trace_id:
+            raise ValueError("trace_id must be non-empty")
+        for name in ("prompt_tokens", "completion_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if self.completion_tokens != len(self.tokens):
+            raise ValueError(f"completion_tokens is {self.completion_tokens} but there are {len(self.tokens)} tokens")
+        if not all(isinstance(token, TokenAttribution) for token in self.tokens):
+            raise ValueError("tokens must be TokenAttribution instances")
+
+    @property
+    def unattributed_fraction(self) -> float:
+        """Mean unattributed share over completion tokens (1.0 for an empty completion)."""
+        if not self.tokens:
+            return 1.0
+        return math.fsum(token.unattributed for token in self.tokens) / self.completion_tokens
+
+    @property
+    def attributed_fraction(self) -> float:
+        """Mean attributed share over completion tokens (0.0 for an empty completion)."""
+        return 1.0 - self.unattributed_fraction
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [token.token_id for token in self.tokens]
+
+    def contribution_totals(self) -> dict[str, float]:
+        """Contribution id -> its weight summed over tokens, divided by completion_tokens (a fraction of the completion)."""
+        sums: dict[str, list[float]] = {}
+        for token in self.tokens:
+            for contribution_id, weight in token.weights:
+                sums.setdefault(contribution_id, []).append(weight)
+        return {cid: math.fsum(weights) / self.completion_tokens for cid, weights in sums.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict; `from_dict(to_dict())` == self exactly (floats survive JSON round trips)."""
+        return {
+            "trace_id": self.trace_id, "model": self.model, "adapter": self.adapter, "requester": self.requester,
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "method": self.method, "tokens": [token.to_dict() for token in self.tokens],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AttributionTrace:
+        return cls(
+            trace_id=data["trace_id"], model=data["model"], adapter=data["adapter"], requester=data["requester"],
+            prompt_tokens=data["prompt_tokens"], completion_tokens=data["completion_tokens"],
+            tokens=tuple(TokenAttribution.from_dict(token) for token in data["tokens"]), method=data["method"],
+        )
+
+
+def _check_share(value: object, name: str) -> None:
+    if not isinstance(value, float | int) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
