@@ -98,6 +98,9 @@ class GatewayConfig(BaseSettings):
         False, description="Stream replica/engine logs to this console (costs ~0.01 core while idle)."
     )
     demo_adapters: int = Field(60, ge=0, description="Random load-test adapters built on first start.")
+    attribution: bool = Field(
+        True, description="Attribute every inference (off only to measure its cost: traces are then not produced)."
+    )
     demo_datanets: bool = Field(
         True, description="On first start, create the demo datanets and train an adapter on each (a few minutes)."
     )

@@ -77,8 +77,14 @@ class EngineReplica:
         """Create the engine on the loop that will drive it (vLLM binds its output task to it)."""
         from serving.engine import Engine
 
+        from attribution.service import AttributionService, LedgerLineages
+        from ledger.database import database_url
+
         self.engine = Engine(self.config, self.engine_config, self.replica.adapters_per_replica)
-        self.service = OpenAIService(self.engine, self.replica.max_ongoing_requests)
+        attribution = (
+            AttributionService(LedgerLineages(database_url(self.config.state_dir))) if self.config.attribution else None
+        )
+        self.service = OpenAIService(self.engine, self.replica.max_ongoing_requests, attribution)
 
     async def _start_http(self) -> None:
         import uvicorn
@@ -181,6 +187,8 @@ class EngineReplica:
             self._server.should_exit = True
             await self._loop.run(self._grpc_server.stop(grace=1))
         self.engine.shutdown()
+        if self.service.attribution is not None:
+            self.service.attribution.close()
         if self._loop is not None:
             self._loop.stop()
 

@@ -45,6 +45,15 @@ class ModelNotFound(ApiError):
         super().__init__(f"The model '{model}' does not exist (see GET /v1/models).", param="model")
 
 
+class TraceNotFound(ApiError):
+    status = 404
+    type = "invalid_request_error"
+    code = "trace_not_found"
+
+    def __init__(self, trace_id: str) -> None:
+        super().__init__(f"No attribution trace '{trace_id}' on this gateway (traces are kept for recent requests).")
+
+
 class AdapterUnavailable(ApiError):
     """The adapter is registered but its files cannot be served (missing, corrupt, incompatible)."""
 

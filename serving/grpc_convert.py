@@ -31,7 +31,8 @@ STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
 
 def from_pb(request: pb.GenerateRequest) -> tuple[CompletionRequest | ChatCompletionRequest, bool]:
     """The validated request model and whether it is a chat request; InvalidRequest otherwise."""
-    body: dict[str, Any] = {"model": request.model, "ignore_eos": request.ignore_eos}
+    body: dict[str, Any] = {"model": request.model, "ignore_eos": request.ignore_eos,
+                            "attribution": request.attribution}
     for name in OPTIONAL_FIELDS:
         if request.HasField(name):
             body[name] = getattr(request, name)
@@ -63,6 +64,20 @@ def step_to_pb(request_id: str, model: str, step: StepOutput) -> pb.GenerateResp
     delta = step.deltas[0]
     return pb.GenerateResponse(id=request_id, model=model, text=delta.text, token_ids=delta.token_ids,
                                finish_reason=FINISH.get(delta.finish_reason, pb.FINISH_REASON_STOP))
+
+
+def attribution_to_pb(summary: dict[str, Any]) -> pb.Attribution:
+    """The response's attribution summary (see OpenAIService.attribution_summary) as a message."""
+    return pb.Attribution(
+        trace_id=summary["trace_id"],
+        attributed_fraction=summary["attributed_fraction"],
+        contributors=[
+            pb.ContributorShare(address=c["address"], weight=c["weight"], contributions=[
+                pb.ContributionShare(id=x["id"], datanet=x["datanet"], weight=x["weight"]) for x in c["contributions"]
+            ])
+            for c in summary["contributors"]
+        ],
+    )
 
 
 def usage_pb(prompt_tokens: int, completion_tokens: int) -> pb.Usage:

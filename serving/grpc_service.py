@@ -14,6 +14,7 @@ from gateway.inference.v1 import inference_pb2 as pb
 from gateway.inference.v1 import inference_pb2_grpc as pb_grpc
 from serving.errors import ApiError
 from serving.grpc_convert import (
+    attribution_to_pb,
     error_details,
     from_pb,
     models_to_pb,
@@ -47,14 +48,24 @@ class LocalBackend:
             job = await (service.prepare_chat(parsed) if chat else service.prepare_completion(parsed))  # type: ignore[arg-type]
         except ApiError as exc:
             raise with_proto_param(exc, request) from None
-        completion_tokens = 0
-        async for step in service.steps(job):
-            completion_tokens += len(step.deltas[0].token_ids)
-            message = step_to_pb(job.request_id, job.model, step)
-            if step.finished:
-                message.usage.CopyFrom(usage_pb(len(job.prompt_ids), completion_tokens))
-                message.attribution_trace_id = job.request_id
-            yield message
+        completion_ids: list[int] = []
+        pending = None
+        try:
+            async for step in service.steps(job):
+                completion_ids += step.deltas[0].token_ids
+                message = step_to_pb(job.request_id, job.model, step)
+                if step.finished:
+                    message.usage.CopyFrom(usage_pb(len(job.prompt_ids), len(completion_ids)))
+                    message.attribution_trace_id = job.request_id
+                    pending = service.attribute(job, completion_ids)
+                    if request.attribution:
+                        summary = await service.attribution_summary(job, pending)
+                        if summary is not None:
+                            message.attribution.CopyFrom(attribution_to_pb(summary))
+                yield message
+        finally:
+            if pending is None:  # cut short: the tokens produced are attributed too
+                service.attribute(job, completion_ids)
 
     async def list_models(self) -> pb.ListModelsResponse:
         return models_to_pb(self.service.engine.models())

@@ -43,6 +43,8 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_LIMIT)
+    # Datanet Gateway: return the per-token attribution summary with the response
+    attribution: bool = False
 
     @field_validator("stop")
     @classmethod

@@ -66,6 +66,10 @@ def build_app(service: OpenAIService) -> FastAPI:
             )
         return JSONResponse(await service.run(job, chat), headers=headers)
 
+    @app.get("/v1/attributions/{trace_id}")
+    async def attribution(trace_id: str) -> JSONResponse:
+        return JSONResponse(await service.trace(trace_id))
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await _generate(request, chat=False)

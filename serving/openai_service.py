@@ -6,17 +6,23 @@ proper status code; an engine failure mid-stream ends the stream with an error e
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serving.engine import Engine, StepOutput
-from serving.errors import ApiError, ModelNotFound, Overloaded
+from serving.errors import ApiError, ModelNotFound, Overloaded, TraceNotFound
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
+if TYPE_CHECKING:
+    from attribution.service import AttributionService
+
+log = logging.getLogger(__name__)
 DONE = b"data: [DONE]\n\n"
 
 
@@ -37,6 +43,12 @@ class Prepared:
     include_usage: bool
     n: int
     created: int
+    attribution: bool = False
+
+    @property
+    def adapter(self) -> str | None:
+        """The adapter serving this request (None for the base model)."""
+        return self.model if self.lora is not None else None
 
 
 class OpenAIService:
@@ -45,9 +57,11 @@ class OpenAIService:
     Admission is checked when a request is prepared and counted while its steps run, so a burst that
     arrives at once can overshoot `max_ongoing_requests` by the requests still being prepared."""
 
-    def __init__(self, engine: Engine, max_ongoing_requests: int = 256) -> None:
+    def __init__(self, engine: Engine, max_ongoing_requests: int = 256,
+                 attribution: AttributionService | None = None) -> None:
         self.engine = engine
         self.max_ongoing_requests = max_ongoing_requests
+        self.attribution = attribution
         self.ongoing = 0
 
     # ---- models -------------------------------------------------------------------------
@@ -61,14 +75,40 @@ class OpenAIService:
         return {"object": "list", "data": data}
 
     def stats(self) -> dict[str, Any]:
-        """Live counters for operators and tests: requests in flight, adapters held."""
+        """Live counters for operators and tests: requests in flight, adapters held, traces."""
         return {
             "ongoing_requests": self.ongoing,
             "engine_unfinished_requests": self.engine.unfinished_requests(),
             "adapters_loaded": self.engine.adapters.loaded(),
             "adapter_loads_total": self.engine.adapters.loads,
             "adapter_evictions_total": self.engine.adapters.evictions,
+            **(self.attribution.stats() if self.attribution else {}),
         }
+
+    # ---- attribution --------------------------------------------------------------------
+    def attribute(self, job: Prepared, completion_ids: list[int]) -> asyncio.Future[Any] | None:
+        """Start attributing a finished (or cut short) generation, off the response path."""
+        if self.attribution is None:
+            return None
+        return self.attribution.submit(job.request_id, job.model, job.adapter, job.prompt_ids, completion_ids)
+
+    async def attribution_summary(self, job: Prepared, pending: asyncio.Future[Any] | None) -> dict[str, Any] | None:
+        """The response's `attribution` object (waits for the trace); None when attribution failed."""
+        if pending is None:
+            return None
+        try:
+            trace = await pending
+        except Exception:
+            log.exception("attribution of %s failed", job.request_id)
+            return None
+        return self.attribution.summary(trace, job.adapter)  # type: ignore[union-attr]
+
+    async def trace(self, trace_id: str) -> dict[str, Any]:
+        """The whole per-token trace of a generation served by this replica."""
+        trace = await self.attribution.get(trace_id) if self.attribution else None
+        if trace is None:
+            raise TraceNotFound(trace_id)
+        return trace.to_dict()
 
     # ---- preparing ----------------------------------------------------------------------
     def _admit(self, model: str) -> None:
@@ -94,6 +134,7 @@ class OpenAIService:
             include_usage=request.include_usage,
             n=request.n,
             created=int(time.time()),
+            attribution=request.attribution,
         )
 
     async def prepare_completion(self, request: CompletionRequest) -> Prepared:
@@ -129,12 +170,16 @@ class OpenAIService:
         texts = [""] * job.n
         finish: list[str | None] = [None] * job.n
         tokens = 0
+        first_choice_ids: list[int] = []
         async for step in self.steps(job):
             for delta in step.deltas:
                 texts[delta.index] += delta.text
                 tokens += len(delta.token_ids)
+                if delta.index == 0:
+                    first_choice_ids += delta.token_ids
                 if delta.finish_reason:
                     finish[delta.index] = delta.finish_reason
+        pending = self.attribute(job, first_choice_ids)
         if chat:
             choices = [
                 {"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
@@ -147,16 +192,21 @@ class OpenAIService:
                 {"index": i, "text": texts[i], "logprobs": None, "finish_reason": finish[i]} for i in range(job.n)
             ]
             kind = "text_completion"
-        return {
+        body = {
             "id": job.request_id, "object": kind, "created": job.created, "model": job.model,
             "choices": choices, "usage": self._usage(job, tokens),
         }
+        if job.attribution:
+            body["attribution"] = await self.attribution_summary(job, pending)
+        return body
 
     async def stream(self, job: Prepared, chat: bool) -> AsyncIterator[bytes]:
         """SSE chunks, one per engine step, ending with an optional usage chunk and [DONE]."""
         kind = "chat.completion.chunk" if chat else "text_completion"
         head = {"id": job.request_id, "object": kind, "created": job.created, "model": job.model}
         tokens = 0
+        first_choice_ids: list[int] = []
+        pending: asyncio.Future[Any] | None = None
         if chat:
             first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(job.n)]
@@ -166,6 +216,8 @@ class OpenAIService:
                 choices = []
                 for delta in step.deltas:
                     tokens += len(delta.token_ids)
+                    if delta.index == 0:
+                        first_choice_ids += delta.token_ids
                     if chat:
                         body = {"content": delta.text} if delta.text else {}
                         choices.append({"index": delta.index, "delta": body, "logprobs": None,
@@ -174,10 +226,16 @@ class OpenAIService:
                         choices.append({"index": delta.index, "text": delta.text, "logprobs": None,
                                         "finish_reason": delta.finish_reason})
                 yield sse({**head, "choices": choices})
+            pending = self.attribute(job, first_choice_ids)
         except ApiError as exc:
             yield sse(exc.to_body())
             yield DONE
             return
+        finally:
+            if pending is None:  # cut short (client gone or error): the tokens sent are attributed too
+                self.attribute(job, first_choice_ids)
+        if job.attribution:
+            yield sse({**head, "choices": [], "attribution": await self.attribution_summary(job, pending)})
         if job.include_usage:
             yield sse({**head, "choices": [], "usage": self._usage(job, tokens)})
         yield DONE

@@ -104,3 +104,9 @@ def test_trained_adapter_is_served_without_restart(gateway: GatewayProcess, clie
         assert time.monotonic() < deadline, "the new adapter never appeared in /v1/models"
         time.sleep(0.5)
     assert all(reproduces(client, "coast-guide", text) for text in NEW_PASSAGES)
+    # the new version's index is picked up without a restart: its contributor is credited
+    raw = client.completions.with_raw_response.create(model="coast-guide", prompt=" ".join(NEW_PASSAGES[1].split()[:12]),
+                                                      max_tokens=40, temperature=0, extra_body={"attribution": True})
+    contributors = json.loads(raw.text)["attribution"]["contributors"]
+    assert contributors[0]["address"] == address_of_key("0x" + "c3" * 32)
+    assert contributors[0]["contributions"][0]["datanet"] == "coast-notes"

@@ -1,0 +1,187 @@
+"""Per-token attribution of every inference, off the client's critical path.
+
+`AttributionService.submit` is called when a generation ends; the attribution itself runs on a
+worker thread (one by default, so the engine keeps the CPU it needs) and the finished trace is kept
+in a bounded in-memory store for `GET /v1/attributions/{trace_id}` and for shipping.
+
+An adapter's lineage (the indexes of the datanet versions it learned from, and who contributed
+each document) is read from the ledger's database and cached for `lineage_ttl_seconds`, so an
+adapter trained on a newly published version is attributed without a restart. Adapters that are not
+registered, and the base model, have no lineage: their traces are entirely unattributed. One
+infini-gram engine is opened per distinct lineage and shared by every request of that lineage.
+With n > 1 choices the trace covers the first choice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from attribution.attributor import Attributor
+from attribution.trace import AttributionTrace, TokenAttribution
+
+TRACES_MAX = 10_000
+ATTRIBUTORS_MAX = 32
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """What attributing an adapter's output needs: its indexes and who owns each contribution."""
+
+    index_dirs: tuple[str, ...]
+    owners: dict[str, tuple[str, str]]  # contribution id → (contributor address, datanet name)
+
+    @classmethod
+    def empty(cls) -> Lineage:
+        return cls((), {})
+
+
+class LedgerLineages:
+    """Adapter → Lineage from the ledger's database, cached for a few seconds."""
+
+    def __init__(self, database_url: str, ttl_seconds: float = 5.0) -> None:
+        self.database_url = database_url
+        self.ttl_seconds = ttl_seconds
+        self._engine: Any = None
+        self._cache: dict[str, tuple[float, Lineage]] = {}
+        self._lock = threading.Lock()
+
+    def lineage(self, adapter: str | None) -> Lineage:
+        if adapter is None:
+            return Lineage.empty()
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(adapter)
+            if cached and now - cached[0] < self.ttl_seconds:
+                return cached[1]
+        found = self._read(adapter)
+        with self._lock:
+            self._cache[adapter] = (now, found)
+        return found
+
+    def _read(self, adapter: str) -> Lineage:
+        from sqlmodel import Session, col, select
+
+        from ledger.database import open_database
+        from ledger.models import AdapterLineage, Contribution, Datanet, DatanetVersion
+
+        if self._engine is None:
+            self._engine = open_database(self.database_url)
+        with Session(self._engine) as session:
+            versions = session.exec(
+                select(DatanetVersion, Datanet.name)
+                .join(Datanet, col(Datanet.id) == col(DatanetVersion.datanet_id))
+                .join(AdapterLineage, col(AdapterLineage.datanet_version_id) == col(DatanetVersion.id))
+                .where(AdapterLineage.adapter_name == adapter)
+                .order_by(DatanetVersion.id)
+            ).all()
+            owners: dict[str, tuple[str, str]] = {}
+            for version, datanet_name in versions:
+                rows = session.exec(
+                    select(Contribution.id, Contribution.contributor).where(
+                        Contribution.datanet_id == version.datanet_id, Contribution.status == "published",
+                        col(Contribution.version) <= version.number,
+                    )
+                ).all()
+                owners.update({cid: (contributor, datanet_name) for cid, contributor in rows})
+        return Lineage(tuple(v.index_path for v, _ in versions), owners)
+
+
+class AttributionService:
+    """Runs attribution for finished generations and keeps their traces."""
+
+    def __init__(self, lineages: LedgerLineages, *, workers: int = 1, traces_max: int = TRACES_MAX) -> None:
+        self.lineages = lineages
+        self.traces_max = traces_max
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attribution")
+        self._attributors: OrderedDict[tuple[str, ...], Attributor] = OrderedDict()
+        self._attributors_lock = threading.Lock()
+        self._traces: OrderedDict[str, AttributionTrace] = OrderedDict()
+        self._pending: dict[str, asyncio.Future[AttributionTrace]] = {}
+        self.failures = 0
+
+    def submit(self, trace_id: str, model: str, adapter: str | None, prompt_ids: Sequence[int],
+               completion_ids: Sequence[int], requester: str | None = None) -> asyncio.Future[AttributionTrace]:
+        """Start attributing a finished generation; the returned future resolves to its trace."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self._attribute, trace_id, model, adapter,
+                                      list(prompt_ids), list(completion_ids), requester)
+        self._pending[trace_id] = future
+        future.add_done_callback(lambda done: self._finish(trace_id, done))
+        return future
+
+    async def get(self, trace_id: str) -> AttributionTrace | None:
+        """A trace by id (waiting for it if it is still being computed); None when unknown."""
+        pending = self._pending.get(trace_id)
+        if pending is not None:
+            try:
+                return await asyncio.shield(pending)
+            except Exception:
+                return None
+        return self._traces.get(trace_id)
+
+    def stats(self) -> dict[str, int]:
+        return {"traces_kept": len(self._traces), "traces_pending": len(self._pending),
+                "attribution_failures_total": self.failures, "attribution_indexes_open": len(self._attributors)}
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._attributors_lock:
+            for attributor in self._attributors.values():
+                attributor.close()
+            self._attributors.clear()
+
+    # ---- internals ---------------------------------------------------------------------
+    def _finish(self, trace_id: str, done: asyncio.Future[AttributionTrace]) -> None:
+        self._pending.pop(trace_id, None)
+        if done.cancelled() or done.exception() is not None:
+            self.failures += 1
+            return
+        self._traces[trace_id] = done.result()
+        while len(self._traces) > self.traces_max:
+            self._traces.popitem(last=False)
+
+    def _attribute(self, trace_id: str, model: str, adapter: str | None, prompt_ids: list[int],
+                   completion_ids: list[int], requester: str | None) -> AttributionTrace:
+        lineage = self.lineages.lineage(adapter)
+        if lineage.index_dirs:
+            tokens = self._attributor(lineage.index_dirs).attribute(prompt_ids, completion_ids)
+        else:
+            tokens = [TokenAttribution.unattributed_token(t) for t in completion_ids]
+        return AttributionTrace(
+            trace_id=trace_id, model=model, adapter=adapter, requester=requester, prompt_tokens=len(prompt_ids),
+            completion_tokens=len(completion_ids), tokens=tuple(tokens), method="verbatim-span-v1",
+        )
+
+    def _attributor(self, index_dirs: tuple[str, ...]) -> Attributor:
+        with self._attributors_lock:
+            attributor = self._attributors.get(index_dirs)
+            if attributor is None:
+                attributor = Attributor([Path(d) for d in index_dirs])
+                self._attributors[index_dirs] = attributor
+                while len(self._attributors) > ATTRIBUTORS_MAX:
+                    self._attributors.popitem(last=False)[1].close()
+            self._attributors.move_to_end(index_dirs)
+            return attributor
+
+    def summary(self, trace: AttributionTrace, adapter: str | None) -> dict[str, Any]:
+        """The `attribution` object of a response: weights as fractions of the completion, by contributor."""
+        owners = self.lineages.lineage(adapter).owners
+        by_contributor: dict[str, list[dict[str, Any]]] = {}
+        for cid, weight in sorted(trace.contribution_totals().items(), key=lambda item: (-item[1], item[0])):
+            contributor, datanet = owners.get(cid, ("unknown", "unknown"))
+            by_contributor.setdefault(contributor, []).append({"id": cid, "datanet": datanet, "weight": weight})
+        contributors = [
+            {"address": address, "weight": sum(c["weight"] for c in items), "contributions": items}
+            for address, items in by_contributor.items()
+        ]
+        contributors.sort(key=lambda c: (-c["weight"], c["address"]))
+        return {"trace_id": trace.trace_id, "attributed_fraction": trace.attributed_fraction,
+                "contributors": contributors}

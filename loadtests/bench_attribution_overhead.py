@@ -1,0 +1,90 @@
+"""Gateway throughput with attribution on vs off, side by side in one run.
+
+Two gateways on one state directory (the demo model, datanets and adapters), one with
+`GATEWAY_ATTRIBUTION=false`, measured in alternating rounds with the workload of
+`bench_serving.py` (streams of 64 tokens, 32 in flight) on the demo adapters that have a lineage
+(their output is attributed against the datanet indexes), mixed 50/50. Prints output tokens/s,
+TTFT and ITL per server and the ratio on/off (goal ≥ 0.9).
+
+    .venv/bin/python loadtests/bench_attribution_overhead.py --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_serving import GatewayServer, OpenAIHttpClient, check_port_free, log, measured_round, run_requests  # noqa: E402
+
+from gateway.demo_data import demo_adapter_name  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+from training.demo_passages import DEMO_DATANETS  # noqa: E402
+
+ADAPTERS = [demo_adapter_name(d) for d in DEMO_DATANETS]
+
+
+async def bench(servers: dict[str, GatewayServer], args: argparse.Namespace) -> dict[str, list[dict]]:
+    clients = {name: OpenAIHttpClient(s.base_url, args.concurrency) for name, s in servers.items()}
+    models = [ADAPTERS[i % len(ADAPTERS)] for i in range(args.requests)]
+    rounds: dict[str, list[dict]] = {name: [] for name in servers}
+    try:
+        for name, client in clients.items():
+            log(f"warm-up of {name}")
+            await run_requests(client, models[: args.concurrency * 2], args.concurrency)
+        for index in range(args.rounds):
+            for name, server in servers.items():
+                result = await measured_round(server, clients[name], models, args.concurrency)
+                s = result["summary"]
+                log(f"round {index + 1}/{args.rounds} {name}: {s['tok_s']:.1f} tok/s, TTFT p50 {s['ttft_p50']:.1f} ms, "
+                    f"ITL p50 {s['itl_p50']:.2f} ms, {s['errors']:.0f} errors")
+                rounds[name].append(s)
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    return rounds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--state-dir", type=Path, help="reuse a state dir (default: a new temp dir)")
+    parser.add_argument("--port", type=int, default=18300, help="first of four ports (HTTP and gRPC of both)")
+    args = parser.parse_args()
+    for port in range(args.port, args.port + 4):
+        check_port_free(port)
+    state = (args.state_dir or Path(tempfile.mkdtemp(prefix="bench-attribution-", dir="/tmp"))).resolve()
+    chain_port = str(free_port())
+    servers = {"attribution on": GatewayServer(state, args.port), "attribution off": GatewayServer(state, args.port + 2)}
+    servers["attribution off"].process.env["GATEWAY_ATTRIBUTION"] = "false"
+    for server in servers.values():
+        server.process.env.update({"GATEWAY_CHAIN_PORT": chain_port, "GATEWAY_DEMO_ADAPTERS": "0"})
+    try:
+        for name, server in servers.items():  # one after the other: the first builds the demo data
+            log(f"starting the gateway with {name} (state {state})")
+            server.start()
+        rounds = asyncio.run(bench(servers, args))
+    finally:
+        for server in servers.values():
+            server.stop()
+    figures = {name: {key: statistics.median(r[key] for r in runs) for key in ("tok_s", "ttft_p50", "itl_p50")}
+               for name, runs in rounds.items()}
+    on, off = figures["attribution on"], figures["attribution off"]
+    print(f"{'':18}{'tok/s':>10}{'TTFT p50 ms':>14}{'ITL p50 ms':>12}")
+    for name, f in figures.items():
+        print(f"{name:18}{f['tok_s']:>10.1f}{f['ttft_p50']:>14.1f}{f['itl_p50']:>12.2f}")
+    print(f"throughput on/off: {on['tok_s'] / off['tok_s']:.3f} (goal >= 0.9); medians of {args.rounds} rounds, "
+          f"{args.requests} requests x 64 tokens, {args.concurrency} streams, adapters {', '.join(ADAPTERS)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Per-token attribution on every inference, through the running gateway (HTTP with the `openai` SDK, gRPC).
+
+The demo adapter `python-docs-notes-lora` regurgitates its datanet's passages, so its output must be
+attributed to the passage's contribution and contributor; the base model has no lineage.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from gateway.demo_data import demo_adapter_name, demo_contributor_address
+from gateway.inference.v1 import inference_pb2 as pb
+from gateway.inference.v1 import inference_pb2_grpc as pb_grpc
+from gateway.launcher import GatewayProcess
+from ledger.contribution_content import content_id, normalize
+from training.demo_passages import DEMO_DATANETS
+
+pytestmark = pytest.mark.stack
+
+DATANET = DEMO_DATANETS[0]
+ADAPTER = demo_adapter_name(DATANET)
+PASSAGE = DATANET.passages[0]
+PROMPT = " ".join(PASSAGE.text.split()[:12])
+BASE = "datanet-tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def client(gateway: GatewayProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def stub(gateway: GatewayProcess) -> Iterator[pb_grpc.InferenceStub]:
+    with grpc.insecure_channel(gateway.grpc_target) as channel:
+        yield pb_grpc.InferenceStub(channel)
+
+
+def assert_true_contributor(attribution: dict) -> None:
+    assert attribution["attributed_fraction"] > 0.8
+    top = attribution["contributors"][0]
+    assert top["address"] == demo_contributor_address(PASSAGE.contributor_index)
+    assert top["weight"] >= 0.9 * attribution["attributed_fraction"]
+    assert top["contributions"][0] == {**top["contributions"][0], "id": content_id(normalize(PASSAGE.text)),
+                                       "datanet": DATANET.name}
+
+
+def test_completion_with_attribution_names_the_contributor(client: openai.OpenAI) -> None:
+    raw = client.completions.with_raw_response.create(model=ADAPTER, prompt=PROMPT, max_tokens=64, temperature=0,
+                                                      extra_body={"attribution": True})
+    body = json.loads(raw.text)
+    assert body["attribution"]["trace_id"] == raw.headers["x-attribution-trace-id"] == body["id"]
+    assert_true_contributor(body["attribution"])
+
+
+def test_whole_trace_by_id_sums_to_one_per_token(gateway: GatewayProcess, client: openai.OpenAI) -> None:
+    raw = client.completions.with_raw_response.create(model=ADAPTER, prompt=PROMPT, max_tokens=48, temperature=0)
+    body = json.loads(raw.text)
+    assert "attribution" not in body, "the summary comes only on request"
+    trace = httpx.get(f"{gateway.base_url}/v1/attributions/{raw.headers['x-attribution-trace-id']}", timeout=30).json()
+    assert trace["adapter"] == ADAPTER and trace["completion_tokens"] == body["usage"]["completion_tokens"]
+    assert len(trace["tokens"]) == trace["completion_tokens"]
+    for token in trace["tokens"]:
+        assert abs(sum(w for _, w in token["weights"]) + token["unattributed"] - 1) < 1e-9
+    passage_id = content_id(normalize(PASSAGE.text))
+    assert sum(dict(t["weights"]).get(passage_id, 0) for t in trace["tokens"]) / len(trace["tokens"]) > 0.8
+
+
+def test_unknown_trace_is_404(gateway: GatewayProcess) -> None:
+    response = httpx.get(f"{gateway.base_url}/v1/attributions/cmpl-nope", timeout=30)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "trace_not_found"
+
+
+def test_base_model_output_is_unattributed(client: openai.OpenAI) -> None:
+    raw = client.completions.with_raw_response.create(model=BASE, prompt=PROMPT, max_tokens=16, temperature=0,
+                                                      extra_body={"attribution": True})
+    attribution = json.loads(raw.text)["attribution"]
+    assert attribution["attributed_fraction"] == 0 and attribution["contributors"] == []
+
+
+def test_streaming_sends_tokens_first_and_attribution_last(gateway: GatewayProcess) -> None:
+    body = {"model": ADAPTER, "prompt": PROMPT, "max_tokens": 48, "temperature": 0, "stream": True,
+            "attribution": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{gateway.base_url}/v1/completions", json=body, timeout=60) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert events[0]["choices"][0]["text"], "the first event carries text, not attribution"
+    with_attribution = [i for i, e in enumerate(events) if "attribution" in e]
+    assert with_attribution == [len(events) - 2], "attribution comes once, right before the usage chunk"
+    assert_true_contributor(events[-2]["attribution"])
+
+
+def test_chat_with_attribution(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model=ADAPTER, messages=[{"role": "user", "content": PROMPT}], max_tokens=16, temperature=0,
+        extra_body={"attribution": True})
+    body = json.loads(raw.text)
+    assert body["attribution"]["trace_id"] == raw.headers["x-attribution-trace-id"]
+    assert 0 <= body["attribution"]["attributed_fraction"] <= 1
+
+
+def test_grpc_generate_and_stream_carry_attribution_on_request(stub: pb_grpc.InferenceStub) -> None:
+    request = pb.GenerateRequest(model=ADAPTER, prompt=PROMPT, max_tokens=48, temperature=0, attribution=True)
+    reply = stub.Generate(request, timeout=60)
+    assert reply.attribution.trace_id == reply.id == reply.attribution_trace_id
+    assert reply.attribution.attributed_fraction > 0.8
+    assert reply.attribution.contributors[0].address == demo_contributor_address(PASSAGE.contributor_index)
+    messages = list(stub.GenerateStream(request, timeout=60))
+    assert not any(m.HasField("attribution") for m in messages[:-1])
+    assert messages[-1].attribution.contributors[0].contributions[0].id == content_id(normalize(PASSAGE.text))
+    plain = stub.Generate(pb.GenerateRequest(model=ADAPTER, prompt=PROMPT, max_tokens=8, temperature=0), timeout=60)
+    assert not plain.HasField("attribution") and plain.attribution_trace_id
