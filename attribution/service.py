@@ -2,7 +2,10 @@
 
 `AttributionService.submit` is called when a generation ends; the attribution itself runs on a
 worker thread (one by default, so the engine keeps the CPU it needs) and the finished trace is kept
-in a bounded in-memory store for `GET /v1/attributions/{trace_id}` and for shipping.
+in a bounded in-memory store for `GET /v1/attributions/{trace_id}` and for shipping. With a trace
+directory, each trace is also written there as ``<trace_id>.json`` (atomically, the newest
+`traces_max` of this process kept), so any process on the node can answer a look-up: the
+multi-replica ingress does, for traces of every replica.
 
 An adapter's lineage (the indexes of the datanet versions it learned from, and who contributed
 each document) is read from the ledger's database and cached for `lineage_ttl_seconds`, so an
@@ -15,9 +18,12 @@ With n > 1 choices the trace covers the first choice.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import re
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +35,17 @@ from attribution.trace import AttributionTrace, TokenAttribution
 
 TRACES_MAX = 10_000
 ATTRIBUTORS_MAX = 32
+TRACE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+def read_trace_file(trace_dir: Path, trace_id: str) -> AttributionTrace | None:
+    """A trace written by some replica of this node, or None (also for ids that are not trace ids)."""
+    if not TRACE_ID.match(trace_id):
+        return None
+    try:
+        return AttributionTrace.from_dict(json.loads((trace_dir / f"{trace_id}.json").read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -97,9 +114,14 @@ class LedgerLineages:
 class AttributionService:
     """Runs attribution for finished generations and keeps their traces."""
 
-    def __init__(self, lineages: LedgerLineages, *, workers: int = 1, traces_max: int = TRACES_MAX) -> None:
+    def __init__(self, lineages: LedgerLineages, *, trace_dir: Path | None = None, workers: int = 1,
+                 traces_max: int = TRACES_MAX) -> None:
         self.lineages = lineages
+        self.trace_dir = trace_dir
         self.traces_max = traces_max
+        self._written: deque[Path] = deque()
+        if trace_dir is not None:
+            trace_dir.mkdir(parents=True, exist_ok=True)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attribution")
         self._attributors: OrderedDict[tuple[str, ...], Attributor] = OrderedDict()
         self._attributors_lock = threading.Lock()
@@ -125,7 +147,10 @@ class AttributionService:
                 return await asyncio.shield(pending)
             except Exception:
                 return None
-        return self._traces.get(trace_id)
+        trace = self._traces.get(trace_id)
+        if trace is None and self.trace_dir is not None:
+            trace = read_trace_file(self.trace_dir, trace_id)
+        return trace
 
     def stats(self) -> dict[str, int]:
         return {"traces_kept": len(self._traces), "traces_pending": len(self._pending),
@@ -155,10 +180,23 @@ class AttributionService:
             tokens = self._attributor(lineage.index_dirs).attribute(prompt_ids, completion_ids)
         else:
             tokens = [TokenAttribution.unattributed_token(t) for t in completion_ids]
-        return AttributionTrace(
+        trace = AttributionTrace(
             trace_id=trace_id, model=model, adapter=adapter, requester=requester, prompt_tokens=len(prompt_ids),
             completion_tokens=len(completion_ids), tokens=tuple(tokens), method="verbatim-span-v1",
         )
+        if self.trace_dir is not None and TRACE_ID.match(trace_id):
+            self._write(trace)
+        return trace
+
+    def _write(self, trace: AttributionTrace) -> None:
+        """Write the trace file atomically; drop this process's oldest beyond `traces_max` (worker thread)."""
+        target = self.trace_dir / f"{trace.trace_id}.json"  # type: ignore[operator]
+        staging = target.with_name(f".{target.name}.tmp")
+        staging.write_text(json.dumps(trace.to_dict(), separators=(",", ":")))
+        os.replace(staging, target)
+        self._written.append(target)
+        while len(self._written) > self.traces_max:
+            self._written.popleft().unlink(missing_ok=True)
 
     def _attributor(self, index_dirs: tuple[str, ...]) -> Attributor:
         with self._attributors_lock:

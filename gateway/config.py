@@ -114,6 +114,11 @@ class GatewayConfig(BaseSettings):
         return Path(self.base_model_path) if self.base_model_path else (self.state_dir / "models" / BASE_MODEL_NAME)
 
     @property
+    def trace_dir(self) -> Path:
+        """Attribution traces of recent requests, one JSON file each (shared by the replicas of a node)."""
+        return (self.state_dir / "traces").resolve()
+
+    @property
     def cache_dir(self) -> Path:
         """Local copies of adapters fetched from a remote store."""
         return self.state_dir / "cache" / "adapters"

@@ -16,6 +16,7 @@ import json
 import logging
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from gateway.config import EngineConfig, GatewayConfig, ReplicaConfig
-from serving.errors import ApiError, InvalidRequest, ModelNotFound
+from serving.errors import ApiError, InvalidRequest, ModelNotFound, TraceNotFound
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from serving.openai_router import TRACE_HEADER
 from serving.openai_service import OpenAIService
@@ -82,7 +83,8 @@ class EngineReplica:
 
         self.engine = Engine(self.config, self.engine_config, self.replica.adapters_per_replica)
         attribution = (
-            AttributionService(LedgerLineages(database_url(self.config.state_dir))) if self.config.attribution else None
+            AttributionService(LedgerLineages(database_url(self.config.state_dir)), trace_dir=self.config.trace_dir)
+            if self.config.attribution else None
         )
         self.service = OpenAIService(self.engine, self.replica.max_ongoing_requests, attribution)
 
@@ -209,9 +211,10 @@ ingress_app = FastAPI(docs_url=None, redoc_url=None)
 class Ingress:
     """Routes OpenAI requests to engine replicas by adapter (multi-replica mode only)."""
 
-    def __init__(self, engine_handle: Any, base_model: str, grpc_ingress: Any) -> None:
+    def __init__(self, engine_handle: Any, base_model: str, grpc_ingress: Any, trace_dir: str) -> None:
         self.engine = engine_handle
         self.base_model = base_model
+        self.trace_dir = Path(trace_dir)
         self.grpc_ingress = grpc_ingress  # bound here so Serve deploys it with the application
 
     @ingress_app.get("/health")
@@ -221,6 +224,16 @@ class Ingress:
     @ingress_app.get("/v1/models")
     async def models(self) -> JSONResponse:
         return JSONResponse(await self.engine.models.remote())
+
+    @ingress_app.get("/v1/attributions/{trace_id}")
+    async def attribution(self, trace_id: str) -> JSONResponse:
+        from attribution.service import read_trace_file
+
+        trace = read_trace_file(self.trace_dir, trace_id)
+        if trace is None:
+            error = TraceNotFound(trace_id)
+            return JSONResponse(error.to_body(), status_code=error.status)
+        return JSONResponse(trace.to_dict())
 
     @ingress_app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -311,4 +324,4 @@ def build_application(config: GatewayConfig, engine: EngineConfig, replica: Repl
         ray_actor_options={"num_cpus": 0}, num_replicas=1
     )
     grpc_app = grpc_ingress.bind(engine_app, config.served_model_name, config.host, config.grpc_port)
-    return ingress.bind(engine_app, config.served_model_name, grpc_app)
+    return ingress.bind(engine_app, config.served_model_name, grpc_app, str(config.trace_dir))

@@ -8,7 +8,7 @@ import pytest
 from eth_account import Account
 
 from attribution.index_builder import build_index
-from attribution.service import AttributionService, LedgerLineages
+from attribution.service import AttributionService, LedgerLineages, read_trace_file
 from ledger.adapters import AdapterRegistry
 from ledger.contribution_content import content_id, normalize, sign_contribution
 from ledger.database import open_database
@@ -99,3 +99,20 @@ async def test_failures_are_counted_and_old_traces_are_dropped(ledger, tokenize)
         assert service.stats()["traces_kept"] == 2
     finally:
         service.close()
+
+
+async def test_trace_files_let_another_process_answer_and_stay_bounded(ledger, tokenize, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    url, _ = ledger
+    traces = tmp_path / "traces"
+    writer = AttributionService(LedgerLineages(url), trace_dir=traces, traces_max=2)
+    reader = AttributionService(LedgerLineages(url), trace_dir=traces)  # another replica on the node
+    try:
+        ids = tokenize(TEXTS[0])
+        written = [await writer.submit(f"cmpl-{i}", "m", None, ids[:4], ids[4:]) for i in range(3)]
+        assert await reader.get("cmpl-2") == written[2]
+        assert await reader.get("cmpl-0") is None, "the writer keeps only its newest traces_max files"
+        assert sorted(p.name for p in traces.iterdir()) == ["cmpl-1.json", "cmpl-2.json"]
+        assert read_trace_file(traces, "../ledger") is None and read_trace_file(traces, "cmpl-9") is None
+    finally:
+        writer.close()
+        reader.close()

@@ -119,3 +119,25 @@ def test_grpc_through_the_grpc_ingress(two_replicas: GatewayProcess, gateway: Ga
         with pytest.raises(grpc.RpcError) as error:
             stub.Generate(pb.GenerateRequest(model="demo-adapter-044", prompt="x", temperature=9.0))
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_traces_of_every_replica_are_found_through_the_ingress(two_replicas: GatewayProcess) -> None:
+    served: dict[str, str] = {}
+
+    def record(name: str) -> None:
+        response = complete(two_replicas, name)
+        assert response.status_code == 200, response.text
+        served[response.headers["x-attribution-trace-id"]] = response.headers[REPLICA_HEADER]
+
+    with ThreadPoolExecutor(16) as pool:  # the adapters already stick to both replicas (or a wave spreads them)
+        list(pool.map(record, [f"demo-adapter-{i:03d}" for i in range(40, 56)]))
+    assert len(set(served.values())) == 2, "both replicas served some of the requests"
+    deadline = time.monotonic() + 30
+    for trace_id in served:
+        while (reply := httpx.get(f"{two_replicas.base_url}/v1/attributions/{trace_id}", timeout=30)).status_code == 404:
+            assert time.monotonic() < deadline, f"trace {trace_id} never appeared"
+            time.sleep(0.2)  # attribution finishes just after the response
+        assert reply.status_code == 200 and reply.json()["trace_id"] == trace_id
+        assert reply.json()["completion_tokens"] == len(reply.json()["tokens"]) == 3
+    missing = httpx.get(f"{two_replicas.base_url}/v1/attributions/cmpl-missing", timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "trace_not_found"
