@@ -201,7 +201,7 @@ class OpenAIService:
         return body
 
     async def stream(self, job: Prepared, chat: bool) -> AsyncIterator[bytes]:
-        """SSE chunks, one per engine step, ending with an optional usage chunk and [DONE]."""
+        """SSE chunks, one per engine step, then a final chunk with usage and/or attribution if asked, [DONE]."""
         kind = "chat.completion.chunk" if chat else "text_completion"
         head = {"id": job.request_id, "object": kind, "created": job.created, "model": job.model}
         tokens = 0
@@ -234,8 +234,11 @@ class OpenAIService:
         finally:
             if pending is None:  # cut short (client gone or error): the tokens sent are attributed too
                 self.attribute(job, first_choice_ids)
-        if job.attribution:
-            yield sse({**head, "choices": [], "attribution": await self.attribution_summary(job, pending)})
+        final: dict[str, Any] = {}
         if job.include_usage:
-            yield sse({**head, "choices": [], "usage": self._usage(job, tokens)})
+            final["usage"] = self._usage(job, tokens)
+        if job.attribution:
+            final["attribution"] = await self.attribution_summary(job, pending)
+        if final:  # one final chunk: usage and/or attribution
+            yield sse({**head, "choices": [], **final})
         yield DONE

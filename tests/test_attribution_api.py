@@ -84,15 +84,20 @@ def test_base_model_output_is_unattributed(client: openai.OpenAI) -> None:
     assert attribution["attributed_fraction"] == 0 and attribution["contributors"] == []
 
 
-def test_streaming_sends_tokens_first_and_attribution_last(gateway: GatewayProcess) -> None:
+def test_streaming_sends_tokens_first_and_attribution_in_the_final_chunk(gateway: GatewayProcess) -> None:
     body = {"model": ADAPTER, "prompt": PROMPT, "max_tokens": 48, "temperature": 0, "stream": True,
             "attribution": True, "stream_options": {"include_usage": True}}
     with httpx.stream("POST", f"{gateway.base_url}/v1/completions", json=body, timeout=60) as response:
         events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
     assert events[0]["choices"][0]["text"], "the first event carries text, not attribution"
     with_attribution = [i for i, e in enumerate(events) if "attribution" in e]
-    assert with_attribution == [len(events) - 2], "attribution comes once, right before the usage chunk"
-    assert_true_contributor(events[-2]["attribution"])
+    assert with_attribution == [len(events) - 1], "attribution comes once, in the final chunk"
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] > 0
+    assert_true_contributor(events[-1]["attribution"])
+    body.pop("stream_options")
+    with httpx.stream("POST", f"{gateway.base_url}/v1/completions", json=body, timeout=60) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert "attribution" in events[-1] and "usage" not in events[-1]
 
 
 def test_chat_with_attribution(client: openai.OpenAI) -> None:
