@@ -83,10 +83,17 @@ class LedgerLineages:
             self._cache[adapter] = (now, found)
         return found
 
+    def cached(self, adapter: str | None) -> Lineage:
+        """The lineage last read for `adapter`, whatever its age (no database read unless never read)."""
+        with self._lock:
+            cached = self._cache.get(adapter) if adapter is not None else None
+        return cached[1] if cached else self.lineage(adapter)
+
     def _read(self, adapter: str) -> Lineage:
         from sqlmodel import Session, col, select
 
         from ledger.database import open_database
+        from ledger.datanets import in_version
         from ledger.models import AdapterLineage, Contribution, Datanet, DatanetVersion
 
         if self._engine is None:
@@ -102,10 +109,7 @@ class LedgerLineages:
             owners: dict[str, tuple[str, str]] = {}
             for version, datanet_name in versions:
                 rows = session.exec(
-                    select(Contribution.id, Contribution.contributor).where(
-                        Contribution.datanet_id == version.datanet_id, Contribution.status == "published",
-                        col(Contribution.version) <= version.number,
-                    )
+                    select(Contribution.id, Contribution.contributor).where(in_version(version.datanet_id, version.number))
                 ).all()
                 owners.update({cid: (contributor, datanet_name) for cid, contributor in rows})
         return Lineage(tuple(v.index_path for v, _ in versions), owners)
@@ -210,8 +214,11 @@ class AttributionService:
             return attributor
 
     def summary(self, trace: AttributionTrace, adapter: str | None) -> dict[str, Any]:
-        """The `attribution` object of a response: weights as fractions of the completion, by contributor."""
-        owners = self.lineages.lineage(adapter).owners
+        """The `attribution` object of a response: weights as fractions of the completion, by contributor.
+
+        Runs on the event loop: it uses the lineage the trace was just computed with (no database read).
+        """
+        owners = self.lineages.cached(adapter).owners
         by_contributor: dict[str, list[dict[str, Any]]] = {}
         for cid, weight in sorted(trace.contribution_totals().items(), key=lambda item: (-item[1], item[0])):
             contributor, datanet = owners.get(cid, ("unknown", "unknown"))

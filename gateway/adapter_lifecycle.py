@@ -14,14 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from gateway.config import EngineConfig, GatewayConfig
 from gateway.ledger_access import Registries
 from ledger.adapters import AdapterRecord
 from ledger.contribution_content import checksum_address
 from ledger.errors import AlreadyExists, InvalidInput
-from ledger.models import Datanet, DatanetVersion
+from ledger.datanets import in_version
+from ledger.models import Contribution, Datanet, DatanetVersion
 from serving.adapter_store import AdapterStore, BaseModelShape, check_adapter_dir, validate_name
 from serving.errors import ApiError
 from training.lora_training import TrainingConfig, TrainingProgress, train_adapter
@@ -66,11 +67,16 @@ def lineage_label(registries: Registries, version: DatanetVersion) -> str:
 
 def training_texts(registries: Registries, lineage: list[DatanetVersion]) -> list[str]:
     """The texts of every contribution in the lineage's versions, in a stable order."""
-    texts = []
-    for version in lineage:
-        name = lineage_label(registries, version).rsplit("@", 1)[0]
-        texts += [c.text for c in registries.datanets.contributions(name, version.number)]
-    return texts
+    with Session(registries.engine) as session:
+        return [
+            text
+            for version in lineage
+            for text in session.exec(
+                select(Contribution.text)
+                .where(in_version(version.datanet_id, version.number))
+                .order_by(Contribution.created_at, Contribution.id)
+            ).all()
+        ]
 
 
 @dataclass(frozen=True)

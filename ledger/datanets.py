@@ -124,6 +124,15 @@ def parse_version_spec(spec: str) -> tuple[str, int | None]:
     return name, int(version)
 
 
+def in_version(datanet_id: str, number: int):  # type: ignore[no-untyped-def]
+    """The contributions that make up version `number` of a datanet (versions are cumulative)."""
+    return (
+        (col(Contribution.datanet_id) == datanet_id)
+        & (col(Contribution.status) == "published")
+        & (col(Contribution.version) <= number)
+    )
+
+
 class DatanetRegistry:
     """Datanets, versions and contributions in the ledger's database."""
 
@@ -201,9 +210,9 @@ class DatanetRegistry:
     def contributions(self, name: str, version: int | None = None) -> list[Contribution]:
         """All contributions of a datanet (pending ones too), or exactly those of a published version."""
         datanet = self.get(name)
-        query = select(Contribution).where(Contribution.datanet_id == datanet.id)
-        if version is not None:
-            query = query.where(Contribution.status == "published", col(Contribution.version) <= version)
+        query = select(Contribution).where(
+            in_version(datanet.id, version) if version is not None else Contribution.datanet_id == datanet.id
+        )
         with Session(self.engine) as session:
             return list(session.exec(query.order_by(Contribution.created_at, Contribution.id)).all())
 
@@ -443,12 +452,7 @@ class DatanetRegistry:
         if contribution.version > chosen.number:
             raise NotFound(f"contribution {cid} was published in version {contribution.version}, after {chosen.number}")
         with Session(self.engine) as session:
-            ids = session.exec(
-                select(Contribution.id).where(
-                    Contribution.datanet_id == datanet.id, Contribution.status == "published",
-                    col(Contribution.version) <= chosen.number,
-                )
-            ).all()
+            ids = session.exec(select(Contribution.id).where(in_version(datanet.id, chosen.number))).all()
         tree = MerkleTree.from_ids([bytes.fromhex(i) for i in ids])
         path = tree.proof(bytes.fromhex(cid))
         root_on_chain = anchor.root_of(datanet_key(datanet.id), chosen.number) if anchor else None

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -32,16 +31,11 @@ from ledger.chain.registry import ensure_registry  # noqa: E402
 from ledger.config import DatanetConfig  # noqa: E402
 from ledger.contribution_content import address_of_key, content_id, normalize, sign_contribution  # noqa: E402
 from ledger.database import database_url, open_database  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
 from ledger.datanets import DatanetRegistry, SignedText  # noqa: E402
 
 BATCH = 500
 CONTRIBUTORS = 20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_size(size: int, work: Path, tokenizer_dir: Path, registry_contract, keys: list[str]) -> dict:  # type: ignore[no-untyped-def]

@@ -158,6 +158,8 @@ def test_publish_anchors_and_proofs_verify_on_chain(state: Path, tmp_path: Path,
     code, by_file, _ = gateway(state, capsys, "datanet", "proof", "rivers", "--file", str(own_copy), "--json")
     assert code == 0 and by_file["verified_on_chain"] and by_file["contribution_id"] in {
         c["id"] for c in shown["contributions"]}
+    code, _, err = gateway(state, capsys, "datanet", "proof", "rivers")
+    assert code == 2 and "give either a CONTRIBUTION_ID or --file PATH" in err
     tampered = write(tmp_path, "tampered.txt", PASSAGES[0].replace("sea", "ocean"))
     code, _, err = gateway(state, capsys, "datanet", "proof", "rivers", "--file", str(tampered))
     assert code == 2 and "is not in datanet 'rivers'" in err
