@@ -11,9 +11,9 @@ NODE_STAMP := node_modules/.installed
 BROKEN_EXTRAS := torchvision torchaudio torchcodec
 
 # gRPC stubs are generated from proto/ (never committed, never edited), next to the package they
-# belong to: proto/gateway/inference/v1/*.proto -> gateway/inference/v1/*_pb2*.py(i).
+# belong to: proto/gateway/<api>/v1/*.proto -> gateway/<api>/v1/*_pb2*.py(i).
 PROTOS := $(shell find proto -name '*.proto')
-STUBS := gateway/inference/v1/inference_pb2.py
+STUBS := gateway/inference/v1/inference_pb2.py gateway/ledger/v1/ledger_pb2.py
 
 # The tests start their own PostgreSQL server (tests/support/postgres.py) from Debian's package.
 PG_SERVER := $(firstword $(wildcard /usr/lib/postgresql/*/bin/postgres))
@@ -54,4 +54,4 @@ test: install system-packages
 	$(VENV)/bin/pytest
 
 clean:
-	rm -rf $(VENV) node_modules .gateway gateway/inference
+	rm -rf $(VENV) node_modules .gateway gateway/inference gateway/ledger

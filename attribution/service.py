@@ -13,12 +13,16 @@ adapter trained on a newly published version is attributed without a restart. Ad
 registered, and the base model, have no lineage: their traces are entirely unattributed. One
 infini-gram engine is opened per distinct lineage and shared by every request of that lineage.
 With n > 1 choices the trace covers the first choice.
+
+With an outbox (attribution/outbox.py), every trace is also written there durably (fsync'd) on the
+worker thread, for the shipper to deliver to the ledger; the request path only reads `outbox_full()`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import threading
@@ -31,9 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from attribution.attributor import Attributor
+from attribution.outbox import Outbox
 from attribution.trace import AttributionTrace, TokenAttribution
 
+log = logging.getLogger(__name__)
+
 TRACES_MAX = 10_000
+OUTBOX_CHECK_SECONDS = 1.0
 ATTRIBUTORS_MAX = 32
 TRACE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
@@ -118,10 +126,11 @@ class LedgerLineages:
 class AttributionService:
     """Runs attribution for finished generations and keeps their traces."""
 
-    def __init__(self, lineages: LedgerLineages, *, trace_dir: Path | None = None, workers: int = 1,
-                 traces_max: int = TRACES_MAX) -> None:
+    def __init__(self, lineages: LedgerLineages, *, trace_dir: Path | None = None, outbox: Outbox | None = None,
+                 workers: int = 1, traces_max: int = TRACES_MAX) -> None:
         self.lineages = lineages
         self.trace_dir = trace_dir
+        self.outbox = outbox
         self.traces_max = traces_max
         self._written: deque[Path] = deque()
         if trace_dir is not None:
@@ -132,6 +141,12 @@ class AttributionService:
         self._traces: OrderedDict[str, AttributionTrace] = OrderedDict()
         self._pending: dict[str, asyncio.Future[AttributionTrace]] = {}
         self.failures = 0
+        self.outbox_failures = 0
+        self._outbox_full = False
+        self._closed = threading.Event()
+        if outbox is not None:
+            self._outbox_full = outbox.is_full()
+            threading.Thread(target=self._watch_outbox, name="outbox-watch", daemon=True).start()
 
     def submit(self, trace_id: str, model: str, adapter: str | None, prompt_ids: Sequence[int],
                completion_ids: Sequence[int], requester: str | None = None) -> asyncio.Future[AttributionTrace]:
@@ -156,11 +171,24 @@ class AttributionService:
             trace = read_trace_file(self.trace_dir, trace_id)
         return trace
 
+    def outbox_full(self) -> bool:
+        """True when the outbox is at its bound (new requests are refused); a flag, refreshed every second."""
+        return self._outbox_full
+
+    def _watch_outbox(self) -> None:
+        while not self._closed.wait(OUTBOX_CHECK_SECONDS):
+            try:
+                self._outbox_full = self.outbox.is_full()  # type: ignore[union-attr]
+            except OSError:
+                log.exception("cannot count the outbox")
+
     def stats(self) -> dict[str, int]:
         return {"traces_kept": len(self._traces), "traces_pending": len(self._pending),
-                "attribution_failures_total": self.failures, "attribution_indexes_open": len(self._attributors)}
+                "attribution_failures_total": self.failures, "attribution_indexes_open": len(self._attributors),
+                "outbox_write_failures_total": self.outbox_failures}
 
     def close(self) -> None:
+        self._closed.set()
         self._executor.shutdown(wait=False, cancel_futures=True)
         with self._attributors_lock:
             for attributor in self._attributors.values():
@@ -188,9 +216,19 @@ class AttributionService:
             trace_id=trace_id, model=model, adapter=adapter, requester=requester, prompt_tokens=len(prompt_ids),
             completion_tokens=len(completion_ids), tokens=tuple(tokens), method="verbatim-span-v1",
         )
+        if self.outbox is not None:
+            self._queue_for_ledger(trace)
         if self.trace_dir is not None and TRACE_ID.match(trace_id):
             self._write(trace)
         return trace
+
+    def _queue_for_ledger(self, trace: AttributionTrace) -> None:
+        """Write the trace to the outbox durably; admitted requests are written even past the bound."""
+        try:
+            self.outbox.put(trace, admitted=True)  # type: ignore[union-attr]
+        except (OSError, ValueError):
+            self.outbox_failures += 1
+            log.exception("trace %s could not be written to the outbox: it will not be billed", trace.trace_id)
 
     def _write(self, trace: AttributionTrace) -> None:
         """Write the trace file atomically; drop this process's oldest beyond `traces_max` (worker thread)."""

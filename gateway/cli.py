@@ -1,4 +1,4 @@
-"""The `gateway` command: run the stack, manage datanets and adapters.
+"""The `gateway` command: run the stack, manage datanets and adapters, query the ledger.
 
 Output and exit conventions are in `gateway.cli_output`.
 """
@@ -12,7 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
-from gateway import adapter_commands, datanet_commands
+from gateway import adapter_commands, datanet_commands, ledger_commands
 from gateway.cli_output import EXIT_BAD_INPUT, EXIT_FAILED, CommandError, fail
 from gateway.config import EngineConfig, GatewayConfig, ReplicaConfig
 
@@ -54,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
 
     datanet_commands.add_parser(commands)
     adapter_commands.add_parser(commands)
+    ledger_commands.add_parser(commands)
     return root
 
 
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: child processes (anvil) are stopped
-    level = logging.INFO if args.command in ("up", "demo") else logging.WARNING
+    serving = args.command in ("up", "demo") or getattr(args, "ledger_command", None) == "serve"
+    level = logging.INFO if serving else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.func(_config(args), args)

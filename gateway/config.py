@@ -99,7 +99,7 @@ class GatewayConfig(BaseSettings):
     )
     demo_adapters: int = Field(60, ge=0, description="Random load-test adapters built on first start.")
     attribution: bool = Field(
-        True, description="Attribute every inference (off only to measure its cost: traces are then not produced)."
+        True, description="Attribute every inference (off only to measure its cost: no traces, so nothing is billed)."
     )
     demo_datanets: bool = Field(
         True, description="On first start, create the demo datanets and train an adapter on each (a few minutes)."
@@ -117,6 +117,11 @@ class GatewayConfig(BaseSettings):
     def trace_dir(self) -> Path:
         """Attribution traces of recent requests, one JSON file each (shared by the replicas of a node)."""
         return (self.state_dir / "traces").resolve()
+
+    @property
+    def outbox_dir(self) -> Path:
+        """Traces written durably when an inference completes, until the ledger acknowledges them."""
+        return (self.state_dir / "outbox").resolve()
 
     @property
     def cache_dir(self) -> Path:

@@ -6,10 +6,13 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from gateway.config import EngineConfig, GatewayConfig, ReplicaConfig
 from gateway.launcher import READY_TIMEOUT_SECONDS, wait_until_healthy
+from ledger.config import LedgerConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ def ensure_demo_assets(config: GatewayConfig) -> None:
 
 
 def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> None:
-    """Run until SIGINT/SIGTERM, then shut Serve, Ray and the local chain down."""
+    """Run until SIGINT/SIGTERM, then shut Serve, Ray, trace shipping, the ledger and the local chain down."""
     from gateway.demo_data import ensure_demo_datanets
     from gateway.ledger_access import registry_contract
 
@@ -56,15 +59,77 @@ def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> 
         os.environ.setdefault(key, value)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     ensure_demo_assets(config)
+    ledger = LedgerConfig()
     with registry_contract(config) as registry:
         print(f"[gateway] chain {registry.client.rpc_url}: DatanetRegistry at {registry.address}", flush=True)
         if config.demo_datanets and not config.base_model_path:
             ensure_demo_datanets(config, registry, lambda line: print(line, flush=True))
-        _serve(config, engine, replica)
+        with ledger_service(config, ledger) as watch_ledger:
+            _serve(config, engine, replica, watch_ledger, trace_shipping(config, ledger))
 
 
-def _serve(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> None:
-    """Ray and the Serve application, until a signal."""
+@contextmanager
+def ledger_service(config: GatewayConfig, ledger: LedgerConfig) -> Iterator[Callable[[], None]]:
+    """The ledger service for the stack's lifetime: a child `gateway ledger serve`, restarted if it dies.
+
+    Not started when GATEWAY_LEDGER_START=false, when GATEWAY_LEDGER_ADDRESS names another ledger,
+    or when one already answers on the port (it is then used and left alone). Yields a check for the
+    supervisor's loop.
+    """
+    from gateway.ledger_process import LedgerProcess, ledger_answers
+
+    if not ledger.start or ledger.address is not None or ledger_answers(ledger.target):
+        print(f"[gateway] ledger service at {ledger.target} (not started by this gateway)", flush=True)
+        yield lambda: None
+        return
+    child = LedgerProcess(config.state_dir, ledger.host, ledger.port)
+    try:
+        child.start()
+    except BaseException:  # interrupted while it was starting: do not leave it behind
+        child.stop()
+        raise
+    print(f"[gateway] ledger service at {ledger.target} (pid {child.process.pid})", flush=True)  # type: ignore[union-attr]
+
+    def restart_if_dead() -> None:
+        if not child.running():
+            print(f"[gateway] the ledger service exited ({child.process.returncode}); restarting it",  # type: ignore[union-attr]
+                  flush=True)
+            child.start()
+
+    try:
+        yield restart_if_dead
+    finally:
+        child.stop()
+
+
+@contextmanager
+def trace_shipping(config: GatewayConfig, ledger: LedgerConfig) -> Iterator[None]:
+    """Ship the outbox's traces to the ledger (also those left by an earlier run) until the stack stops."""
+    from attribution.outbox import Outbox
+    from attribution.shipper import TraceShipper
+
+    if not ledger.ship:
+        print("[gateway] trace shipping is off (GATEWAY_LEDGER_SHIP=false): inferences are not billed", flush=True)
+        yield
+        return
+    outbox = Outbox(config.outbox_dir, ledger.outbox_max_traces)
+    shipper = TraceShipper(outbox, ledger.target, token=ledger.token_value(), batch_size=ledger.ship_batch)
+    shipper.start()
+    print(f"[gateway] shipping traces from {config.outbox_dir} ({outbox.depth()} waiting) to the ledger",
+          flush=True)
+    try:
+        yield
+    finally:
+        shipper.stop()
+
+
+def _serve(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig,
+           watch: Callable[[], None] = lambda: None, background: AbstractContextManager[None] = nullcontext()) -> None:
+    """Ray and the Serve application, until a signal; `watch` runs every second meanwhile.
+
+    `background` (trace shipping) is entered once Ray has started its processes: forking them while
+    another thread is inside gRPC makes grpc print a warning per fork.
+    """
     import ray
     from ray import serve
 
@@ -103,23 +168,24 @@ def _serve(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) 
             },
             logging_config={"log_level": "WARNING", "enable_access_log": False},
         )
-        print("[gateway] deploying the engine (first start builds the vLLM engine, ~30 s)", flush=True)
-        serve.run(build_application(config, engine, replica), name="gateway", route_prefix="/", blocking=False)
-        base = f"http://{config.host}:{config.http_port}"
+        with background:
+            print("[gateway] deploying the engine (first start builds the vLLM engine, ~30 s)", flush=True)
+            serve.run(build_application(config, engine, replica), name="gateway", route_prefix="/", blocking=False)
+            base = f"http://{config.host}:{config.http_port}"
 
-        def not_stopped() -> None:
-            if stop.is_set():
-                raise StopRequested
+            def not_stopped() -> None:
+                if stop.is_set():
+                    raise StopRequested
 
-        try:
-            wait_until_healthy(f"{base}/health", READY_TIMEOUT_SECONDS, not_stopped)
-        except StopRequested:
-            return
-        print(f"[gateway] ready: OpenAI API at {base}/v1, gRPC at {config.host}:{config.grpc_port}"
-              f" (model '{config.served_model_name}' and adapters from {config.store_url}); Ctrl-C stops",
-              flush=True)
-        while not stop.wait(1.0):
-            pass
+            try:
+                wait_until_healthy(f"{base}/health", READY_TIMEOUT_SECONDS, not_stopped)
+            except StopRequested:
+                return
+            print(f"[gateway] ready: OpenAI API at {base}/v1, gRPC at {config.host}:{config.grpc_port}"
+                  f" (model '{config.served_model_name}' and adapters from {config.store_url}); Ctrl-C stops",
+                  flush=True)
+            while not stop.wait(1.0):
+                watch()
     finally:
         print("[gateway] stopping Serve and Ray", flush=True)
         try:

@@ -1,9 +1,13 @@
-"""Typed settings of the datanet registry (env prefix ``GATEWAY_DATANET_``)."""
+"""Typed settings of the datanet registry (``GATEWAY_DATANET_``) and the ledger service (``GATEWAY_LEDGER_``)."""
 
 from __future__ import annotations
 
-from pydantic import Field, PositiveInt
+from typing import Literal
+
+from pydantic import Field, PositiveInt, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ledger.fee_split import FeeSplitPolicy
 
 
 class DatanetConfig(BaseSettings):
@@ -21,3 +25,37 @@ class DatanetConfig(BaseSettings):
         0.8, gt=0, le=1, description="Word-3-gram Jaccard similarity at or above which a text is a near-duplicate."
     )
     default_license: str = Field("CC-BY-4.0", description="License recorded when the contributor names none.")
+
+
+class LedgerConfig(BaseSettings):
+    """The ledger service, the fee split and trace shipping (env prefix ``GATEWAY_LEDGER_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_LEDGER_")
+
+    host: str = Field("127.0.0.1", description="Address `gateway ledger serve` binds.")
+    port: int = Field(50051, ge=1, le=65535, description="Port of the ledger's gRPC API.")
+    address: str | None = Field(None, description="Where the gateway ships traces and the CLI asks (host:port); "
+                                "default host:port above.")
+    token: SecretStr | None = Field(None, description="Shared token: required by the service when it binds a "
+                                    "non-loopback address, sent by the gateway and the CLI.")
+    start: bool = Field(True, description="`gateway up` starts the ledger service unless one answers already.")
+    contributors_bps: int = Field(7000, ge=0, le=10_000, description="Contributors' part of each fee (basis points).")
+    owner_bps: int = Field(2000, ge=0, le=10_000, description="Adapter owner's part of each fee (basis points); "
+                           "the treasury gets the rest and every rounding remainder.")
+    unattributed: Literal["lineage_pro_rata", "treasury"] = Field(
+        "lineage_pro_rata", description="Who gets the contributors' part of unattributed tokens.")
+    outbox_max_traces: PositiveInt = Field(100_000, description="Traces the gateway's outbox holds before it "
+                                           "refuses new inferences (503) until the ledger catches up.")
+    ship_batch: PositiveInt = Field(64, description="Traces per message on the ingest stream.")
+    ship: bool = Field(True, description="Queue every trace for the ledger (off only to measure shipping's cost: "
+                       "inferences are then not billed).")
+
+    @property
+    def target(self) -> str:
+        return self.address or f"{self.host}:{self.port}"
+
+    def token_value(self) -> str | None:
+        return self.token.get_secret_value() if self.token is not None else None
+
+    def fee_split(self) -> FeeSplitPolicy:
+        return FeeSplitPolicy(self.contributors_bps, self.owner_bps, self.unattributed)

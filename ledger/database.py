@@ -12,7 +12,9 @@ import os
 from pathlib import Path
 
 from sqlalchemy import Engine, event
-from sqlmodel import SQLModel, create_engine
+from sqlmodel import create_engine
+
+from ledger.amounts import ExactSumAggregate
 
 DATABASE_FILE = "ledger.db"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -28,9 +30,9 @@ def database_url(state_dir: Path) -> str:
     return url
 
 
-def open_database(url: str) -> Engine:
-    """An engine for `url` with the schema created (idempotent)."""
-    from ledger import models  # noqa: F401  (registers the tables)
+def open_database(url: str, *, migrate: bool = True) -> Engine:
+    """An engine for `url`, its schema brought to the newest migration (idempotent, cheap when current)."""
+    from ledger.migrate import upgrade
 
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -38,7 +40,8 @@ def open_database(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    SQLModel.metadata.create_all(engine)
+    if migrate:
+        upgrade(engine)
     return engine
 
 
@@ -49,3 +52,4 @@ def _sqlite_pragmas(connection, _record) -> None:  # type: ignore[no-untyped-def
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.close()
+    connection.create_aggregate("exact_sum", 1, ExactSumAggregate)

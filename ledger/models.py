@@ -6,16 +6,24 @@ Guarantees (asserted in code and tests):
 - a contribution's contributor is the address recovered from its signature, never a claimed one;
 - a published version is frozen: its contribution set, Merkle root and index never change;
   versions are cumulative (version n holds every contribution published in versions 1..n);
-- an adapter's lineage names published datanet versions only.
-Times are timezone-aware UTC.
+- an adapter's lineage names published datanet versions only;
+- a trace id is ingested at most once; each ingested trace has exactly one journal entry whose
+  postings sum to zero (ledger/journal.py); amounts are exact integers (ledger/amounts.py).
+Times are timezone-aware UTC. The schema is created and upgraded by Alembic (ledger/migrations/).
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, Column, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
+
+from ledger.amounts import Amount
+
+
+# 64-bit ids on PostgreSQL; SQLite auto-increments only an INTEGER PRIMARY KEY (also 64-bit there).
+BIG_ID = BigInteger().with_variant(Integer, "sqlite")
 
 
 def utcnow() -> datetime:
@@ -90,3 +98,54 @@ class AdapterLineage(SQLModel, table=True):
 
     adapter_name: str = Field(foreign_key="adapter.name", primary_key=True, max_length=128)
     datanet_version_id: int = Field(foreign_key="datanetversion.id", primary_key=True)
+
+
+class IngestedTrace(SQLModel, table=True):
+    """An attribution trace the ledger accepted, with the fee it was charged (exactly one entry)."""
+
+    trace_id: str = Field(primary_key=True, max_length=128)
+    content_sha256: str = Field(max_length=64)
+    model: str = Field(max_length=128)
+    adapter: str | None = Field(default=None, max_length=128, index=True)
+    requester: str | None = Field(default=None, max_length=128)
+    prompt_tokens: int
+    completion_tokens: int
+    attributed_tokens: float = Field(sa_column=Column(Float, nullable=False))
+    price_per_1k_tokens: int = Field(sa_column=Column(Amount, nullable=False))
+    fee: int = Field(sa_column=Column(Amount, nullable=False))
+    body: str = Field(sa_column=Column(Text, nullable=False))  # canonical JSON (attribution/trace_wire.py)
+    entry_id: int = Field(sa_column=Column(BigInteger, ForeignKey("journalentry.id"), nullable=False, unique=True))
+    received_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class TraceConflict(SQLModel, table=True):
+    """A trace refused because its id was already ingested with different content (kept for inspection)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    trace_id: str = Field(max_length=128, index=True)
+    content_sha256: str = Field(max_length=64)
+    body: str = Field(sa_column=Column(Text, nullable=False))
+    received_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class JournalEntry(SQLModel, table=True):
+    """One balanced accounting event; `(kind, ref)` is unique (ref = trace id for an inference)."""
+
+    __table_args__ = (UniqueConstraint("kind", "ref"),)
+
+    id: int | None = Field(default=None, sa_column=Column(BIG_ID, primary_key=True, autoincrement=True))
+    kind: str = Field(max_length=32)
+    ref: str = Field(max_length=128)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class Posting(SQLModel, table=True):
+    """One line of a journal entry: a signed amount on an account (credits positive)."""
+
+    __table_args__ = (Index("ix_posting_account_entry", "account", "entry_id"),)
+
+    id: int | None = Field(default=None, sa_column=Column(BIG_ID, primary_key=True, autoincrement=True))
+    entry_id: int = Field(sa_column=Column(BigInteger, ForeignKey("journalentry.id"), nullable=False, index=True))
+    account: str = Field(max_length=64)
+    role: str = Field(max_length=16)
+    amount: int = Field(sa_column=Column(Amount, nullable=False))

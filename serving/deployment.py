@@ -78,12 +78,17 @@ class EngineReplica:
         """Create the engine on the loop that will drive it (vLLM binds its output task to it)."""
         from serving.engine import Engine
 
+        from attribution.outbox import Outbox
         from attribution.service import AttributionService, LedgerLineages
+        from ledger.config import LedgerConfig
         from ledger.database import database_url
 
         self.engine = Engine(self.config, self.engine_config, self.replica.adapters_per_replica)
+        ledger = LedgerConfig()
+        outbox = Outbox(self.config.outbox_dir, ledger.outbox_max_traces) if ledger.ship else None
         attribution = (
-            AttributionService(LedgerLineages(database_url(self.config.state_dir)), trace_dir=self.config.trace_dir)
+            AttributionService(LedgerLineages(database_url(self.config.state_dir)), trace_dir=self.config.trace_dir,
+                               outbox=outbox)
             if self.config.attribution else None
         )
         self.service = OpenAIService(self.engine, self.replica.max_ongoing_requests, attribution)

@@ -5,7 +5,8 @@
     ├── ModelNotFound            404 invalid_request_error / model_not_found
     ├── AdapterUnavailable       422 invalid_request_error / adapter_unavailable
     ├── Overloaded               429 rate_limit_error / overloaded   (gRPC: RESOURCE_EXHAUSTED)
-    └── EngineUnavailable        503 server_error / engine_unavailable
+    ├── EngineUnavailable        503 server_error / engine_unavailable
+    └── AccountingBacklog        503 server_error / outbox_full      (gRPC: UNAVAILABLE)
 """
 
 from __future__ import annotations
@@ -72,3 +73,11 @@ class EngineUnavailable(ApiError):
     status = 503
     type = "server_error"
     code = "engine_unavailable"
+
+
+class AccountingBacklog(ApiError):
+    """The trace outbox is full (the ledger has been unreachable for long): serving would go unbilled."""
+
+    status = 503
+    type = "server_error"
+    code = "outbox_full"

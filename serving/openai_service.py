@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from serving.engine import Engine, StepOutput
-from serving.errors import ApiError, ModelNotFound, Overloaded, TraceNotFound
+from serving.errors import AccountingBacklog, ApiError, ModelNotFound, Overloaded, TraceNotFound
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 if TYPE_CHECKING:
@@ -116,6 +116,9 @@ class OpenAIService:
             raise ModelNotFound(model)
         if self.ongoing >= self.max_ongoing_requests:
             raise Overloaded(f"this replica is serving {self.ongoing} requests, its limit; retry shortly")
+        if self.attribution is not None and self.attribution.outbox_full():
+            raise AccountingBacklog("the gateway cannot reach its ledger and its trace outbox is full; "
+                                    "requests are refused until the ledger catches up (retry later)")
 
     async def _prepare(
         self, request: SamplingFields, prompt_ids: list[int], max_tokens: int | None, prefix: str, prompt_param: str

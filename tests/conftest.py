@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.launcher import GatewayProcess
+from gateway.ledger_process import LedgerProcess
 from tests.support.postgres import PostgresServer
 
 ADAPTERS_PER_REPLICA = 40  # below the 60 demo adapters, so the replica's LRU evicts during the tests
@@ -35,11 +36,20 @@ def demo_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def gateway(demo_state: Path) -> Iterator[GatewayProcess]:
+def ledger_service(demo_state: Path) -> Iterator[LedgerProcess]:
+    """The session gateway's ledger service, run by the tests (not by `gateway up`) so a test can stop it."""
+    process = LedgerProcess(demo_state, "127.0.0.1", free_port(), log_file=demo_state / "ledger.log").start()
+    yield process
+    assert process.stop() == 0, f"the ledger did not stop cleanly; see {process.log_file}"
+
+
+@pytest.fixture(scope="session")
+def gateway(demo_state: Path, ledger_service: LedgerProcess) -> Iterator[GatewayProcess]:
     """One gateway (one engine replica serving HTTP directly) shared by the whole session.
 
     It runs `gateway up` on the embedded defaults but ports: a local anvil in the state directory,
-    the demo datanets published on it and their adapters trained (the first-start path of `make up`).
+    the demo datanets published on it and their adapters trained (the first-start path of `make up`),
+    traces shipped to the session's ledger service (which `gateway up` finds answering and uses).
     """
     process = GatewayProcess(
         state_dir=demo_state,
@@ -51,6 +61,7 @@ def gateway(demo_state: Path) -> Iterator[GatewayProcess]:
             "GATEWAY_ENGINE_MAX_CPU_LORAS": "16",
             "GATEWAY_REPLICA_MAX_ONGOING_REQUESTS": str(MAX_ONGOING_REQUESTS),
             "GATEWAY_CHAIN_PORT": str(free_port()),
+            "GATEWAY_LEDGER_PORT": str(ledger_service.port),
         },
     )
     process.start()

@@ -1,14 +1,25 @@
-"""Chain fixtures: one real anvil node per test session (state in a temporary directory)."""
+"""Ledger fixtures: one real anvil node per test session; a journal over a small registry on each backend."""
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from eth_account import Account
 
 from ledger.chain.anvil import ANVIL_DEV_KEYS, AnvilNode
 from ledger.chain.client import ChainClient
+from ledger.adapters import AdapterRegistry
+from ledger.config import DatanetConfig
+from ledger.contribution_content import content_id, normalize
+from ledger.database import open_database
+from ledger.datanets import DatanetRegistry
+from ledger.fee_split import FeeSplitPolicy
+from ledger.journal import Journal
+from tests.ledger.test_datanet_registry import ALICE, BOB, TEXTS, listing_index, signed
+from tests.support.memory_anchor import MemoryAnchor
 
 
 def free_local_port() -> int:
@@ -30,3 +41,23 @@ def anvil_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AnvilNode]:
 def anvil_client(anvil_node: AnvilNode) -> ChainClient:
     """The operator client (anvil dev key 0) on the session's anvil."""
     return ChainClient(anvil_node.rpc_url, ANVIL_DEV_KEYS[0])
+
+
+OWNER = Account.from_key("0x" + "c3" * 32)
+PRICE = 10**22  # base units per 1k tokens: every fee below exceeds 64 bits
+CIDS = [content_id(normalize(text)) for text in TEXTS]
+
+
+@pytest.fixture()
+def journal(database_url: str, tmp_path: Path) -> Journal:
+    """A ledger with datanet 'rivers' v1 (Alice: 2 texts, Bob: 1) and adapter 'river-guide' (owner OWNER)."""
+    engine = open_database(database_url)
+    registry = DatanetRegistry(engine, DatanetConfig())
+    datanet = registry.create("rivers")
+    registry.contribute("rivers", [signed(ALICE, datanet.id, TEXTS[0]), signed(ALICE, datanet.id, TEXTS[1]),
+                                   signed(BOB, datanet.id, TEXTS[2])])
+    registry.publish("rivers", listing_index, MemoryAnchor(), tmp_path)
+    adapters = AdapterRegistry(engine, registry)
+    adapters.register("river-guide", uri="file:///x", base_model="tiny", owner=OWNER.address,
+                      price_per_1k_tokens=PRICE, lineage=adapters.resolve_lineage(["rivers"]), source="trained")
+    return Journal(engine, FeeSplitPolicy(contributors_bps=7000, owner_bps=2000))

@@ -33,7 +33,8 @@ def two_replicas(demo_state: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         http_port=free_port(),
         grpc_port=free_port(),
         env={"GATEWAY_REPLICA_NUM_REPLICAS": "2", "GATEWAY_REPLICA_NUM_CPUS": "1",
-             "GATEWAY_CHAIN_PORT": str(free_port()), "GATEWAY_DEMO_DATANETS": "false"},
+             "GATEWAY_CHAIN_PORT": str(free_port()), "GATEWAY_DEMO_DATANETS": "false",
+             "GATEWAY_LEDGER_PORT": str(free_port())},
     )
     process.start()
     yield process

@@ -1,0 +1,334 @@
+"""The double-entry journal: attribution traces in, one balanced entry per trace, balances out.
+
+Guarantees (checked in code and in tests, on SQLite and PostgreSQL):
+- ingest is idempotent on trace id: a repeat with the same content (SHA-256 of the canonical JSON)
+  is answered `duplicate` with the original entry and posts nothing; the same id with different
+  content is answered `conflict`, recorded in `TraceConflict`, and the stored trace is kept;
+- each accepted trace gets exactly one `JournalEntry(kind="inference", ref=trace id)` whose postings
+  sum to zero (ledger/fee_split.py), written in the same transaction as the trace;
+- balances are sums of postings, computed exactly (ledger/amounts.py).
+
+An adapter's terms (price, owner, lineage) are read from the registry tables. An adapter that is
+not registered, and the base model, have price 0: the trace is stored with an empty entry.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Literal
+
+from sqlalchemy import Engine, func, insert, or_
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from attribution.trace import AttributionTrace
+from attribution.trace_wire import canonical_json, content_sha256
+from ledger.adapters import parse_price
+from ledger.amounts import exact_sum
+from ledger.contribution_content import checksum_address
+from ledger.datanets import in_version
+from ledger.fee_split import FeeSplitPolicy, Share, fee_for, split_fee
+from ledger.models import (Adapter, AdapterLineage, Contribution, DatanetVersion, IngestedTrace, JournalEntry, Posting,
+                           TraceConflict, utcnow)
+
+INFERENCE = "inference"
+ADDRESS_ACCOUNT_CLASSES = ("payable", "pending", "paid")
+UNREGISTERED_RETRY_SECONDS = 5.0
+
+Status = Literal["accepted", "duplicate", "conflict", "rejected"]
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    trace_id: str
+    status: Status
+    entry_id: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class AdapterTerms:
+    """What the ledger charges for an adapter and who its lineage credits."""
+
+    price_per_1k_tokens: int
+    owner: str | None
+    lineage_counts: dict[str, int] = field(default_factory=dict)  # contributor → distinct lineage contributions
+
+    @classmethod
+    def unpriced(cls) -> AdapterTerms:
+        return cls(0, None)
+
+
+@dataclass(frozen=True)
+class AddressBalance:
+    address: str
+    payable: int
+    pending: int
+    paid: int
+
+
+@dataclass(frozen=True)
+class StatementLine:
+    entry_id: int
+    kind: str
+    ref: str
+    account: str
+    role: str
+    amount: int
+    created_at: str
+
+
+@dataclass(frozen=True)
+class EntryRecord:
+    id: int
+    kind: str
+    ref: str
+    created_at: str
+    postings: list[Share]
+
+
+@dataclass(frozen=True)
+class TraceRecord:
+    trace: AttributionTrace
+    content_sha256: str
+    fee: int
+    price_per_1k_tokens: int
+    received_at: str
+    entry: EntryRecord
+
+
+@dataclass(frozen=True)
+class Totals:
+    traces: int
+    entries: int
+    postings: int
+    conflicts: int
+    completion_tokens: int
+    attributed_tokens: int
+    fees: int
+    by_class: dict[str, int]
+    postings_sum: int
+    unbalanced_entries: int
+
+
+@dataclass
+class _Prepared:
+    trace: AttributionTrace
+    sha: str
+    body: str
+
+
+class Journal:
+    """Ingest and look-ups over the ledger's database; safe to share between threads."""
+
+    def __init__(self, engine: Engine, policy: FeeSplitPolicy | None = None) -> None:
+        self.engine = engine
+        self.policy = policy or FeeSplitPolicy()
+        self._terms: dict[str, tuple[float, AdapterTerms]] = {}
+        self._terms_lock = threading.Lock()
+
+    # ---- ingest ------------------------------------------------------------------------
+    def ingest(self, traces: Sequence[AttributionTrace]) -> list[IngestResult]:
+        """Post a batch of traces in one transaction; one result per trace, in order."""
+        prepared = [_Prepared(t, content_sha256(t), canonical_json(t).decode()) for t in traces]
+        try:
+            return self._ingest(prepared)
+        except IntegrityError:
+            # Another stream stored one of these ids between our look-up and our insert: the second
+            # pass sees it and answers duplicate/conflict.
+            return self._ingest(prepared)
+
+    def _ingest(self, batch: list[_Prepared]) -> list[IngestResult]:
+        results: dict[int, IngestResult] = {}
+        with Session(self.engine) as session:
+            ids = list({p.trace.trace_id for p in batch})
+            stored = {row[0]: (row[1], row[2]) for row in session.exec(
+                select(IngestedTrace.trace_id, IngestedTrace.content_sha256, IngestedTrace.entry_id)
+                .where(col(IngestedTrace.trace_id).in_(ids))).all()}
+            owners = self._contribution_owners(session, batch)
+            new: list[tuple[int, _Prepared, AdapterTerms, list[Share], int]] = []
+            claimed: dict[str, str] = {}
+            conflicts = []
+            for position, item in enumerate(batch):
+                trace_id = item.trace.trace_id
+                known = stored.get(trace_id)
+                earlier = claimed.get(trace_id)
+                if known is not None or earlier is not None:
+                    sha = known[0] if known is not None else earlier
+                    if sha == item.sha:
+                        results[position] = IngestResult(trace_id, "duplicate", known[1] if known else 0)
+                    else:
+                        conflicts.append({"trace_id": trace_id, "content_sha256": item.sha, "body": item.body,
+                                          "received_at": utcnow()})
+                        results[position] = IngestResult(trace_id, "conflict", known[1] if known else 0,
+                                                         f"trace {trace_id} was ingested before with other content "
+                                                         f"(stored sha256 {sha}); the stored trace is kept")
+                    continue
+                unknown = sorted({cid for token in item.trace.tokens for cid, _ in token.weights} - owners.keys())
+                if unknown:
+                    results[position] = IngestResult(trace_id, "rejected", 0,
+                                                     f"unknown contribution id(s): {', '.join(unknown[:3])}")
+                    continue
+                terms = self.terms(session, item.trace.adapter)
+                fee = fee_for(terms.price_per_1k_tokens, item.trace.prompt_tokens + item.trace.completion_tokens)
+                shares = self._shares(item.trace, fee, terms, owners)
+                claimed[trace_id] = item.sha
+                new.append((position, item, terms, shares, fee))
+            if conflicts:
+                session.execute(insert(TraceConflict), conflicts)
+            if new:
+                self._write(session, new, results)
+            session.commit()
+        # A duplicate of a trace first seen in this same batch gets that trace's entry id.
+        entry_of = {r.trace_id: r.entry_id for r in results.values() if r.status == "accepted"}
+        return [
+            IngestResult(r.trace_id, r.status, r.entry_id or entry_of.get(r.trace_id, 0), r.reason)
+            for r in (results[i] for i in range(len(batch)))
+        ]
+
+    def _write(self, session: Session, new: list[tuple[int, _Prepared, AdapterTerms, list[Share], int]],
+               results: dict[int, IngestResult]) -> None:
+        now = utcnow()
+        entry_ids = session.execute(
+            insert(JournalEntry).returning(JournalEntry.id, sort_by_parameter_order=True),  # type: ignore[arg-type]
+            [{"kind": INFERENCE, "ref": item.trace.trace_id, "created_at": now} for _, item, _, _, _ in new],
+        ).scalars().all()
+        postings, traces = [], []
+        for entry_id, (position, item, terms, shares, fee) in zip(entry_ids, new, strict=True):
+            postings += [{"entry_id": entry_id, "account": s.account, "role": s.role, "amount": s.amount}
+                         for s in shares]
+            trace = item.trace
+            traces.append({
+                "trace_id": trace.trace_id, "content_sha256": item.sha, "model": trace.model, "adapter": trace.adapter,
+                "requester": trace.requester, "prompt_tokens": trace.prompt_tokens,
+                "completion_tokens": trace.completion_tokens,
+                "attributed_tokens": trace.attributed_fraction * trace.completion_tokens,
+                "price_per_1k_tokens": terms.price_per_1k_tokens, "fee": fee, "body": item.body,
+                "entry_id": entry_id, "received_at": now,
+            })
+            results[position] = IngestResult(trace.trace_id, "accepted", entry_id)
+        if postings:
+            session.execute(insert(Posting), postings)
+        session.execute(insert(IngestedTrace), traces)
+
+    def _shares(self, trace: AttributionTrace, fee: int, terms: AdapterTerms,
+                owners: dict[str, str]) -> list[Share]:
+        attributed: dict[str, Fraction] = {}
+        unattributed = Fraction(0)
+        for token in trace.tokens:
+            unattributed += Fraction(token.unattributed)
+            for contribution_id, weight in token.weights:
+                address = owners[contribution_id]
+                attributed[address] = attributed.get(address, Fraction(0)) + Fraction(weight)
+        if not trace.tokens:
+            unattributed = Fraction(1)
+        return split_fee(self.policy, fee, owner=terms.owner, attributed=attributed, unattributed=unattributed,
+                         lineage_counts=terms.lineage_counts)
+
+    @staticmethod
+    def _contribution_owners(session: Session, batch: list[_Prepared]) -> dict[str, str]:
+        ids = sorted({cid for p in batch for token in p.trace.tokens for cid, _ in token.weights})
+        owners: dict[str, str] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            owners.update(session.exec(select(Contribution.id, Contribution.contributor)
+                                       .where(col(Contribution.id).in_(chunk))).all())
+        return owners
+
+    def terms(self, session: Session, adapter: str | None) -> AdapterTerms:
+        """An adapter's price, owner and lineage; cached (registered terms never change)."""
+        if adapter is None:
+            return AdapterTerms.unpriced()
+        with self._terms_lock:
+            cached = self._terms.get(adapter)
+        if cached is not None and (cached[1].owner is not None or time.monotonic() < cached[0]):
+            return cached[1]
+        row = session.get(Adapter, adapter)
+        if row is None:
+            found = AdapterTerms.unpriced()
+        else:
+            versions = session.exec(
+                select(DatanetVersion).join(AdapterLineage, col(AdapterLineage.datanet_version_id) == DatanetVersion.id)
+                .where(AdapterLineage.adapter_name == adapter)).all()
+            lineage: dict[str, str] = {}
+            if versions:
+                lineage = dict(session.exec(select(Contribution.id, Contribution.contributor).where(
+                    or_(*(in_version(v.datanet_id, v.number) for v in versions)))).all())
+            found = AdapterTerms(parse_price(row.price_per_1k_tokens), checksum_address(row.owner),
+                                 dict(Counter(checksum_address(a) for a in lineage.values())))
+        with self._terms_lock:
+            self._terms[adapter] = (time.monotonic() + UNREGISTERED_RETRY_SECONDS, found)
+        return found
+
+    # ---- look-ups ----------------------------------------------------------------------
+    def balance(self, address: str) -> AddressBalance:
+        """payable / pending / paid of an address (ValueError when it is not an address)."""
+        address = checksum_address(address)
+        accounts = {f"{kind}:{address}": kind for kind in ADDRESS_ACCOUNT_CLASSES}
+        with Session(self.engine) as session:
+            rows = session.exec(select(Posting.account, exact_sum(Posting.amount))
+                                .where(col(Posting.account).in_(accounts)).group_by(Posting.account)).all()
+        sums = {accounts[account]: int(total) for account, total in rows}
+        return AddressBalance(address, *(sums.get(kind, 0) for kind in ADDRESS_ACCOUNT_CLASSES))
+
+    def account_balance(self, account: str) -> int:
+        with Session(self.engine) as session:
+            return int(session.exec(select(exact_sum(Posting.amount)).where(Posting.account == account)).one())
+
+    def statement(self, address: str, *, limit: int = 100, before_entry_id: int = 0) -> list[StatementLine]:
+        """Postings on the address's accounts, newest entry first."""
+        address = checksum_address(address)
+        accounts = [f"{kind}:{address}" for kind in ADDRESS_ACCOUNT_CLASSES]
+        query = (select(Posting, JournalEntry).join(JournalEntry, col(JournalEntry.id) == col(Posting.entry_id))
+                 .where(col(Posting.account).in_(accounts)))
+        if before_entry_id:
+            query = query.where(col(Posting.entry_id) < before_entry_id)
+        query = query.order_by(col(Posting.entry_id).desc(), col(Posting.id)).limit(limit)
+        with Session(self.engine) as session:
+            return [StatementLine(entry.id, entry.kind, entry.ref, posting.account, posting.role, posting.amount,
+                                  entry.created_at.isoformat()) for posting, entry in session.exec(query).all()]
+
+    def trace(self, trace_id: str) -> TraceRecord | None:
+        with Session(self.engine) as session:
+            row = session.get(IngestedTrace, trace_id)
+            if row is None:
+                return None
+            entry = session.get(JournalEntry, row.entry_id)
+            postings = session.exec(select(Posting).where(Posting.entry_id == row.entry_id)
+                                    .order_by(col(Posting.id))).all()
+        assert entry is not None and entry.id is not None
+        return TraceRecord(
+            trace=AttributionTrace.from_dict(json.loads(row.body)), content_sha256=row.content_sha256, fee=row.fee,
+            price_per_1k_tokens=row.price_per_1k_tokens, received_at=row.received_at.isoformat(),
+            entry=EntryRecord(entry.id, entry.kind, entry.ref, entry.created_at.isoformat(),
+                              [Share(p.account, p.role, p.amount) for p in postings]),  # type: ignore[arg-type]
+        )
+
+    def totals(self) -> Totals:
+        """Counts and sums over the whole journal, with the two invariants re-checked in SQL."""
+        with Session(self.engine) as session:
+            traces, completion, attributed, fees = session.exec(select(
+                func.count(), func.coalesce(func.sum(IngestedTrace.completion_tokens), 0),
+                func.coalesce(func.sum(IngestedTrace.attributed_tokens), 0.0), exact_sum(IngestedTrace.fee),
+            )).one()
+            entries = session.exec(select(func.count()).select_from(JournalEntry)).one()
+            conflicts = session.exec(select(func.count()).select_from(TraceConflict)).one()
+            postings = session.exec(select(func.count()).select_from(Posting)).one()
+            by_account = session.exec(select(Posting.account, exact_sum(Posting.amount))
+                                      .group_by(Posting.account)).all()
+            unbalanced = session.exec(select(func.count()).select_from(
+                select(Posting.entry_id).group_by(Posting.entry_id)
+                .having(exact_sum(Posting.amount) != 0).subquery())).one()
+        by_class: dict[str, int] = {}
+        for account, amount in by_account:
+            kind = account.split(":", 1)[0]
+            by_class[kind] = by_class.get(kind, 0) + int(amount)
+        return Totals(traces=traces, entries=entries, postings=postings, conflicts=conflicts,
+                      completion_tokens=int(completion), attributed_tokens=int(attributed + 1e-6), fees=int(fees),
+                      by_class=by_class, postings_sum=sum(by_class.values()), unbalanced_entries=unbalanced)

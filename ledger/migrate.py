@@ -1,0 +1,95 @@
+"""Schema migrations of the ledger's database with Alembic (scripts in ledger/migrations/versions/).
+
+`upgrade(engine)` brings any database to the newest revision and is cheap when it already is there,
+so every process that opens the database calls it. Concurrent starts are serialized: a file lock
+beside a SQLite database, a transaction-scoped advisory lock on PostgreSQL (whose DDL is
+transactional). A database created before migrations existed (tables made by `create_all`,
+matching revision 0001) is stamped at 0001 and upgraded from there.
+
+New revision after a model change (developers):
+    .venv/bin/python -m ledger.migrate revision "what changed"
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, inspect
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+FIRST_REVISION = "0001"
+PG_LOCK_KEY = 0x6C6564676572  # "ledger"
+
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin at INFO
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "no migration scripts"
+    return head
+
+
+def current_revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade(engine: Engine) -> None:
+    """Bring the database to the newest revision (no-op when it is there)."""
+    head = head_revision()
+    with engine.connect() as connection:
+        if current_revision(connection) == head:
+            return
+    with _exclusive(engine), engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_LOCK_KEY})")
+        config = alembic_config(connection)
+        if current_revision(connection) is None and inspect(connection).has_table("datanet"):
+            command.stamp(config, FIRST_REVISION)
+        command.upgrade(config, "head")
+
+
+@contextmanager
+def _exclusive(engine: Engine) -> Iterator[None]:
+    """A file lock beside a SQLite database file; nothing for other backends (they lock in SQL)."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.migrate.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _revision(message: str) -> None:
+    """Autogenerate a revision against a scratch SQLite database at head."""
+    import tempfile
+
+    from ledger.database import open_database
+
+    with tempfile.TemporaryDirectory() as scratch:
+        engine = open_database(f"sqlite:///{scratch}/ledger.db")
+        with engine.begin() as connection:
+            command.revision(alembic_config(connection), message=message, autogenerate=True)
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "revision":
+    _revision(sys.argv[2])

@@ -1,0 +1,192 @@
+"""The ledger's gRPC service (`gateway.ledger.v1.Ledger`): ingest of traces, balances and look-ups.
+
+A synchronous gRPC server over `Journal`: each `IngestRequest` is posted in one database
+transaction and answered with one ack per trace, in order. With a shared token configured, every
+call must carry ``authorization: Bearer <token>``; the service refuses to bind a non-loopback
+address without one. Standard health and reflection run on the same port.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from attribution.trace_wire import trace_from_pb, trace_to_pb
+from gateway.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from ledger.journal import AddressBalance, IngestResult, Journal
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["Ledger"].full_name
+STATEMENT_LIMIT_DEFAULT = 100
+STATEMENT_LIMIT_MAX = 10_000
+ACK_STATUS = {
+    "accepted": ledger_pb2.IngestAck.STATUS_ACCEPTED,
+    "duplicate": ledger_pb2.IngestAck.STATUS_DUPLICATE,
+    "conflict": ledger_pb2.IngestAck.STATUS_CONFLICT,
+    "rejected": ledger_pb2.IngestAck.STATUS_REJECTED,
+}
+
+
+class LedgerServicer(ledger_pb2_grpc.LedgerServicer):
+    """Thin over `Journal`: converts messages, maps errors to status codes."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.counters = {"accepted": 0, "duplicate": 0, "conflict": 0, "rejected": 0}
+
+    def Ingest(self, request_iterator: Iterator[ledger_pb2.IngestRequest],  # noqa: N802
+               context: grpc.ServicerContext) -> Iterator[ledger_pb2.IngestAck]:
+        for request in request_iterator:
+            for result in self._ingest(request):
+                self.counters[result.status] += 1
+                if result.status in ("conflict", "rejected"):
+                    log.error("trace %s refused (%s): %s", result.trace_id, result.status, result.reason)
+                yield ledger_pb2.IngestAck(trace_id=result.trace_id, status=ACK_STATUS[result.status],
+                                           entry_id=result.entry_id, reason=result.reason)
+
+    def _ingest(self, request: ledger_pb2.IngestRequest) -> list[IngestResult]:
+        """Invalid traces are rejected one by one; the valid ones are posted in one transaction."""
+        results: list[IngestResult | None] = []
+        valid = []
+        for message in request.traces:
+            try:
+                valid.append(trace_from_pb(message))
+                results.append(None)
+            except ValueError as error:
+                results.append(IngestResult(message.trace_id, "rejected", 0, f"invalid trace: {error}"))
+        posted = iter(self.journal.ingest(valid)) if valid else iter(())
+        return [result if result is not None else next(posted) for result in results]
+
+    def GetBalance(self, request: ledger_pb2.GetBalanceRequest,  # noqa: N802
+                   context: grpc.ServicerContext) -> ledger_pb2.Balance:
+        if request.WhichOneof("subject") == "account":
+            return ledger_pb2.Balance(subject=request.account,
+                                      amount=str(self.journal.account_balance(request.account)))
+        if request.WhichOneof("subject") != "address":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give an address or an account")
+        return _balance_pb(_checked(context, lambda: self.journal.balance(request.address)))
+
+    def GetStatement(self, request: ledger_pb2.GetStatementRequest,  # noqa: N802
+                     context: grpc.ServicerContext) -> ledger_pb2.Statement:
+        limit = request.limit or STATEMENT_LIMIT_DEFAULT
+        if limit > STATEMENT_LIMIT_MAX:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit must be <= {STATEMENT_LIMIT_MAX}")
+        balance = _checked(context, lambda: self.journal.balance(request.address))
+        lines = self.journal.statement(balance.address, limit=limit, before_entry_id=request.before_entry_id)
+        return ledger_pb2.Statement(
+            address=balance.address, balance=_balance_pb(balance),
+            lines=[ledger_pb2.StatementLine(entry_id=line.entry_id, kind=line.kind, ref=line.ref, account=line.account,
+                                            amount=str(line.amount), role=line.role, created_at=line.created_at)
+                   for line in lines],
+        )
+
+    def GetTrace(self, request: ledger_pb2.GetTraceRequest,  # noqa: N802
+                 context: grpc.ServicerContext) -> ledger_pb2.TraceRecord:
+        record = self.journal.trace(request.trace_id)
+        if record is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no trace '{request.trace_id}' in the ledger")
+        entry = record.entry
+        return ledger_pb2.TraceRecord(
+            trace=trace_to_pb(record.trace), content_sha256=record.content_sha256, fee=str(record.fee),
+            price_per_1k_tokens=str(record.price_per_1k_tokens), received_at=record.received_at,
+            entry=ledger_pb2.JournalEntry(
+                id=entry.id, kind=entry.kind, ref=entry.ref, created_at=entry.created_at,
+                postings=[ledger_pb2.Posting(account=p.account, amount=str(p.amount), role=p.role)
+                          for p in entry.postings]),
+        )
+
+    def GetTotals(self, request: ledger_pb2.GetTotalsRequest,  # noqa: N802
+                  context: grpc.ServicerContext) -> ledger_pb2.Totals:
+        totals = self.journal.totals()
+        return ledger_pb2.Totals(
+            traces=totals.traces, entries=totals.entries, postings=totals.postings, conflicts=totals.conflicts,
+            completion_tokens=totals.completion_tokens, attributed_tokens=totals.attributed_tokens,
+            fees=str(totals.fees), by_class={k: str(v) for k, v in totals.by_class.items()},
+            postings_sum=str(totals.postings_sum), unbalanced_entries=totals.unbalanced_entries,
+        )
+
+
+def _balance_pb(balance: AddressBalance) -> ledger_pb2.Balance:
+    return ledger_pb2.Balance(subject=balance.address, payable=str(balance.payable), pending=str(balance.pending),
+                              paid=str(balance.paid))
+
+
+def _checked(context: grpc.ServicerContext, call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except ValueError as error:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+
+class TokenAuthInterceptor(grpc.ServerInterceptor):
+    """Refuses calls without ``authorization: Bearer <token>`` (health checks pass without it)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+        def deny(_request: Any, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong ledger token")
+
+        self._deny = deny
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        if details.method.startswith("/grpc.health.v1.Health/"):
+            return continuation(details)
+        given = dict(details.invocation_metadata).get("authorization", "")
+        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
+            return continuation(details)
+        handler = continuation(details)
+        if handler is not None and handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(lambda _it, ctx: self._deny(None, ctx))
+        if handler is not None and handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(self._deny)
+        if handler is not None and handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(self._deny)
+        return grpc.unary_unary_rpc_method_handler(self._deny)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def start_server(journal: Journal, host: str, port: int, *, token: str | None = None,
+                 workers: int = 32) -> grpc.Server:
+    """Serve the ledger on host:port (started; call `.stop(grace)`); ValueError for an unsafe bind."""
+    if not is_loopback(host) and not token:
+        raise ValueError(f"refusing to serve the ledger on {host} without a token: set GATEWAY_LEDGER_TOKEN")
+    interceptors = [TokenAuthInterceptor(token)] if token else []
+    # Each gateway keeps one long-lived Ingest stream (one worker thread) and pings it when idle.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ledger"),
+                         interceptors=interceptors,
+                         options=[("grpc.so_reuseport", 0), ("grpc.keepalive_permit_without_calls", 1),
+                                  ("grpc.http2.min_ping_interval_without_data_ms", 5_000)])
+    ledger_pb2_grpc.add_LedgerServicer_to_server(LedgerServicer(journal), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME,
+                                         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port} (in use?)")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("ledger listening on %s:%d", host, port)
+    return server

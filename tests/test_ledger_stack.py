@@ -1,0 +1,184 @@
+"""Traces from the running gateway into the ledger service, driven as users drive it (`openai` SDK, the
+`gateway ledger` CLI): every inference is billed once, and a ledger outage loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+
+from gateway.cli import main
+from gateway.demo_data import DEMO_ADAPTER_OWNER_KEY, demo_adapter_name, demo_contributor_address
+from gateway.launcher import GatewayProcess
+from gateway.ledger_process import LedgerProcess
+from ledger.adapters import DEFAULT_PRICE_PER_1K_TOKENS
+from ledger.contribution_content import address_of_key
+from training.demo_passages import DEMO_DATANETS
+
+pytestmark = pytest.mark.stack
+
+DATANET = DEMO_DATANETS[0]
+ADAPTER = demo_adapter_name(DATANET)
+PASSAGE = DATANET.passages[0]
+PROMPT = " ".join(PASSAGE.text.split()[:12])
+SHIPPED_WITHIN_SECONDS = 60.0
+
+
+@pytest.fixture(scope="module")
+def client(gateway: GatewayProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(autouse=True)
+def same_ledger(gateway: GatewayProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLI commands ask the running stack's ledger, like a user in another terminal."""
+    monkeypatch.setenv("GATEWAY_LEDGER_PORT", gateway.env["GATEWAY_LEDGER_PORT"])
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str, expect: int = 0) -> dict:
+    capsys.readouterr()
+    code = main([*args, "--json"])
+    out, err = capsys.readouterr()
+    assert code == expect, err
+    return json.loads(out) if expect == 0 else {"error": err}
+
+
+def wait_for_trace(capsys: pytest.CaptureFixture[str], trace_id: str) -> dict:
+    deadline = time.monotonic() + SHIPPED_WITHIN_SECONDS
+    while True:
+        capsys.readouterr()
+        code = main(["ledger", "trace", trace_id, "--json"])
+        out, err = capsys.readouterr()
+        if code == 0:
+            return json.loads(out)
+        assert "no trace" in err, err
+        assert time.monotonic() < deadline, f"trace {trace_id} did not reach the ledger"
+        time.sleep(0.3)
+
+
+def outbox_depth(gateway: GatewayProcess) -> int:
+    return len(list((gateway.state_dir / "outbox").glob("*.json")))
+
+
+def test_an_inference_is_billed_once_and_split_exactly(client: openai.OpenAI,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    before = cli(capsys, "ledger", "totals")
+    raw = client.completions.with_raw_response.create(model=ADAPTER, prompt=PROMPT, max_tokens=48, temperature=0)
+    usage = raw.parse().usage
+    trace_id = raw.headers["x-attribution-trace-id"]
+    record = wait_for_trace(capsys, trace_id)
+    assert record["trace"]["trace_id"] == trace_id and record["trace"]["adapter"] == ADAPTER
+    assert record["trace"]["completion_tokens"] == usage.completion_tokens
+    fee = DEFAULT_PRICE_PER_1K_TOKENS * usage.total_tokens // 1000
+    assert int(record["fee"]) == fee and int(record["price_per_1k_tokens"]) == DEFAULT_PRICE_PER_1K_TOKENS
+    postings = {(p["role"], p["account"]): int(p["amount"]) for p in record["entry"]["postings"]}
+    assert sum(postings.values()) == 0
+    contributor = demo_contributor_address(PASSAGE.contributor_index)
+    owner = address_of_key(DEMO_ADAPTER_OWNER_KEY)
+    assert postings[("payer", "revenue")] == -fee
+    assert postings[("adapter_owner", f"payable:{owner}")] == fee * 2000 // 10000
+    credited = {account: amount for (role, account), amount in postings.items() if role == "contributor"}
+    assert max(credited, key=credited.__getitem__) == f"payable:{contributor}", "the regurgitated passage's author"
+    # The contributor can see what they were paid and why: balance, and a statement naming the trace.
+    balance = cli(capsys, "ledger", "balance", contributor)
+    assert balance["address"] == contributor and int(balance["payable"]) >= credited[f"payable:{contributor}"]
+    assert (balance["pending"], balance["paid"]) == ("0", "0")
+    statement = cli(capsys, "ledger", "statement", contributor)
+    assert trace_id in {line["ref"] for line in statement["lines"]}
+    after = cli(capsys, "ledger", "totals")
+    assert after["traces"] >= before["traces"] + 1 and after["postings_sum"] == "0"
+    assert after["unbalanced_entries"] == 0 and int(after["fees"]) >= int(before["fees"]) + fee
+
+
+def test_cli_errors_are_one_line_with_their_exit_code(capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "no trace 'nope'" in cli(capsys, "ledger", "trace", "nope", expect=2)["error"]
+    assert "not an Ethereum address" in cli(capsys, "ledger", "balance", "0x12", expect=2)["error"]
+    assert "--limit" in cli(capsys, "ledger", "statement", "0x" + "1" * 40, "--limit", "0", expect=2)["error"]
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("GATEWAY_LEDGER_PORT", str(free_port()))
+    assert "is not answering" in cli(capsys, "ledger", "totals", expect=1)["error"]
+
+
+def test_a_ledger_outage_under_load_loses_nothing_and_bills_nothing_twice(
+    gateway: GatewayProcess, ledger_service: LedgerProcess, client: openai.OpenAI,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    before = cli(capsys, "ledger", "totals")
+    requests = 48
+
+    def one(i: int) -> str:
+        raw = client.completions.with_raw_response.create(model=ADAPTER, prompt=f"{PROMPT} {i}", max_tokens=8,
+                                                          temperature=0)
+        return raw.headers["x-attribution-trace-id"]
+
+    with ThreadPoolExecutor(4) as pool:
+        first = list(pool.map(one, range(8)))
+        ledger_service.stop(kill=True)  # mid-stream, without warning
+        during = list(pool.map(one, range(8, requests)))  # inference goes on while the ledger is down
+        deadline = time.monotonic() + 30
+        while outbox_depth(gateway) < 8 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert outbox_depth(gateway) >= 8, "traces wait in the outbox while the ledger is down"
+    ledger_service.start()
+    trace_ids = first + during
+    assert len(set(trace_ids)) == requests
+    for trace_id in trace_ids:
+        wait_for_trace(capsys, trace_id)
+    after = cli(capsys, "ledger", "totals")
+    assert after["traces"] == before["traces"] + requests, "each trace exactly once"
+    assert after["conflicts"] == before["conflicts"]
+    assert after["postings_sum"] == "0" and after["unbalanced_entries"] == 0
+    assert int(after["by_class"]["revenue"]) == -int(after["fees"])
+    deadline = time.monotonic() + SHIPPED_WITHIN_SECONDS
+    while outbox_depth(gateway) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert outbox_depth(gateway) == 0, "acknowledged traces leave the outbox"
+
+
+def test_traces_left_in_the_outbox_of_a_killed_gateway_are_shipped_after_restart(
+    demo_state: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+    import signal
+
+    import psutil
+
+    from tests.conftest import free_port
+
+    state = tmp_path / "killed"
+    env = {"GATEWAY_BASE_MODEL_PATH": str(demo_state / "models" / "datanet-tiny-llama"),
+           "GATEWAY_ADAPTER_STORE": str(demo_state / "adapters"), "GATEWAY_CHAIN_PORT": str(free_port()),
+           "GATEWAY_LEDGER_PORT": str(free_port()), "GATEWAY_LEDGER_START": "false"}
+    first = GatewayProcess(state, free_port(), free_port(), env=env).start()
+    try:
+        users = openai.OpenAI(base_url=f"{first.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        trace_ids = [users.completions.with_raw_response.create(model="demo-adapter-001", prompt=f"Count {i}",
+                                                                max_tokens=4).headers["x-attribution-trace-id"]
+                     for i in range(6)]
+        deadline = time.monotonic() + 30
+        while outbox_depth(first) < 6 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert outbox_depth(first) == 6, "no ledger: the traces wait in the outbox"
+    finally:
+        os.killpg(first.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        first.process.wait()  # type: ignore[union-attr]
+    # Restarted with its own ledger service (the `make up` default): the outbox drains into it.
+    second = GatewayProcess(state, free_port(), free_port(), env={**env, "GATEWAY_LEDGER_START": "true"}).start()
+    try:
+        monkeypatch.setenv("GATEWAY_LEDGER_PORT", env["GATEWAY_LEDGER_PORT"])
+        for trace_id in trace_ids:
+            assert wait_for_trace(capsys, trace_id)["trace"]["trace_id"] == trace_id
+        assert cli(capsys, "ledger", "totals")["traces"] == 6
+    finally:
+        assert second.stop() == 0
+        for process in psutil.process_iter(["cmdline"]):  # the killed run's anvil kept running in its session
+            if str(state) in " ".join(process.info["cmdline"] or []):
+                process.kill()
+    assert outbox_depth(second) == 0
