@@ -16,12 +16,17 @@ from gateway.ledger.v1 import ledger_pb2
 
 def canonical_json(trace: AttributionTrace) -> bytes:
     """The trace as canonical JSON bytes (shares as floats, so 1 and 1.0 hash alike)."""
-    normalized = AttributionTrace.from_dict(trace.to_dict()).to_dict()
+    normalized = {
+        **trace.to_dict(),
+        "tokens": [{"token_id": t.token_id, "weights": [[cid, float(w)] for cid, w in t.weights],
+                    "unattributed": float(t.unattributed)} for t in trace.tokens],
+    }
     return json.dumps(normalized, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-def content_sha256(trace: AttributionTrace) -> str:
-    return hashlib.sha256(canonical_json(trace)).hexdigest()
+def content_sha256(trace: AttributionTrace, canonical: bytes | None = None) -> str:
+    """SHA-256 (hex) of the canonical JSON (pass it when already computed)."""
+    return hashlib.sha256(canonical if canonical is not None else canonical_json(trace)).hexdigest()
 
 
 def trace_to_pb(trace: AttributionTrace) -> ledger_pb2.AttributionTrace:

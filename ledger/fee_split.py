@@ -16,12 +16,14 @@ and the entry (revenue debited by the fee) sums to zero; `check_balanced` assert
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
 
 BPS = 10_000
+FLOAT_EXPONENT_FLOOR = 1074  # every finite double is an integer multiple of 2**-1074
 REVENUE_ACCOUNT = "revenue"
 TREASURY_ACCOUNT = "treasury"
 
@@ -67,6 +69,15 @@ def fee_for(price_per_1k_tokens: int, tokens: int) -> int:
     return price_per_1k_tokens * tokens // 1000
 
 
+def exact_float_sum(values: Iterable[float]) -> Fraction:
+    """The exact sum of doubles (no rounding), with integer arithmetic on a common 2**-1074 grid."""
+    total = 0
+    for value in values:
+        numerator, denominator = float(value).as_integer_ratio()  # denominator is a power of two
+        total += numerator << (FLOAT_EXPONENT_FLOOR + 1 - denominator.bit_length())
+    return Fraction(total, 1 << FLOAT_EXPONENT_FLOOR)
+
+
 def payable_account(address: str) -> str:
     return f"payable:{address}"
 
@@ -85,14 +96,13 @@ def split_fee(policy: FeeSplitPolicy, fee: int, *, owner: str | None, attributed
         raise ValueError("weights must be >= 0")
     pool = fee * policy.contributors_bps // BPS
     owner_amount = fee * policy.owner_bps // BPS if owner is not None else 0
-    weights = _contributor_weights(policy, attributed, unattributed, lineage_counts)
-    total = sum(attributed.values(), Fraction(0)) + unattributed
+    weights, total = _contributor_weights(policy, attributed, unattributed, lineage_counts)
     contributor_amounts: dict[str, int] = {}
     if total > 0:
         for address in sorted(weights):
-            amount = pool * weights[address] // total  # Fraction // Fraction: rounded down, exact
+            amount = pool * weights[address] // total  # integers: rounded down, exact
             if amount:
-                contributor_amounts[address] = int(amount)
+                contributor_amounts[address] = amount
     treasury = fee - sum(contributor_amounts.values()) - owner_amount
     shares = [Share(REVENUE_ACCOUNT, "payer", -fee)] if fee else []
     shares += [Share(payable_account(a), "contributor", amount) for a, amount in contributor_amounts.items()]
@@ -114,11 +124,22 @@ def check_balanced(shares: list[Share], fee: int) -> None:
 
 
 def _contributor_weights(policy: FeeSplitPolicy, attributed: Mapping[str, Fraction], unattributed: Fraction,
-                         lineage_counts: Mapping[str, int]) -> dict[str, Fraction]:
-    weights = {address: Fraction(weight) for address, weight in attributed.items() if weight > 0}
-    lineage_total = sum(lineage_counts.values())
-    if policy.unattributed == "lineage_pro_rata" and lineage_total and unattributed > 0:
+                         lineage_counts: Mapping[str, int]) -> tuple[dict[str, int], int]:
+    """Integer weights per address and their denominator: a contributor's share of the pool is w / total.
+
+    All fractions are put on one common denominator first, so the split is integer arithmetic.
+    """
+    fractions = [*attributed.values(), unattributed]
+    common = math.lcm(*(f.denominator for f in fractions))
+    weights = {a: w.numerator * (common // w.denominator) for a, w in attributed.items() if w > 0}
+    rest = unattributed.numerator * (common // unattributed.denominator)
+    total = sum(weights.values()) + rest
+    lineage_total = sum(count for count in lineage_counts.values() if count > 0)
+    if policy.unattributed == "lineage_pro_rata" and lineage_total and rest > 0:
+        # contributor c gets (A_c + U * n_c / N) / T  ==  (A_c * N + U * n_c) / (T * N)
+        weights = {a: w * lineage_total for a, w in weights.items()}
         for address, count in lineage_counts.items():
             if count > 0:
-                weights[address] = weights.get(address, Fraction(0)) + unattributed * count / lineage_total
-    return weights
+                weights[address] = weights.get(address, 0) + rest * count
+        total *= lineage_total
+    return weights, total

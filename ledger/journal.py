@@ -33,7 +33,7 @@ from ledger.adapters import parse_price
 from ledger.amounts import exact_sum
 from ledger.contribution_content import checksum_address
 from ledger.datanets import in_version
-from ledger.fee_split import FeeSplitPolicy, Share, fee_for, split_fee
+from ledger.fee_split import FeeSplitPolicy, Share, exact_float_sum, fee_for, split_fee
 from ledger.models import (Adapter, AdapterLineage, Contribution, DatanetVersion, IngestedTrace, JournalEntry, Posting,
                            TraceConflict, utcnow)
 
@@ -136,7 +136,10 @@ class Journal:
     # ---- ingest ------------------------------------------------------------------------
     def ingest(self, traces: Sequence[AttributionTrace]) -> list[IngestResult]:
         """Post a batch of traces in one transaction; one result per trace, in order."""
-        prepared = [_Prepared(t, content_sha256(t), canonical_json(t).decode()) for t in traces]
+        prepared = []
+        for trace in traces:
+            canonical = canonical_json(trace)
+            prepared.append(_Prepared(trace, content_sha256(trace, canonical), canonical.decode()))
         try:
             return self._ingest(prepared)
         except IntegrityError:
@@ -219,15 +222,12 @@ class Journal:
 
     def _shares(self, trace: AttributionTrace, fee: int, terms: AdapterTerms,
                 owners: dict[str, str]) -> list[Share]:
-        attributed: dict[str, Fraction] = {}
-        unattributed = Fraction(0)
+        by_address: dict[str, list[float]] = {}
         for token in trace.tokens:
-            unattributed += Fraction(token.unattributed)
             for contribution_id, weight in token.weights:
-                address = owners[contribution_id]
-                attributed[address] = attributed.get(address, Fraction(0)) + Fraction(weight)
-        if not trace.tokens:
-            unattributed = Fraction(1)
+                by_address.setdefault(owners[contribution_id], []).append(weight)
+        attributed = {address: exact_float_sum(weights) for address, weights in by_address.items()}
+        unattributed = exact_float_sum(token.unattributed for token in trace.tokens) if trace.tokens else Fraction(1)
         return split_fee(self.policy, fee, owner=terms.owner, attributed=attributed, unattributed=unattributed,
                          lineage_counts=terms.lineage_counts)
 

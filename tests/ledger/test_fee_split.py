@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attribution.trace import AttributionTrace, TokenAttribution
-from ledger.fee_split import BPS, FeeSplitPolicy, fee_for, split_fee
+from ledger.fee_split import BPS, FeeSplitPolicy, exact_float_sum, fee_for, split_fee
 from ledger.journal import Journal
 from tests.ledger.conftest import CIDS, OWNER
 
@@ -92,3 +92,8 @@ def test_the_owner_is_paid_on_every_priced_trace(journal: Journal) -> None:
                              completion_tokens=0, tokens=(), method="x")
     journal.ingest([trace])
     assert journal.balance(OWNER.address).payable == 10**22 * 2000 // BPS
+
+
+@given(st.lists(st.floats(min_value=0, max_value=1e6, allow_nan=False, allow_infinity=False), max_size=50))
+def test_float_sums_are_exact(values: list[float]) -> None:
+    assert exact_float_sum(values) == sum((Fraction(v) for v in values), Fraction(0))
