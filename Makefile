@@ -25,7 +25,7 @@ install: $(STAMP) $(NODE_STAMP) $(STUBS)
 
 stubs: $(STUBS)
 
-$(STUBS): $(PROTOS) $(STAMP)
+$(STUBS) &: $(PROTOS) $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 
 $(STAMP): pyproject.toml constraints.txt

@@ -39,9 +39,11 @@ class TokenAttribution:
             if contribution_id in seen:
                 raise ValueError(f"contribution {contribution_id} appears twice in one token's weights")
             seen.add(contribution_id)
-            _check_share(weight, f"weight of {contribution_id}")
+            if not _is_share(weight):
+                raise ValueError(f"weight of {contribution_id} must be a finite number >= 0, got {weight!r}")
             total += weight
-        _check_share(self.unattributed, "unattributed")
+        if not _is_share(self.unattributed):
+            raise ValueError(f"unattributed must be a finite number >= 0, got {self.unattributed!r}")
         if abs(total + self.unattributed - 1.0) > SUM_TOLERANCE:
             raise ValueError(f"token {self.token_id}: weights ({total!r}) + unattributed ({self.unattributed!r}) != 1")
 
@@ -133,6 +135,8 @@ class AttributionTrace:
         )
 
 
-def _check_share(value: object, name: str) -> None:
-    if not isinstance(value, float | int) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+def _is_share(value: object) -> bool:
+    """A finite number >= 0 (not a bool); the float case first, it is the common one."""
+    if type(value) is float:
+        return 0.0 <= value < math.inf
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

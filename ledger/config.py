@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, PositiveInt, SecretStr
+from pydantic import Field, PositiveInt, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ledger.fee_split import FeeSplitPolicy
@@ -49,6 +49,12 @@ class LedgerConfig(BaseSettings):
     ship_batch: PositiveInt = Field(64, description="Traces per message on the ingest stream.")
     ship: bool = Field(True, description="Queue every trace for the ledger (off only to measure shipping's cost: "
                        "inferences are then not billed).")
+
+    @model_validator(mode="after")
+    def _split_fits(self) -> "LedgerConfig":
+        if self.contributors_bps + self.owner_bps > 10_000:
+            raise ValueError("contributors_bps + owner_bps must be <= 10000 (the treasury gets the rest)")
+        return self
 
     @property
     def target(self) -> str:

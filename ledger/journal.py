@@ -184,7 +184,7 @@ class Journal:
                 claimed[trace_id] = item.sha
                 new.append((position, item, terms, shares, fee))
             if conflicts:
-                session.execute(insert(TraceConflict), conflicts)
+                self._record_conflicts(session, conflicts)
             if new:
                 self._write(session, new, results)
             session.commit()
@@ -194,6 +194,19 @@ class Journal:
             IngestResult(r.trace_id, r.status, r.entry_id or entry_of.get(r.trace_id, 0), r.reason)
             for r in (results[i] for i in range(len(batch)))
         ]
+
+    @staticmethod
+    def _record_conflicts(session: Session, conflicts: list[dict[str, object]]) -> None:
+        """Keep each refused version once (a resend of the same refused trace is not a new conflict)."""
+        known = set(session.exec(select(TraceConflict.trace_id, TraceConflict.content_sha256).where(
+            col(TraceConflict.trace_id).in_({c["trace_id"] for c in conflicts}))).all())
+        fresh: dict[tuple[object, object], dict[str, object]] = {}
+        for conflict in conflicts:
+            key = (conflict["trace_id"], conflict["content_sha256"])
+            if key not in known:
+                fresh.setdefault(key, conflict)
+        if fresh:
+            session.execute(insert(TraceConflict), list(fresh.values()))
 
     def _write(self, session: Session, new: list[tuple[int, _Prepared, AdapterTerms, list[Share], int]],
                results: dict[int, IngestResult]) -> None:
@@ -216,9 +229,9 @@ class Journal:
                 "entry_id": entry_id, "received_at": now,
             })
             results[position] = IngestResult(trace.trace_id, "accepted", entry_id)
-        if postings:
-            session.execute(insert(Posting), postings)
-        session.execute(insert(IngestedTrace), traces)
+        if postings:  # Core inserts of the tables: no ORM bookkeeping per row
+            session.execute(insert(Posting.__table__), postings)  # type: ignore[attr-defined]
+        session.execute(insert(IngestedTrace.__table__), traces)  # type: ignore[attr-defined]
 
     def _shares(self, trace: AttributionTrace, fee: int, terms: AdapterTerms,
                 owners: dict[str, str]) -> list[Share]:

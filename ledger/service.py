@@ -16,6 +16,7 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+from sqlalchemy.exc import SQLAlchemyError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -46,7 +47,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServicer):
     def Ingest(self, request_iterator: Iterator[ledger_pb2.IngestRequest],  # noqa: N802
                context: grpc.ServicerContext) -> Iterator[ledger_pb2.IngestAck]:
         for request in request_iterator:
-            for result in self._ingest(request):
+            try:
+                results = self._ingest(request)
+            except SQLAlchemyError as error:  # nothing of this batch was committed; the sender retries
+                log.exception("ledger database error while ingesting %d traces", len(request.traces))
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"ledger database error: {type(error).__name__}; retry")
+            for result in results:
                 self.counters[result.status] += 1
                 if result.status in ("conflict", "rejected"):
                     log.error("trace %s refused (%s): %s", result.trace_id, result.status, result.reason)

@@ -5,7 +5,7 @@ Part 1, per backend: a registry with one published datanet (20 contributors, 200
 a priced adapter; a real `gateway ledger serve` process; N traces of 64 completion tokens (1–2
 contributions per token) sent over one `Ingest` stream in batches of 64 with 4 batches in flight.
 Printed: traces/s and attributed tokens/s. Then, on the same database, the raw insert rate of the
-same rows (a trace row, a journal entry and its postings per trace, 64 traces per transaction,
+same rows (a trace row, a journal entry and as many postings per trace, 64 traces per transaction,
 SQLAlchemy Core without any checks) — the floor of what the database can take.
 
 Part 2: two gateways on one state directory, shipping on and off (`GATEWAY_LEDGER_SHIP=false`),
@@ -133,25 +133,28 @@ def ingest_rate(target: str, traces: list[AttributionTrace]) -> tuple[float, int
         return time.perf_counter() - started, accepted
 
 
-def raw_insert_rate(url: str, traces: list[AttributionTrace]) -> float:
-    """Seconds to insert the same rows with plain Core inserts, 64 traces per transaction."""
+def raw_insert_rate(url: str, traces: list[AttributionTrace], postings_per_trace: int) -> float:
+    """Seconds to insert the same rows with plain Core inserts, 64 traces per transaction.
+
+    The rows (canonical JSON, hashes) are built before the clock starts: this is the database alone.
+    """
     engine = open_database(url)
-    owners = [f"payable:0x{i:040x}" for i in range(6)]
+    owners = [f"payable:0x{i:040x}" for i in range(postings_per_trace)]
+    now = utcnow()
+    rows = [{"trace_id": f"raw-{t.trace_id}", "content_sha256": content_sha256(t), "model": t.model,
+             "adapter": t.adapter, "requester": None, "prompt_tokens": t.prompt_tokens,
+             "completion_tokens": t.completion_tokens, "attributed_tokens": 30.0, "price_per_1k_tokens": 10**15,
+             "fee": 84 * 10**12, "body": canonical_json(t).decode(), "received_at": now} for t in traces]
     started = time.perf_counter()
     with Session(engine) as session:
-        for start in range(0, len(traces), BATCH):
-            chunk = traces[start:start + BATCH]
-            now = utcnow()
+        for start in range(0, len(rows), BATCH):
+            chunk = rows[start:start + BATCH]
             ids = session.execute(insert(JournalEntry).returning(JournalEntry.id, sort_by_parameter_order=True),
-                                  [{"kind": "raw", "ref": t.trace_id, "created_at": now} for t in chunk]).scalars().all()
+                                  [{"kind": "raw", "ref": r["trace_id"], "created_at": now} for r in chunk]
+                                  ).scalars().all()
             session.execute(insert(Posting), [{"entry_id": e, "account": a, "role": "r", "amount": 10**15}
                                               for e in ids for a in owners])
-            session.execute(insert(IngestedTrace), [
-                {"trace_id": f"raw-{t.trace_id}", "content_sha256": content_sha256(t), "model": t.model,
-                 "adapter": t.adapter, "requester": None, "prompt_tokens": t.prompt_tokens,
-                 "completion_tokens": t.completion_tokens, "attributed_tokens": 30.0, "price_per_1k_tokens": 10**15,
-                 "fee": 84 * 10**12, "body": canonical_json(t).decode(), "entry_id": e, "received_at": now}
-                for t, e in zip(chunk, ids, strict=True)])
+            session.execute(insert(IngestedTrace), [{**r, "entry_id": e} for r, e in zip(chunk, ids, strict=True)])
             session.commit()
     elapsed = time.perf_counter() - started
     engine.dispose()
@@ -168,12 +171,17 @@ def bench_backend(name: str, url: str, state: Path, count: int) -> dict[str, flo
     try:
         log(f"{name}: ingesting {count} traces through `gateway ledger serve`")
         seconds, accepted = ingest_rate(ledger.target, traces)
+        with grpc.insecure_channel(ledger.target) as channel:
+            totals = ledger_pb2_grpc.LedgerStub(channel).GetTotals(ledger_pb2.GetTotalsRequest(), timeout=60)
     finally:
         ledger.stop()
     assert accepted == count, f"{accepted} of {count} accepted"
-    log(f"{name}: raw inserts of the same rows")
-    raw_seconds = raw_insert_rate(url, make_traces(count, contribution_ids, seed=1))
-    return {"traces_s": count / seconds, "attributed_tokens_s": attributed / seconds, "raw_traces_s": count / raw_seconds}
+    assert totals.postings_sum == "0" and totals.unbalanced_entries == 0
+    postings_per_trace = round(totals.postings / totals.traces)
+    log(f"{name}: raw inserts of the same rows ({postings_per_trace} postings per trace)")
+    raw_seconds = raw_insert_rate(url, make_traces(count, contribution_ids, seed=1), postings_per_trace)
+    return {"traces_s": count / seconds, "attributed_tokens_s": attributed / seconds, "raw_traces_s": count / raw_seconds,
+            "postings_per_trace": postings_per_trace}
 
 
 def latency(args: argparse.Namespace) -> dict[str, dict[str, float]]:

@@ -42,3 +42,14 @@ def test_replica_modes() -> None:
 def test_engine_rejects_unknown_settings() -> None:
     with pytest.raises(ValidationError):
         EngineConfig(max_lora=3)
+
+
+def test_ledger_fee_split_must_fit_in_100_percent(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ledger.config import LedgerConfig
+
+    monkeypatch.setenv("GATEWAY_LEDGER_CONTRIBUTORS_BPS", "9000")
+    monkeypatch.setenv("GATEWAY_LEDGER_OWNER_BPS", "2000")
+    with pytest.raises(ValidationError, match="must be <= 10000"):
+        LedgerConfig()
+    monkeypatch.setenv("GATEWAY_LEDGER_OWNER_BPS", "1000")
+    assert LedgerConfig().fee_split().treasury_bps == 0

@@ -55,6 +55,8 @@ def test_idempotent_on_trace_id_and_conflicts_are_refused_and_recorded(journal: 
     # Same id, other content: refused, reported, and the stored trace is unchanged.
     [conflict] = journal.ingest([trace("t-1", [token({CIDS[1]: 1.0})])])
     assert conflict.status == "conflict" and "other content" in conflict.reason
+    [again] = journal.ingest([trace("t-1", [token({CIDS[1]: 1.0})])])
+    assert again.status == "conflict", "a resent refused trace is refused again, and recorded once"
     record = journal.trace("t-1")
     assert record is not None and record.trace == first
     totals = journal.totals()
