@@ -51,6 +51,27 @@ async def bench(servers: dict[str, GatewayServer], args: argparse.Namespace) -> 
     return rounds
 
 
+def alternate_gateways(state: Path, variants: dict[str, dict[str, str]],
+                       args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Start one gateway per variant (its extra env) on one state directory and run `bench` on them.
+
+    They share the local chain and the ledger; HTTP and gRPC ports follow from `args.port`.
+    """
+    shared = {"GATEWAY_CHAIN_PORT": str(free_port()), "GATEWAY_LEDGER_PORT": str(free_port()),
+              "GATEWAY_DEMO_ADAPTERS": "0"}
+    servers = {name: GatewayServer(state, args.port + 2 * i) for i, name in enumerate(variants)}
+    for name, server in servers.items():
+        server.process.env.update({**shared, **variants[name]})
+    try:
+        for name, server in servers.items():  # one after the other: the first builds the demo data
+            log(f"starting the gateway with {name} (state {state})")
+            server.start()
+        return asyncio.run(bench(servers, args))
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -62,19 +83,7 @@ def main() -> int:
     for port in range(args.port, args.port + 4):
         check_port_free(port)
     state = (args.state_dir or Path(tempfile.mkdtemp(prefix="bench-attribution-", dir="/tmp"))).resolve()
-    chain_port = str(free_port())
-    servers = {"attribution on": GatewayServer(state, args.port), "attribution off": GatewayServer(state, args.port + 2)}
-    servers["attribution off"].process.env["GATEWAY_ATTRIBUTION"] = "false"
-    for server in servers.values():
-        server.process.env.update({"GATEWAY_CHAIN_PORT": chain_port, "GATEWAY_DEMO_ADAPTERS": "0"})
-    try:
-        for name, server in servers.items():  # one after the other: the first builds the demo data
-            log(f"starting the gateway with {name} (state {state})")
-            server.start()
-        rounds = asyncio.run(bench(servers, args))
-    finally:
-        for server in servers.values():
-            server.stop()
+    rounds = alternate_gateways(state, {"attribution on": {}, "attribution off": {"GATEWAY_ATTRIBUTION": "false"}}, args)
     figures = {name: {key: statistics.median(r[key] for r in runs) for key in ("tok_s", "ttft_p50", "itl_p50")}
                for name, runs in rounds.items()}
     on, off = figures["attribution on"], figures["attribution off"]

@@ -18,7 +18,6 @@ alternate rounds of the serving workload on the demo lineage adapters; TTFT/ITL 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import random
 import statistics
@@ -184,25 +183,12 @@ def bench_backend(name: str, url: str, state: Path, count: int) -> dict[str, flo
             "postings_per_trace": postings_per_trace}
 
 
-def latency(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    from bench_attribution_overhead import bench as alternate_rounds
-    from bench_serving import GatewayServer
+def shipping_on_and_off(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Medians per gateway of alternating rounds: shipping on, shipping off."""
+    from bench_attribution_overhead import alternate_gateways
 
     state = Path(tempfile.mkdtemp(prefix="bench-ledger-", dir="/tmp"))
-    chain_port, ledger_port = str(free_port()), str(free_port())
-    servers = {"shipping on": GatewayServer(state, args.port), "shipping off": GatewayServer(state, args.port + 2)}
-    servers["shipping off"].process.env["GATEWAY_LEDGER_SHIP"] = "false"
-    for server in servers.values():
-        server.process.env.update({"GATEWAY_CHAIN_PORT": chain_port, "GATEWAY_LEDGER_PORT": ledger_port,
-                                   "GATEWAY_DEMO_ADAPTERS": "0"})
-    try:
-        for name, server in servers.items():
-            log(f"starting the gateway with {name} (state {state})")
-            server.start()
-        rounds = asyncio.run(alternate_rounds(servers, args))
-    finally:
-        for server in servers.values():
-            server.stop()
+    rounds = alternate_gateways(state, {"shipping on": {}, "shipping off": {"GATEWAY_LEDGER_SHIP": "false"}}, args)
     keys = ("tok_s", "ttft_p50", "ttft_p99", "itl_p50", "itl_p99")
     return {name: {k: statistics.median(r[k] for r in runs) for k in keys} for name, runs in rounds.items()}
 
@@ -210,6 +196,7 @@ def latency(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--traces", type=int, default=20_000)
+    parser.add_argument("--no-ingest", action="store_true", help="skip part 1 (ingest rates)")
     parser.add_argument("--no-latency", action="store_true", help="skip part 2 (two gateways, a few minutes)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=256)
@@ -217,6 +204,14 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=18400, help="first of four ports for part 2")
     args = parser.parse_args()
 
+    if not args.no_ingest:
+        ingest(args)
+    if not args.no_latency:
+        request_latency(args)
+    return 0
+
+
+def ingest(args: argparse.Namespace) -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-ledger-") as scratch:
         results["SQLite"] = bench_backend("SQLite", f"sqlite:///{scratch}/sqlite/ledger.db", Path(scratch) / "sqlite",
@@ -233,18 +228,19 @@ def main() -> int:
     for name, r in results.items():
         print(f"{name:12}{r['traces_s']:>10.0f}{r['attributed_tokens_s']:>18.0f}{r['raw_traces_s']:>15.0f}"
               f"{r['traces_s'] / r['raw_traces_s']:>12.2f}")
-    if not args.no_latency:
-        figures = latency(args)
-        print(f"\nrequests with trace shipping on vs off (medians of {args.rounds} rounds, {args.requests} x 64-token "
-              f"streams, {args.concurrency} in flight):")
-        print(f"{'':14}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}  (ms)")
-        for name, f in figures.items():
-            print(f"{name:14}{f['tok_s']:>8.1f}{f['ttft_p50']:>10.1f}{f['ttft_p99']:>10.1f}{f['itl_p50']:>9.2f}"
-                  f"{f['itl_p99']:>9.2f}")
-        on, off = figures["shipping on"], figures["shipping off"]
-        print(f"on/off: TTFT p99 {on['ttft_p99'] / off['ttft_p99']:.3f}, ITL p99 {on['itl_p99'] / off['itl_p99']:.3f}, "
-              f"tok/s {on['tok_s'] / off['tok_s']:.3f}")
-    return 0
+
+
+def request_latency(args: argparse.Namespace) -> None:
+    figures = shipping_on_and_off(args)
+    print(f"\nrequests with trace shipping on vs off (medians of {args.rounds} rounds, {args.requests} x 64-token "
+          f"streams, {args.concurrency} in flight):")
+    print(f"{'':14}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}  (ms)")
+    for name, f in figures.items():
+        print(f"{name:14}{f['tok_s']:>8.1f}{f['ttft_p50']:>10.1f}{f['ttft_p99']:>10.1f}{f['itl_p50']:>9.2f}"
+              f"{f['itl_p99']:>9.2f}")
+    on, off = figures["shipping on"], figures["shipping off"]
+    print(f"on/off: TTFT p99 {on['ttft_p99'] / off['ttft_p99']:.3f}, ITL p99 {on['itl_p99'] / off['itl_p99']:.3f}, "
+          f"tok/s {on['tok_s'] / off['tok_s']:.3f}")
 
 
 if __name__ == "__main__":

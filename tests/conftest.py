@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 
 from gateway.launcher import GatewayProcess
@@ -67,6 +68,12 @@ def gateway(demo_state: Path, ledger_service: LedgerProcess) -> Iterator[Gateway
     process.start()
     yield process
     assert process.stop() == 0, "gateway did not shut down cleanly"
+
+
+@pytest.fixture(scope="session")
+def client(gateway: GatewayProcess) -> openai.OpenAI:
+    """The official `openai` SDK pointed at the session's gateway (no retries: every error is seen)."""
+    return openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture()

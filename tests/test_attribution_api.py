@@ -31,11 +31,6 @@ BASE = "datanet-tiny-llama"
 
 
 @pytest.fixture(scope="module")
-def client(gateway: GatewayProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
 def stub(gateway: GatewayProcess) -> Iterator[pb_grpc.InferenceStub]:
     with grpc.insecure_channel(gateway.grpc_target) as channel:
         yield pb_grpc.InferenceStub(channel)

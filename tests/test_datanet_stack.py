@@ -28,11 +28,6 @@ NEW_PASSAGES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def client(gateway: GatewayProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
 @pytest.fixture(autouse=True)
 def same_chain(gateway: GatewayProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     """CLI commands reach the running stack's chain, like a user in another terminal."""

@@ -29,11 +29,6 @@ PROMPT = " ".join(PASSAGE.text.split()[:12])
 SHIPPED_WITHIN_SECONDS = 60.0
 
 
-@pytest.fixture(scope="module")
-def client(gateway: GatewayProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
 @pytest.fixture(autouse=True)
 def same_ledger(gateway: GatewayProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     """CLI commands ask the running stack's ledger, like a user in another terminal."""

@@ -21,11 +21,6 @@ PROMPT = "The function returns a value when"
 
 
 @pytest.fixture(scope="module")
-def client(gateway: GatewayProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
 def aclient(gateway: GatewayProcess) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{gateway.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
 
