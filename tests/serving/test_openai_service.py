@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from serving.engine import Delta, StepOutput
-from serving.errors import EngineUnavailable, Overloaded
+from serving.errors import AccountingBacklog, EngineUnavailable, Overloaded
 from serving.openai_protocol import CompletionRequest
 from serving.openai_service import OpenAIService
 
@@ -85,3 +86,34 @@ async def test_engine_failure_mid_stream_ends_with_an_error_event() -> None:
     assert error["error"]["code"] == "engine_unavailable"
     assert len(chunks) == 4  # two deltas, the error, [DONE]
     assert service.ongoing == 0
+
+
+async def test_a_full_outbox_refuses_new_requests_until_it_drains(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from attribution import outbox as outbox_module
+    from attribution import service as attribution_service
+    from attribution.outbox import Outbox
+    from attribution.service import AttributionService, LedgerLineages
+
+    monkeypatch.setattr(attribution_service, "OUTBOX_CHECK_SECONDS", 0.02)  # the admission flag's refresh
+    monkeypatch.setattr(outbox_module, "COUNT_REFRESH_SECONDS", 0.02)  # the outbox's directory scans
+    outbox = Outbox(tmp_path / "outbox", max_traces=2)
+    attribution = AttributionService(LedgerLineages(f"sqlite:///{tmp_path / 'unused.db'}"), outbox=outbox)
+    service = OpenAIService(ScriptedEngine(), attribution=attribution)  # type: ignore[arg-type]
+    try:
+        served = []
+        for _ in range(2):
+            body = await service.run(await service.prepare_completion(request()), chat=False)
+            served.append(body["id"])
+            assert await attribution.get(body["id"]) is not None
+        assert sorted(trace_id for trace_id, _ in outbox.pending(10)) == sorted(served), "served requests are queued"
+        await asyncio.sleep(0.2)
+        with pytest.raises(AccountingBacklog) as refused:
+            await service.prepare_completion(request())
+        assert (refused.value.status, refused.value.code) == (503, "outbox_full")
+        for trace_id in served:  # the ledger acknowledged them
+            outbox.remove(trace_id)
+        await asyncio.sleep(0.2)
+        assert (await service.prepare_completion(request())).model == "base", "admitted again once it drains"
+    finally:
+        attribution.close()
