@@ -12,7 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
-from gateway import adapter_commands, datanet_commands, ledger_commands
+from gateway import adapter_commands, datanet_commands, ledger_commands, settle_commands
 from gateway.cli_output import EXIT_BAD_INPUT, EXIT_FAILED, CommandError, fail
 from gateway.config import EngineConfig, GatewayConfig, ReplicaConfig
 
@@ -55,6 +55,7 @@ def parser() -> argparse.ArgumentParser:
     datanet_commands.add_parser(commands)
     adapter_commands.add_parser(commands)
     ledger_commands.add_parser(commands)
+    settle_commands.add_parser(commands)
     return root
 
 

@@ -88,3 +88,30 @@ def registry_contract(config: GatewayConfig):  # type: ignore[no-untyped-def]
     with local_chain(config, chain) as url:
         client = ChainClient(url, chain.private_key(local=chain.rpc_url is None))
         yield ensure_registry(client, deployment_file(config))
+
+
+@contextmanager
+def settlement_chain(config: GatewayConfig):  # type: ignore[no-untyped-def]
+    """The operator's view of the PayoutSettler (and its token) on the configured chain.
+
+    Locally the token and the settler are deployed on first use (the settler funded with
+    GATEWAY_SETTLE_LOCAL_FUNDING); on a remote chain GATEWAY_SETTLE_SETTLER names the contract.
+    """
+    from ledger.chain.client import ChainClient
+    from ledger.chain.errors import ChainConfigError
+    from ledger.chain.settlement import PayoutSettler, ensure_settlement
+    from ledger.chain.settlement_chain import SettlementChain
+    from ledger.config import SettlementConfig
+
+    chain = ChainConfig()
+    settle = SettlementConfig()
+    local = chain.rpc_url is None
+    with local_chain(config, chain) as url:
+        client = ChainClient(url, chain.private_key(local=local))
+        if local:
+            _token, settler = ensure_settlement(client, deployment_file(config), fund=settle.local_funding)
+        elif settle.settler:
+            settler = PayoutSettler(client, settle.settler)
+        else:
+            raise ChainConfigError("set GATEWAY_SETTLE_SETTLER to the PayoutSettler address on this chain")
+        yield SettlementChain(client, settler, local=local)

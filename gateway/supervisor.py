@@ -65,7 +65,7 @@ def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> 
         if config.demo_datanets and not config.base_model_path:
             ensure_demo_datanets(config, registry, lambda line: print(line, flush=True))
         with ledger_service(config, ledger) as watch_ledger:
-            _serve(config, engine, replica, watch_ledger, trace_shipping(config, ledger))
+            _serve(config, engine, replica, watch_ledger, background_work(config, ledger))
 
 
 @contextmanager
@@ -100,6 +100,55 @@ def ledger_service(config: GatewayConfig, ledger: LedgerConfig) -> Iterator[Call
         yield restart_if_dead
     finally:
         child.stop()
+
+
+@contextmanager
+def background_work(config: GatewayConfig, ledger: LedgerConfig) -> Iterator[None]:
+    """What runs beside serving: trace shipping and periodic settlement."""
+    with trace_shipping(config, ledger), periodic_settlement(config):
+        yield
+
+
+@contextmanager
+def periodic_settlement(config: GatewayConfig) -> Iterator[None]:
+    """A settlement round every GATEWAY_SETTLE_INTERVAL_SECONDS (payable balances >= the threshold are paid)."""
+    from ledger.config import SettlementConfig
+
+    settle = SettlementConfig()
+    if not settle.periodic:
+        yield
+        return
+    stop = threading.Event()
+
+    def rounds() -> None:
+        from gateway.ledger_access import settlement_chain
+        from ledger.chain.errors import ChainError
+        from ledger.database import database_url, open_database
+        from ledger.payouts import PayoutPolicy
+        from ledger.settler import Settler, SettlerConfig
+
+        engine = open_database(database_url(config.state_dir))
+        policy = PayoutPolicy(settle.threshold, settle.max_payees)
+        settler_config = SettlerConfig(confirmations=settle.confirmations, fee_bump_percent=settle.fee_bump_percent,
+                                       stuck_after_seconds=settle.stuck_after_seconds)
+        while not stop.wait(settle.interval_seconds):
+            try:
+                with settlement_chain(config) as chain:
+                    Settler(engine, chain, policy, settler_config,
+                            report=lambda line: print(line, flush=True)).run_round(settle.interval_seconds * 5)
+            except (ChainError, OSError, ValueError) as error:
+                log.warning("settlement round failed (%s); retrying in %.0f s", error, settle.interval_seconds)
+            except Exception:
+                log.exception("settlement round failed; retrying in %.0f s", settle.interval_seconds)
+
+    thread = threading.Thread(target=rounds, name="settler", daemon=True)
+    thread.start()
+    print(f"[gateway] settling payable balances >= {settle.threshold} base units every "
+          f"{settle.interval_seconds:.0f} s ({settle.confirmations} confirmations)", flush=True)
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 @contextmanager

@@ -65,3 +65,21 @@ class LedgerConfig(BaseSettings):
 
     def fee_split(self) -> FeeSplitPolicy:
         return FeeSplitPolicy(self.contributors_bps, self.owner_bps, self.unattributed)
+
+
+class SettlementConfig(BaseSettings):
+    """On-chain payouts (env prefix ``GATEWAY_SETTLE_``); chain and operator key are `ChainConfig`'s."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_SETTLE_")
+
+    threshold: PositiveInt = Field(10**16, description="Pay an address once its payable balance reaches this "
+                                   "(base units; default 0.01 token).")
+    max_payees: int = Field(400, ge=1, le=400, description="Payees per transaction.")
+    confirmations: PositiveInt = Field(2, description="Blocks deep a payout transaction must be to count as paid.")
+    stuck_after_seconds: float = Field(30.0, gt=0, description="Re-sign with higher fees after this long unmined.")
+    fee_bump_percent: int = Field(25, ge=10, description="Fee increase of a re-signed transaction (nodes need >= 10).")
+    interval_seconds: float = Field(60.0, gt=0, description="How often `gateway up` runs a settlement round.")
+    periodic: bool = Field(True, description="`gateway up` runs the settler every interval.")
+    token: str | None = Field(None, description="Payout token address on a remote chain (local: deployed).")
+    settler: str | None = Field(None, description="PayoutSettler address on a remote chain (local: deployed).")
+    local_funding: int = Field(10**24, ge=0, description="Tokens minted to the local settler when it is deployed.")

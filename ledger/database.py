@@ -8,7 +8,10 @@ psycopg 3 driver).
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, event
@@ -53,3 +56,39 @@ def _sqlite_pragmas(connection, _record) -> None:  # type: ignore[no-untyped-def
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.close()
     connection.create_aggregate("exact_sum", 1, ExactSumAggregate)
+
+
+@contextmanager
+def exclusive_file_lock(engine: Engine, name: str) -> Iterator[None]:
+    """A lock file beside a SQLite database (`<db>.<name>.lock`) held for the block; no-op elsewhere.
+
+    Serializes work that must not run twice at once across processes (migrations, payout planning);
+    PostgreSQL callers take an advisory lock in their transaction instead.
+    """
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextmanager
+def exclusive(engine: Engine, name: str) -> Iterator[None]:
+    """Hold a named cross-process lock for the block: a lock file for SQLite, an advisory lock on PostgreSQL."""
+    if engine.dialect.name != "postgresql":
+        with exclusive_file_lock(engine, name):
+            yield
+        return
+    key = int.from_bytes(name.encode()[:7].ljust(7, b"\0"), "big")
+    with engine.connect() as connection:
+        connection.exec_driver_sql(f"SELECT pg_advisory_lock({key})")
+        try:
+            yield
+        finally:
+            connection.exec_driver_sql(f"SELECT pg_advisory_unlock({key})")
+            connection.commit()

@@ -12,11 +12,8 @@ New revision after a model change (developers):
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
@@ -24,6 +21,8 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect
+
+from ledger.database import exclusive_file_lock
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 FIRST_REVISION = "0001"
@@ -55,7 +54,7 @@ def upgrade(engine: Engine) -> None:
     with engine.connect() as connection:
         if current_revision(connection) == head:
             return
-    with _exclusive(engine), engine.begin() as connection:
+    with exclusive_file_lock(engine, "migrate"), engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_LOCK_KEY})")
         config = alembic_config(connection)
@@ -64,26 +63,11 @@ def upgrade(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
-@contextmanager
-def _exclusive(engine: Engine) -> Iterator[None]:
-    """A file lock beside a SQLite database file; nothing for other backends (they lock in SQL)."""
-    database = engine.url.database if engine.dialect.name == "sqlite" else None
-    if not database or database == ":memory:":
-        yield
-        return
-    with open(f"{database}.migrate.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _revision(message: str) -> None:
     """Autogenerate a revision against a scratch SQLite database at head."""
     import tempfile
 
-    from ledger.database import open_database
+    from ledger.database import open_database  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory() as scratch:
         engine = open_database(f"sqlite:///{scratch}/ledger.db")

@@ -149,3 +149,49 @@ class Posting(SQLModel, table=True):
     account: str = Field(max_length=64)
     role: str = Field(max_length=16)
     amount: int = Field(sa_column=Column(Amount, nullable=False))
+
+
+class PayoutBatch(SQLModel, table=True):
+    """One on-chain payout transaction's worth of payees, driven through its states by the settler.
+
+    planned → signed → sent → confirmed → paid, or voided. Each state is written before the
+    external action it allows (ledger/settler.py). `id` is the batch id the contract records (0x + 64 hex).
+    """
+
+    id: str = Field(primary_key=True, max_length=66)
+    state: str = Field(max_length=16, index=True)
+    manifest_hash: str = Field(max_length=66)
+    payee_count: int
+    total: int = Field(sa_column=Column(Amount, nullable=False))
+    chain_id: int
+    settler: str = Field(max_length=42)
+    operator: str = Field(max_length=42)
+    nonce: int | None = None
+    tx_hash: str | None = Field(default=None, max_length=66)  # the attempt that was mined (or the latest)
+    block_number: int | None = None
+    block_hash: str | None = Field(default=None, max_length=66)
+    reason: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class PayoutLine(SQLModel, table=True):
+    """A payee of a batch and the amount it is paid (base units)."""
+
+    batch_id: str = Field(foreign_key="payoutbatch.id", primary_key=True, max_length=66)
+    address: str = Field(primary_key=True, max_length=42)
+    amount: int = Field(sa_column=Column(Amount, nullable=False))
+
+
+class PayoutAttempt(SQLModel, table=True):
+    """A signed settle transaction of a batch, stored before it is sent (a fee bump adds another)."""
+
+    tx_hash: str = Field(primary_key=True, max_length=66)
+    batch_id: str = Field(foreign_key="payoutbatch.id", index=True, max_length=66)
+    nonce: int
+    gas: int
+    max_fee_per_gas: int = Field(sa_column=Column(Amount, nullable=False))
+    max_priority_fee_per_gas: int = Field(sa_column=Column(Amount, nullable=False))
+    raw: str = Field(sa_column=Column(Text, nullable=False))
+    sent_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))

@@ -137,6 +137,38 @@ def test_a_ledger_outage_under_load_loses_nothing_and_bills_nothing_twice(
     assert outbox_depth(gateway) == 0, "acknowledged traces leave the outbox"
 
 
+def test_settle_pays_balances_on_chain_and_chain_info_names_the_contracts(
+    gateway: GatewayProcess, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ledger.chain.anvil import ANVIL_DEV_KEYS
+    from ledger.chain.client import ChainClient
+    from ledger.chain.settlement import PayoutToken
+
+    monkeypatch.setenv("GATEWAY_CHAIN_PORT", gateway.env["GATEWAY_CHAIN_PORT"])
+    monkeypatch.setenv("GATEWAY_SETTLE_THRESHOLD", "1")
+    state = ["--state-dir", str(gateway.state_dir)]
+    contributor = demo_contributor_address(PASSAGE.contributor_index)
+    owed = int(cli(capsys, "ledger", "balance", contributor)["payable"])
+    assert owed > 0, "the earlier tests billed inferences"
+    plan = cli(capsys, *state, "settle", "--dry-run")
+    planned = {line["address"]: int(line["amount"]) for batch in plan["batches"] for line in batch["lines"]}
+    assert planned[contributor] == owed
+    assert int(cli(capsys, "ledger", "balance", contributor)["payable"]) == owed, "a dry run changes nothing"
+    result = cli(capsys, *state, "settle")
+    assert result["batches"] and {b["state"] for b in result["batches"]} == {"paid"}
+    assert sum(b["payees"] for b in result["batches"]) == len(planned)
+    balance = cli(capsys, "ledger", "balance", contributor)
+    assert (balance["payable"], balance["pending"]) == ("0", "0") and int(balance["paid"]) >= owed
+    info = cli(capsys, *state, "chain", "info")
+    assert info["chain_id"] == 31337 and {"rpc_url", "token", "settler", "registry"} <= set(info)
+    token = PayoutToken(ChainClient(info["rpc_url"], ANVIL_DEV_KEYS[0]), info["token"])
+    assert token.balance_of(contributor) == int(balance["paid"]), "on-chain balance equals the ledger's paid"
+    statement = cli(capsys, "ledger", "statement", contributor)
+    paid_refs = {line["ref"] for line in statement["lines"] if line["kind"] == "payout_paid"}
+    assert paid_refs & {b["id"] for b in result["batches"]}, "the statement names the payout batch"
+    assert cli(capsys, *state, "settle")["batches"] == [], "nothing is paid twice"
+
+
 def test_traces_left_in_the_outbox_of_a_killed_gateway_are_shipped_after_restart(
     demo_state: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
