@@ -97,12 +97,17 @@ def cmd_statement(config: GatewayConfig, args: argparse.Namespace) -> None:
     statement = _call("GetStatement", ledger_pb2.GetStatementRequest(address=args.address, limit=args.limit,
                                                                      before_entry_id=args.before))
     lines = [{"entry_id": line.entry_id, "kind": line.kind, "ref": line.ref, "account": line.account,
-              "role": line.role, "amount": line.amount, "created_at": line.created_at} for line in statement.lines]
+              "role": line.role, "amount": line.amount, "created_at": line.created_at,
+              **({"tx_hash": line.tx_hash or None, "traces": list(line.traces)} if line.kind.startswith("payout_")
+                 else {})}
+             for line in statement.lines]
     payload = {"address": statement.address, "balance": _balance_json(statement.balance), "lines": lines}
 
     def human(p: dict[str, Any]) -> str:
-        rows = [f"{line['created_at'][:19]}  entry {line['entry_id']:>8}  {line['kind']:<10} {line['ref']:<40} "
-                f"{line['role']:<13} {line['amount']:>30}" for line in p["lines"]]
+        rows = [f"{line['created_at'][:19]}  entry {line['entry_id']:>8}  {line['kind']:<14} {line['ref']:<40} "
+                f"{line['role']:<13} {line['amount']:>30}"
+                + (f"  tx {line['tx_hash'] or '(not mined)'}, {len(line['traces'])} traces" if "traces" in line else "")
+                for line in p["lines"]]
         b = p["balance"]
         return "\n".join([f"{p['address']}: payable {b['payable']}, pending {b['pending']}, paid {b['paid']}",
                           *(rows or ["(no entries)"])])

@@ -34,8 +34,8 @@ from ledger.amounts import exact_sum
 from ledger.contribution_content import checksum_address
 from ledger.datanets import in_version
 from ledger.fee_split import FeeSplitPolicy, Share, exact_float_sum, fee_for, split_fee
-from ledger.models import (Adapter, AdapterLineage, Contribution, DatanetVersion, IngestedTrace, JournalEntry, Posting,
-                           TraceConflict, utcnow)
+from ledger.models import (Adapter, AdapterLineage, Contribution, DatanetVersion, IngestedTrace, JournalEntry,
+                           PayoutBatch, Posting, TraceConflict, utcnow)
 
 INFERENCE = "inference"
 ADDRESS_ACCOUNT_CLASSES = ("payable", "pending", "paid")
@@ -82,6 +82,8 @@ class StatementLine:
     role: str
     amount: int
     created_at: str
+    tx_hash: str | None = None  # payout lines: the transaction that paid the batch
+    traces: tuple[str, ...] = ()  # payout lines: the traces whose credits the payout pays
 
 
 @dataclass(frozen=True)
@@ -304,8 +306,39 @@ class Journal:
             query = query.where(col(Posting.entry_id) < before_entry_id)
         query = query.order_by(col(Posting.entry_id).desc(), col(Posting.id)).limit(limit)
         with Session(self.engine) as session:
-            return [StatementLine(entry.id, entry.kind, entry.ref, posting.account, posting.role, posting.amount,
-                                  entry.created_at.isoformat()) for posting, entry in session.exec(query).all()]
+            rows = session.exec(query).all()
+            batches = {entry.ref for _, entry in rows if entry.kind.startswith("payout_")}
+            payouts = {batch: self._payout_details(session, address, batch) for batch in batches}
+        return [StatementLine(entry.id, entry.kind, entry.ref, posting.account, posting.role, posting.amount,
+                              entry.created_at.isoformat(), *payouts.get(entry.ref, (None, ())))
+                for posting, entry in rows]
+
+    @staticmethod
+    def _payout_details(session: Session, address: str, batch_id: str) -> tuple[str | None, tuple[str, ...]]:
+        """The batch's transaction, and the traces that credited the address since its previous payout.
+
+        A payout sweeps the address's whole payable balance, so it pays the inference credits posted
+        after the previous (not voided) payout was planned and before this one was.
+        """
+        batch = session.get(PayoutBatch, batch_id)
+        plans = session.exec(
+            select(JournalEntry.id, JournalEntry.ref).join(Posting, col(Posting.entry_id) == col(JournalEntry.id))
+            .join(PayoutBatch, col(PayoutBatch.id) == col(JournalEntry.ref))
+            .where(JournalEntry.kind == "payout_planned", Posting.account == f"pending:{address}",
+                   col(PayoutBatch.state) != "voided")
+            .order_by(col(JournalEntry.id))).all()
+        ids = [entry_id for entry_id, _ in plans]
+        this = next((entry_id for entry_id, ref in plans if ref == batch_id), None)
+        if this is None:
+            return (batch.tx_hash if batch else None), ()
+        previous = max((entry_id for entry_id in ids if entry_id < this), default=0)
+        traces = session.exec(
+            select(JournalEntry.ref).join(Posting, col(Posting.entry_id) == col(JournalEntry.id))
+            .where(JournalEntry.kind == INFERENCE, Posting.account == f"payable:{address}",
+                   col(JournalEntry.id) > previous, col(JournalEntry.id) < this)
+            .distinct().order_by(JournalEntry.ref)).all()
+        mined = batch is not None and batch.state in ("confirmed", "paid")
+        return (batch.tx_hash if mined else None), tuple(traces)
 
     def trace(self, trace_id: str) -> TraceRecord | None:
         with Session(self.engine) as session:

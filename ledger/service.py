@@ -91,7 +91,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServicer):
         return ledger_pb2.Statement(
             address=balance.address, balance=_balance_pb(balance),
             lines=[ledger_pb2.StatementLine(entry_id=line.entry_id, kind=line.kind, ref=line.ref, account=line.account,
-                                            amount=str(line.amount), role=line.role, created_at=line.created_at)
+                                            amount=str(line.amount), role=line.role, created_at=line.created_at,
+                                            tx_hash=line.tx_hash or "", traces=line.traces)
                    for line in lines],
         )
 

@@ -163,9 +163,12 @@ def test_settle_pays_balances_on_chain_and_chain_info_names_the_contracts(
     assert info["chain_id"] == 31337 and {"rpc_url", "token", "settler", "registry"} <= set(info)
     token = PayoutToken(ChainClient(info["rpc_url"], ANVIL_DEV_KEYS[0]), info["token"])
     assert token.balance_of(contributor) == int(balance["paid"]), "on-chain balance equals the ledger's paid"
-    statement = cli(capsys, "ledger", "statement", contributor)
-    paid_refs = {line["ref"] for line in statement["lines"] if line["kind"] == "payout_paid"}
-    assert paid_refs & {b["id"] for b in result["batches"]}, "the statement names the payout batch"
+    statement = cli(capsys, "ledger", "statement", contributor, "--limit", "10000")
+    batches = {b["id"]: b["tx_hash"] for b in result["batches"]}
+    [paid] = [line for line in statement["lines"] if line["kind"] == "payout_paid" and line["ref"] in batches]
+    assert paid["tx_hash"] == batches[paid["ref"]], "the statement names the payout batch and its transaction"
+    assert paid["traces"] and set(paid["traces"]) <= {
+        line["ref"] for line in statement["lines"] if line["kind"] == "inference"}, "and the traces it pays"
     assert cli(capsys, *state, "settle")["batches"] == [], "nothing is paid twice"
 
 

@@ -7,13 +7,12 @@ from dataclasses import dataclass
 
 import pytest
 from eth_tester import EthereumTester
-from web3 import Web3
-from web3.providers.eth_tester import EthereumTesterProvider
 
 from ledger.chain.client import ChainClient
 from ledger.chain.errors import ChainConfigError, TransactionReverted, TransactionTimeout
 from ledger.chain.registry import DatanetRegistry, datanet_key
 from ledger.merkle import MerkleTree, verify_proof
+from tests.support.eth_tester_chain import in_process_chain
 
 RIVERS = datanet_key("rivers")
 IDS = [hashlib.sha256(f"contribution {i}".encode()).digest() for i in range(9)]
@@ -30,11 +29,7 @@ class Chain:
 
 @pytest.fixture()
 def chain() -> Chain:
-    tester = EthereumTester()
-    w3 = Web3(EthereumTesterProvider(tester))
-    keys = [key.to_hex() for key in tester.backend.account_keys[:2]]
-    owner = ChainClient.from_web3(w3, keys[0])
-    stranger = ChainClient.from_web3(w3, keys[1])
+    tester, (owner, stranger) = in_process_chain()
     return Chain(tester, owner, stranger, DatanetRegistry.deploy(owner))
 
 

@@ -107,10 +107,15 @@ def test_a_round_pays_every_payable_balance_once(journal: Journal, chain: Settle
     assert {a: journal.balance(a).paid for a in PAYEES} == owed and all(journal.balance(a).payable == 0 for a in PAYEES)
     assert settler(journal, chain).run_round(timeout_seconds=60) == [], "nothing is paid twice"
     earn(journal, "t-2")
-    assert [v.state for v in settler(journal, chain).run_round(timeout_seconds=60)] == [PAID]
+    earn(journal, "t-3")
+    [second] = settler(journal, chain).run_round(timeout_seconds=60)
+    assert second.state == PAID
     assert_paid_exactly_once(journal, chain)
+    # A contributor sees, for each payout, the batch, its transaction and the traces it pays.
     statement = journal.statement(ALICE.address)
     assert {line.kind for line in statement} == {"inference", "payout_planned", "payout_paid"}
+    payouts = {(line.ref, line.tx_hash, line.traces) for line in statement if line.kind == "payout_paid"}
+    assert payouts == {(views[0].id, views[0].tx_hash, ("t-1",)), (second.id, second.tx_hash, ("t-2", "t-3"))}
 
 
 @pytest.mark.parametrize("crash", ["before send", "after send", "between steps"])

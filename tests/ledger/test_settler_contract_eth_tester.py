@@ -8,11 +8,10 @@ from typing import Any
 import pytest
 from eth_tester import EthereumTester
 from eth_utils import keccak, to_checksum_address
-from web3 import Web3
 from web3.logs import DISCARD
-from web3.providers.eth_tester import EthereumTesterProvider
 
 from ledger.chain.client import ChainClient
+from tests.support.eth_tester_chain import in_process_chain
 from ledger.chain.errors import TransactionReverted
 from ledger.chain.settlement import (
     PayoutSettler,
@@ -48,11 +47,7 @@ class Chain:
 
 @pytest.fixture()
 def chain() -> Chain:
-    tester = EthereumTester()
-    w3 = Web3(EthereumTesterProvider(tester))
-    keys = [key.to_hex() for key in tester.backend.account_keys[:2]]
-    operator = ChainClient.from_web3(w3, keys[0])
-    stranger = ChainClient.from_web3(w3, keys[1])
+    tester, (operator, stranger) = in_process_chain()
     token = PayoutToken.deploy(operator)
     settler = PayoutSettler.deploy(operator, token.address)
     token.mint(settler.address, TREASURY)
