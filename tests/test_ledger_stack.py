@@ -165,7 +165,8 @@ def test_settle_pays_balances_on_chain_and_chain_info_names_the_contracts(
     assert token.balance_of(contributor) == int(balance["paid"]), "on-chain balance equals the ledger's paid"
     statement = cli(capsys, "ledger", "statement", contributor, "--limit", "10000")
     batches = {b["id"]: b["tx_hash"] for b in result["batches"]}
-    [paid] = [line for line in statement["lines"] if line["kind"] == "payout_paid" and line["ref"] in batches]
+    [paid] = [line for line in statement["lines"]
+              if line["kind"] == "payout_paid" and line["account"] == f"paid:{contributor}" and line["ref"] in batches]
     assert paid["tx_hash"] == batches[paid["ref"]], "the statement names the payout batch and its transaction"
     assert paid["traces"] and set(paid["traces"]) <= {
         line["ref"] for line in statement["lines"] if line["kind"] == "inference"}, "and the traces it pays"

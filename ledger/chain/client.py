@@ -155,6 +155,10 @@ class ChainClient:
 
     # -- helpers ---------------------------------------------------------------------------------
 
+    def rpc(self, request: Callable[[], T]) -> T:
+        """Run a web3 request; ChainUnavailable when the node does not answer."""
+        return self._rpc(request)
+
     def _rpc(self, request: Callable[[], T]) -> T:
         try:
             return request()

@@ -191,7 +191,7 @@ class PayoutSettler:
         Public nodes cap the range of one ``eth_getLogs``; page through long ranges on them.
         """
         filters = None if batch_id is None else {"batchId": _bytes32(batch_id, "batch_id")}
-        logs = self.client._rpc(
+        logs = self.client.rpc(
             lambda: self._contract.events.BatchSettled().get_logs(
                 argument_filters=filters, from_block=from_block, to_block=to_block
             )
@@ -282,7 +282,7 @@ def send_raw(client: ChainClient, raw_transaction: bytes) -> str:
     """
     tx_hash = "0x" + keccak(raw_transaction).hex()
     try:
-        client._rpc(lambda: client.w3.eth.send_raw_transaction(raw_transaction))
+        client.rpc(lambda: client.w3.eth.send_raw_transaction(raw_transaction))
     except Web3RPCError as exc:
         message = str(exc.message or exc)
         if any(marker in message.lower() for marker in _ALREADY_KNOWN):
@@ -293,29 +293,29 @@ def send_raw(client: ChainClient, raw_transaction: bytes) -> str:
 
 def pending_nonce(client: ChainClient) -> int:
     """The operator's next nonce counting transactions in the node's pool."""
-    return int(client._rpc(lambda: client.w3.eth.get_transaction_count(client.address, "pending")))
+    return int(client.rpc(lambda: client.w3.eth.get_transaction_count(client.address, "pending")))
 
 
 def mined_nonce(client: ChainClient) -> int:
     """The operator's next nonce counting only mined transactions."""
-    return int(client._rpc(lambda: client.w3.eth.get_transaction_count(client.address, "latest")))
+    return int(client.rpc(lambda: client.w3.eth.get_transaction_count(client.address, "latest")))
 
 
 def receipt(client: ChainClient, tx_hash: str) -> TxReceipt | None:
     """The receipt of `tx_hash`, None while it is not mined (or unknown to the node)."""
     try:
-        return client._rpc(lambda: client.w3.eth.get_transaction_receipt(tx_hash))  # type: ignore[arg-type]
+        return client.rpc(lambda: client.w3.eth.get_transaction_receipt(tx_hash))  # type: ignore[arg-type]
     except TransactionNotFound:
         return None
 
 
 def block_number(client: ChainClient) -> int:
-    return int(client._rpc(lambda: client.w3.eth.block_number))
+    return int(client.rpc(lambda: client.w3.eth.block_number))
 
 
 def _guarded(client: ChainClient, fn: ContractFunction, label: str, request: Callable[[], T]) -> T:
     try:
-        return client._rpc(request)
+        return client.rpc(request)
     except Exception as exc:  # web3's ContractLogicError, or eth-tester's own TransactionFailed
         if isinstance(exc, ContractLogicError) or _revert_data(exc) is not None:
             raise _reverted(label, _abi_of(fn), exc) from None

@@ -1,26 +1,22 @@
 """What the settler needs from the chain, over web3 and the PayoutSettler contract (ledger/chain/settlement.py).
 
 Raw transactions are signed locally and sent as they were stored; receipts and block hashes are read
-fresh each time, so a reorg is seen. RPC failures surface as `ChainUnavailable`.
+fresh each time, so a reorg is seen. A node that does not answer raises `ChainUnavailable`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from hexbytes import HexBytes
-from web3.exceptions import TransactionNotFound, Web3RPCError
+from web3.exceptions import Web3RPCError
 
 from ledger.chain.client import ChainClient
 from ledger.chain.errors import ChainError, ChainUnavailable
-from ledger.chain.settlement import PayoutSettler
+from ledger.chain.settlement import PayoutSettler, block_number, mined_nonce, pending_nonce, receipt, send_raw
 from ledger.payouts import PlannedLine
 
-T = TypeVar("T")
 DEFAULT_PRIORITY_FEE = 10**9  # 1 gwei when the node does not suggest one
-ALREADY_KNOWN = ("already known", "known transaction", "already imported")
 NONCE_TOO_LOW = ("nonce too low", "nonce is too low", "oldnonce")
 
 
@@ -59,17 +55,17 @@ class SettlementChain:
 
     def chain_nonce(self) -> int:
         """The operator's next nonce counting transactions in the node's pool."""
-        return self._rpc(lambda: self.w3.eth.get_transaction_count(self.operator, "pending"))
+        return pending_nonce(self.client)
 
     def mined_nonce(self) -> int:
         """The operator's next nonce counting mined transactions only."""
-        return self._rpc(lambda: self.w3.eth.get_transaction_count(self.operator, "latest"))
+        return mined_nonce(self.client)
 
     def fees(self) -> tuple[int, int]:
         """(max fee per gas, max priority fee per gas) for a transaction sent now."""
-        block = self._rpc(lambda: self.w3.eth.get_block("latest"))
+        block = self.client.rpc(lambda: self.w3.eth.get_block("latest"))
         try:
-            priority = int(self._rpc(lambda: self.w3.eth.max_priority_fee))
+            priority = int(self.client.rpc(lambda: self.w3.eth.max_priority_fee))
         except (ChainUnavailable, Web3RPCError, ValueError):
             priority = DEFAULT_PRIORITY_FEE
         base = int(block.get("baseFeePerGas", 0))
@@ -77,7 +73,7 @@ class SettlementChain:
 
     def estimate_gas(self, batch_id: str, manifest_hash: str, lines: list[PlannedLine]) -> int:
         payees, amounts = _columns(lines)
-        return self._rpc(lambda: self.settler.estimate_settle_gas(
+        return self.client.rpc(lambda: self.settler.estimate_settle_gas(
             HexBytes(batch_id), HexBytes(manifest_hash), payees, amounts))
 
     def sign(self, batch_id: str, manifest_hash: str, lines: list[PlannedLine], *, nonce: int, gas: int,
@@ -90,51 +86,35 @@ class SettlementChain:
         return HexBytes(raw).to_0x_hex(), HexBytes(tx_hash).to_0x_hex()
 
     def send(self, raw: str) -> None:
-        """Send a stored raw transaction; a node that has it already is fine; NonceConsumed if its nonce is used."""
+        """Send a stored raw transaction (a node that has it already is fine); NonceConsumed if its nonce is used."""
         try:
-            self._rpc(lambda: self.w3.eth.send_raw_transaction(HexBytes(raw)))
-        except (Web3RPCError, ValueError) as error:
-            message = str(error).lower()
-            if any(text in message for text in ALREADY_KNOWN):
-                return
-            if any(text in message for text in NONCE_TOO_LOW):
+            send_raw(self.client, bytes(HexBytes(raw)))
+        except ChainError as error:
+            if any(text in str(error).lower() for text in NONCE_TOO_LOW):
                 raise NonceConsumed(str(error)) from None
             raise
 
     def receipt(self, tx_hash: str) -> Receipt | None:
-        try:
-            found = self._rpc(lambda: self.w3.eth.get_transaction_receipt(HexBytes(tx_hash)))
-        except TransactionNotFound:
-            return None
+        found = receipt(self.client, tx_hash)
         if found is None or found.get("blockNumber") is None:
             return None
         return Receipt(tx_hash, int(found["status"]), int(found["blockNumber"]), HexBytes(found["blockHash"]).to_0x_hex())
 
     def block_number(self) -> int:
-        return self._rpc(lambda: self.w3.eth.block_number)
+        return block_number(self.client)
 
     def is_settled(self, batch_id: str) -> bool:
-        return self._rpc(lambda: self.settler.is_settled(HexBytes(batch_id)))
+        return self.client.rpc(lambda: self.settler.is_settled(HexBytes(batch_id)))
 
     def settlement_tx(self, batch_id: str) -> str | None:
         """The transaction whose BatchSettled event names the batch, if any."""
-        events = self._rpc(lambda: self.settler.settlement_events(batch_id=bytes(HexBytes(batch_id))))
+        events = self.client.rpc(lambda: self.settler.settlement_events(batch_id=bytes(HexBytes(batch_id))))
         return events[0]["tx_hash"] if events else None
 
     def mine_if_local(self, blocks: int) -> None:
         """On the local anvil (which mines only when transactions arrive), mine empty blocks for confirmations."""
         if self.local and blocks > 0:
-            self._rpc(lambda: self.w3.provider.make_request("anvil_mine", [hex(blocks)]))
-
-    def _rpc(self, request: Callable[[], T]) -> T:
-        try:
-            return request()
-        except (ConnectionError, OSError) as error:
-            raise ChainUnavailable(f"the chain at {self.client.rpc_url} does not answer ({error})") from None
-        except Exception as error:  # requests' ConnectionError is not an OSError subclass in every version
-            if type(error).__name__ in ("ConnectionError", "ConnectTimeout", "ReadTimeout"):
-                raise ChainUnavailable(f"the chain at {self.client.rpc_url} does not answer ({error})") from None
-            raise
+            self.client.rpc(lambda: self.w3.provider.make_request("anvil_mine", [hex(blocks)]))
 
 
 def _columns(lines: list[PlannedLine]) -> tuple[list[str], list[int]]:

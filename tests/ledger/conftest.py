@@ -49,7 +49,7 @@ CIDS = [content_id(normalize(text)) for text in TEXTS]
 
 
 @pytest.fixture()
-def journal(database_url: str, tmp_path: Path) -> Journal:
+def journal(database_url: str, tmp_path: Path) -> Iterator[Journal]:
     """A ledger with datanet 'rivers' v1 (Alice: 2 texts, Bob: 1) and adapter 'river-guide' (owner OWNER)."""
     engine = open_database(database_url)
     registry = DatanetRegistry(engine, DatanetConfig())
@@ -60,4 +60,5 @@ def journal(database_url: str, tmp_path: Path) -> Journal:
     adapters = AdapterRegistry(engine, registry)
     adapters.register("river-guide", uri="file:///x", base_model="tiny", owner=OWNER.address,
                       price_per_1k_tokens=PRICE, lineage=adapters.resolve_lineage(["rivers"]), source="trained")
-    return Journal(engine, FeeSplitPolicy(contributors_bps=7000, owner_bps=2000))
+    yield Journal(engine, FeeSplitPolicy(contributors_bps=7000, owner_bps=2000))
+    engine.dispose()  # close its connections now (PostgreSQL would warn when they are garbage-collected)

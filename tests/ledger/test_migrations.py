@@ -20,6 +20,7 @@ def test_migrations_build_exactly_the_models_schema(database_url: str) -> None:
     with engine.connect() as connection:
         assert current_revision(connection) == head_revision()
         diff = compare_metadata(MigrationContext.configure(connection, opts={"compare_type": True}), SQLModel.metadata)
+    engine.dispose()
     assert diff == [], "a model changed without a migration: python -m ledger.migrate revision '...'"
 
 
@@ -37,6 +38,7 @@ def test_a_database_made_before_migrations_is_stamped_and_upgraded_keeping_its_r
         assert current_revision(connection) == head_revision()
         assert inspect(connection).has_table("posting")
         assert connection.execute(text("SELECT name FROM datanet")).scalars().all() == ["rivers"]
+    engine.dispose()
 
 
 def test_concurrent_first_opens_of_one_sqlite_file_migrate_once(tmp_path: Path) -> None:
