@@ -46,6 +46,14 @@ ATTRIBUTORS_MAX = 32
 TRACE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
+def _hard_link(source: Path, target: Path) -> bool:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or the shipper removed the source already
+        return False
+    return True
+
+
 def read_trace_file(trace_dir: Path, trace_id: str) -> AttributionTrace | None:
     """A trace written by some replica of this node, or None (also for ids that are not trace ids)."""
     if not TRACE_ID.match(trace_id):
@@ -98,29 +106,16 @@ class LedgerLineages:
         return cached[1] if cached else self.lineage(adapter)
 
     def _read(self, adapter: str) -> Lineage:
-        from sqlmodel import Session, col, select
+        from sqlmodel import Session
 
+        from ledger.adapters import lineage_contents
         from ledger.database import open_database
-        from ledger.datanets import in_version
-        from ledger.models import AdapterLineage, Contribution, Datanet, DatanetVersion
 
         if self._engine is None:
             self._engine = open_database(self.database_url)
         with Session(self._engine) as session:
-            versions = session.exec(
-                select(DatanetVersion, Datanet.name)
-                .join(Datanet, col(Datanet.id) == col(DatanetVersion.datanet_id))
-                .join(AdapterLineage, col(AdapterLineage.datanet_version_id) == col(DatanetVersion.id))
-                .where(AdapterLineage.adapter_name == adapter)
-                .order_by(DatanetVersion.id)
-            ).all()
-            owners: dict[str, tuple[str, str]] = {}
-            for version, datanet_name in versions:
-                rows = session.exec(
-                    select(Contribution.id, Contribution.contributor).where(in_version(version.datanet_id, version.number))
-                ).all()
-                owners.update({cid: (contributor, datanet_name) for cid, contributor in rows})
-        return Lineage(tuple(v.index_path for v, _ in versions), owners)
+            contents = lineage_contents(session, adapter)
+        return Lineage(contents.index_paths, contents.contributions)
 
 
 class AttributionService:
@@ -216,25 +211,30 @@ class AttributionService:
             trace_id=trace_id, model=model, adapter=adapter, requester=requester, prompt_tokens=len(prompt_ids),
             completion_tokens=len(completion_ids), tokens=tuple(tokens), method="verbatim-span-v1",
         )
-        if self.outbox is not None:
-            self._queue_for_ledger(trace)
+        queued = self._queue_for_ledger(trace) if self.outbox is not None else None
         if self.trace_dir is not None and TRACE_ID.match(trace_id):
-            self._write(trace)
+            self._write(trace, queued)
         return trace
 
-    def _queue_for_ledger(self, trace: AttributionTrace) -> None:
-        """Write the trace to the outbox durably; admitted requests are written even past the bound."""
+    def _queue_for_ledger(self, trace: AttributionTrace) -> Path | None:
+        """Write the trace to the outbox durably (its file); admitted requests are written even past the bound."""
         try:
-            self.outbox.put(trace, admitted=True)  # type: ignore[union-attr]
+            return self.outbox.put(trace, admitted=True)  # type: ignore[union-attr]
         except (OSError, ValueError):
             self.outbox_failures += 1
             log.exception("trace %s could not be written to the outbox: it will not be billed", trace.trace_id)
+            return None
 
-    def _write(self, trace: AttributionTrace) -> None:
-        """Write the trace file atomically; drop this process's oldest beyond `traces_max` (worker thread)."""
+    def _write(self, trace: AttributionTrace, queued: Path | None = None) -> None:
+        """Publish the trace file atomically; drop this process's oldest beyond `traces_max` (worker thread).
+
+        A trace already in the outbox is hard-linked rather than written again (same bytes, same disk).
+        """
         target = self.trace_dir / f"{trace.trace_id}.json"  # type: ignore[operator]
         staging = target.with_name(f".{target.name}.tmp")
-        staging.write_text(json.dumps(trace.to_dict(), separators=(",", ":")))
+        staging.unlink(missing_ok=True)
+        if queued is None or not _hard_link(queued, staging):
+            staging.write_text(json.dumps(trace.to_dict(), separators=(",", ":")))
         os.replace(staging, target)
         self._written.append(target)
         while len(self._written) > self.traces_max:

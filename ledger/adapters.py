@@ -9,9 +9,9 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from ledger.contribution_content import checksum_address
-from ledger.datanets import DatanetRegistry, parse_version_spec
+from ledger.datanets import DatanetRegistry, in_version, parse_version_spec
 from ledger.errors import AlreadyExists, InvalidInput, NotFound
-from ledger.models import Adapter, AdapterLineage, Datanet, DatanetVersion
+from ledger.models import Adapter, AdapterLineage, Contribution, Datanet, DatanetVersion
 
 # 10^15 base units = 0.001 of an 18-decimal token per 1000 tokens.
 DEFAULT_PRICE_PER_1K_TOKENS = 10**15
@@ -53,6 +53,31 @@ def parse_price(value: str | int) -> int:
     if not text.isdigit():
         raise InvalidInput(f"price '{value}' must be a non-negative integer number of base units")
     return int(text)
+
+
+@dataclass(frozen=True)
+class AdapterLineageContents:
+    """What an adapter learned from: its datanet versions' index paths and their contributions."""
+
+    index_paths: tuple[str, ...]  # in version id order
+    contributions: dict[str, tuple[str, str]]  # contribution id → (contributor address, datanet name)
+
+
+def lineage_contents(session: Session, adapter_name: str) -> AdapterLineageContents:
+    """The lineage of a registered adapter (empty for an unknown one), read in `session`."""
+    versions = session.exec(
+        select(DatanetVersion, Datanet.name)
+        .join(Datanet, col(Datanet.id) == col(DatanetVersion.datanet_id))
+        .join(AdapterLineage, col(AdapterLineage.datanet_version_id) == col(DatanetVersion.id))
+        .where(AdapterLineage.adapter_name == adapter_name)
+        .order_by(DatanetVersion.id)
+    ).all()
+    contributions: dict[str, tuple[str, str]] = {}
+    for version, datanet_name in versions:
+        rows = session.exec(select(Contribution.id, Contribution.contributor)
+                            .where(in_version(version.datanet_id, version.number))).all()
+        contributions.update({cid: (contributor, datanet_name) for cid, contributor in rows})
+    return AdapterLineageContents(tuple(v.index_path for v, _ in versions), contributions)
 
 
 class AdapterRegistry:

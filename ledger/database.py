@@ -59,11 +59,10 @@ def _sqlite_pragmas(connection, _record) -> None:  # type: ignore[no-untyped-def
 
 
 @contextmanager
-def exclusive_file_lock(engine: Engine, name: str) -> Iterator[None]:
+def _file_lock(engine: Engine, name: str) -> Iterator[None]:
     """A lock file beside a SQLite database (`<db>.<name>.lock`) held for the block; no-op elsewhere.
 
-    Serializes work that must not run twice at once across processes (migrations, payout planning);
-    PostgreSQL callers take an advisory lock in their transaction instead.
+    Used by `exclusive`, which also covers PostgreSQL.
     """
     database = engine.url.database if engine.dialect.name == "sqlite" else None
     if not database or database == ":memory:":
@@ -81,7 +80,7 @@ def exclusive_file_lock(engine: Engine, name: str) -> Iterator[None]:
 def exclusive(engine: Engine, name: str) -> Iterator[None]:
     """Hold a named cross-process lock for the block: a lock file for SQLite, an advisory lock on PostgreSQL."""
     if engine.dialect.name != "postgresql":
-        with exclusive_file_lock(engine, name):
+        with _file_lock(engine, name):
             yield
         return
     key = int.from_bytes(name.encode()[:7].ljust(7, b"\0"), "big")

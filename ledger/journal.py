@@ -23,19 +23,17 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Literal
 
-from sqlalchemy import Engine, func, insert, or_
+from sqlalchemy import Engine, func, insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from attribution.trace import AttributionTrace
 from attribution.trace_wire import canonical_json, content_sha256
-from ledger.adapters import parse_price
+from ledger.adapters import lineage_contents, parse_price
 from ledger.amounts import exact_sum
 from ledger.contribution_content import checksum_address
-from ledger.datanets import in_version
 from ledger.fee_split import FeeSplitPolicy, Share, exact_float_sum, fee_for, split_fee
-from ledger.models import (Adapter, AdapterLineage, Contribution, DatanetVersion, IngestedTrace, JournalEntry,
-                           PayoutBatch, Posting, TraceConflict, utcnow)
+from ledger.models import Adapter, Contribution, IngestedTrace, JournalEntry, PayoutBatch, Posting, TraceConflict, utcnow
 
 INFERENCE = "inference"
 ADDRESS_ACCOUNT_CLASSES = ("payable", "pending", "paid")
@@ -268,15 +266,9 @@ class Journal:
         if row is None:
             found = AdapterTerms.unpriced()
         else:
-            versions = session.exec(
-                select(DatanetVersion).join(AdapterLineage, col(AdapterLineage.datanet_version_id) == DatanetVersion.id)
-                .where(AdapterLineage.adapter_name == adapter)).all()
-            lineage: dict[str, str] = {}
-            if versions:
-                lineage = dict(session.exec(select(Contribution.id, Contribution.contributor).where(
-                    or_(*(in_version(v.datanet_id, v.number) for v in versions)))).all())
+            contributors = lineage_contents(session, adapter).contributions.values()
             found = AdapterTerms(parse_price(row.price_per_1k_tokens), checksum_address(row.owner),
-                                 dict(Counter(checksum_address(a) for a in lineage.values())))
+                                 dict(Counter(checksum_address(address) for address, _ in contributors)))
         with self._terms_lock:
             self._terms[adapter] = (time.monotonic() + UNREGISTERED_RETRY_SECONDS, found)
         return found

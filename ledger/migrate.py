@@ -1,10 +1,10 @@
 """Schema migrations of the ledger's database with Alembic (scripts in ledger/migrations/versions/).
 
 `upgrade(engine)` brings any database to the newest revision and is cheap when it already is there,
-so every process that opens the database calls it. Concurrent starts are serialized: a file lock
-beside a SQLite database, a transaction-scoped advisory lock on PostgreSQL (whose DDL is
-transactional). A database created before migrations existed (tables made by `create_all`,
-matching revision 0001) is stamped at 0001 and upgraded from there.
+so every process that opens the database calls it. Concurrent starts are serialized
+(`ledger.database.exclusive`: a file lock beside a SQLite database, an advisory lock on
+PostgreSQL). A database created before migrations existed (tables made by `create_all`, matching
+revision 0001) is stamped at 0001 and upgraded from there.
 
 New revision after a model change (developers):
     .venv/bin/python -m ledger.migrate revision "what changed"
@@ -22,11 +22,10 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect
 
-from ledger.database import exclusive_file_lock
+from ledger.database import exclusive
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 FIRST_REVISION = "0001"
-PG_LOCK_KEY = 0x6C6564676572  # "ledger"
 
 logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin at INFO
 
@@ -54,9 +53,7 @@ def upgrade(engine: Engine) -> None:
     with engine.connect() as connection:
         if current_revision(connection) == head:
             return
-    with exclusive_file_lock(engine, "migrate"), engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_LOCK_KEY})")
+    with exclusive(engine, "migrate"), engine.begin() as connection:
         config = alembic_config(connection)
         if current_revision(connection) is None and inspect(connection).has_table("datanet"):
             command.stamp(config, FIRST_REVISION)

@@ -18,13 +18,12 @@ from sqlalchemy import Engine, insert
 from sqlmodel import Session, col, select
 
 from ledger.amounts import exact_sum
-from ledger.database import exclusive_file_lock
+from ledger.database import exclusive
 from ledger.models import JournalEntry, PayoutBatch, PayoutLine, Posting, utcnow
 
 MAX_PAYEES_PER_BATCH = 400
 PLANNED, SIGNED, SENT, CONFIRMED, PAID, VOIDED = "planned", "signed", "sent", "confirmed", "paid", "voided"
 UNFINISHED = (PLANNED, SIGNED, SENT, CONFIRMED)
-PG_PLAN_LOCK_KEY = 0x7061796F757473  # "payouts"
 
 
 @dataclass(frozen=True)
@@ -66,10 +65,7 @@ def payable_balances(session: Session, threshold: int) -> list[PlannedLine]:
 def plan_batches(engine: Engine, policy: PayoutPolicy, *, chain_id: int, settler: str,
                  operator: str) -> list[PayoutBatch]:
     """Move every payable balance >= threshold into new planned batches (one transaction); the batches."""
-    with exclusive_file_lock(engine, "payouts"), Session(engine) as session:
-        if engine.dialect.name == "postgresql":
-            session.exec(select(col(Posting.id)).limit(0))  # open the transaction first
-            session.connection().exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_PLAN_LOCK_KEY})")
+    with exclusive(engine, "payouts"), Session(engine) as session:
         lines = payable_balances(session, policy.threshold)
         batches = []
         for start in range(0, len(lines), policy.max_payees):

@@ -100,23 +100,17 @@ class Settler:
             return self._round(timeout_seconds)
 
     def _round(self, timeout_seconds: float) -> list[BatchView]:
-        before = set(self.unfinished())
-        planned = {batch.id for batch in self.plan()}
-        ids = sorted(before | planned)
+        ids = sorted(set(self.unfinished()) | {batch.id for batch in self.plan()})
         deadline = time.monotonic() + timeout_seconds
-        while True:
-            open_ids = [batch_id for batch_id in self.unfinished() if batch_id in ids]
-            if not open_ids:
-                break
-            for batch_id in open_ids:
-                self.advance(batch_id)
-            if not set(self.unfinished()) & set(ids):
-                break
+        while open_ids := [batch_id for batch_id in self.unfinished() if batch_id in ids]:
             if time.monotonic() > deadline:
                 self.report(f"[settle] {len(open_ids)} batches still unfinished after {timeout_seconds:.0f} s; "
                             "they are resumed by the next round")
                 break
-            time.sleep(self.config.poll_seconds)
+            for batch_id in open_ids:
+                self.advance(batch_id)
+            if set(self.unfinished()) & set(open_ids):
+                time.sleep(self.config.poll_seconds)
         return self.views(ids)
 
     def views(self, ids: list[str]) -> list[BatchView]:

@@ -18,7 +18,6 @@ alternate rounds of the serving workload on the demo lineage adapters; TTFT/ITL 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -46,7 +45,7 @@ from ledger.database import open_database  # noqa: E402
 from ledger.datanets import DatanetRegistry, SignedText  # noqa: E402
 from ledger.models import IngestedTrace, JournalEntry, Posting, utcnow  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
-from tests.support.memory_anchor import MemoryAnchor  # noqa: E402
+from tests.support.memory_anchor import MemoryAnchor, listing_index  # noqa: E402
 from tests.support.postgres import PostgresServer  # noqa: E402
 
 CONTRIBUTORS = 20
@@ -59,11 +58,6 @@ ADAPTER = "bench-adapter"
 
 def log(message: str) -> None:
     print(f"[bench-ledger] {message}", file=sys.stderr, flush=True)
-
-
-def listing_index(documents, out_dir: Path) -> None:  # type: ignore[no-untyped-def]
-    out_dir.mkdir(parents=True)
-    (out_dir / "contributions.json").write_text(json.dumps([cid for cid, _ in documents]))
 
 
 def populate(url: str, index_root: Path) -> list[str]:

@@ -94,7 +94,6 @@ def test_cli_errors_are_one_line_with_their_exit_code(capsys: pytest.CaptureFixt
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     assert "no trace 'nope'" in cli(capsys, "ledger", "trace", "nope", expect=2)["error"]
     assert "not an Ethereum address" in cli(capsys, "ledger", "balance", "0x12", expect=2)["error"]
-    assert "--limit" in cli(capsys, "ledger", "statement", "0x" + "1" * 40, "--limit", "0", expect=2)["error"]
     from tests.conftest import free_port
 
     monkeypatch.setenv("GATEWAY_LEDGER_PORT", str(free_port()))

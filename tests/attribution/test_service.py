@@ -8,6 +8,7 @@ import pytest
 from eth_account import Account
 
 from attribution.index_builder import build_index
+from attribution.outbox import Outbox
 from attribution.service import AttributionService, LedgerLineages, read_trace_file
 from ledger.adapters import AdapterRegistry
 from ledger.contribution_content import content_id, normalize, sign_contribution
@@ -116,3 +117,21 @@ async def test_trace_files_let_another_process_answer_and_stay_bounded(ledger, t
     finally:
         writer.close()
         reader.close()
+
+
+async def test_a_queued_trace_is_written_once_and_published_by_a_hard_link(ledger, tokenize, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    url, adapters = ledger
+    register(adapters, "nature-guide")
+    outbox = Outbox(tmp_path / "outbox")
+    service = AttributionService(LedgerLineages(url), trace_dir=tmp_path / "traces", outbox=outbox)
+    try:
+        ids = tokenize(TEXTS[0])
+        trace = await service.submit("cmpl-1", "nature-guide", "nature-guide", ids[:8], ids[8:])
+        [(trace_id, queued)] = outbox.pending(10)
+        published = tmp_path / "traces" / "cmpl-1.json"
+        assert trace_id == "cmpl-1" and outbox.read(queued) == trace
+        assert published.stat().st_ino == queued.stat().st_ino, "one file, two names: no second write"
+        outbox.remove("cmpl-1")  # the ledger acknowledged it
+        assert read_trace_file(tmp_path / "traces", "cmpl-1") == trace, "look-ups keep working"
+    finally:
+        service.close()

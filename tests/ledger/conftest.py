@@ -18,8 +18,8 @@ from ledger.database import open_database
 from ledger.datanets import DatanetRegistry
 from ledger.fee_split import FeeSplitPolicy
 from ledger.journal import Journal
-from tests.ledger.test_datanet_registry import ALICE, BOB, TEXTS, listing_index, signed
-from tests.support.memory_anchor import MemoryAnchor
+from tests.ledger.test_datanet_registry import ALICE, BOB, TEXTS, signed
+from tests.support.memory_anchor import MemoryAnchor, listing_index
 
 
 def free_local_port() -> int:

@@ -7,7 +7,6 @@ anvil is exercised in test_registry_anvil.py and end to end in tests/test_datane
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from ledger.database import open_database
 from ledger.datanets import DatanetRegistry, SignedText, datanet_key
 from ledger.errors import AlreadyExists, AnchorFailed, InvalidInput, NothingToPublish, NotFound
 from ledger.merkle import verify_proof
-from tests.support.memory_anchor import MemoryAnchor
+from tests.support.memory_anchor import MemoryAnchor, listing_index
 
 ALICE = Account.from_key("0x" + "a1" * 32)
 BOB = Account.from_key("0x" + "b2" * 32)
@@ -36,11 +35,6 @@ TEXTS = [
     "A good loaf of bread needs flour, water, salt, yeast and above all patience while the dough rises.",
     "The night sky over the desert shows the band of the galaxy clearly when the moon has already set.",
 ]
-
-
-def listing_index(documents: Iterable[tuple[str, str]], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True)
-    (out_dir / "contributions.json").write_text(json.dumps([cid for cid, _ in documents]))
 
 
 def signed(account, datanet_id: str, text: str, source: str = "item", claimed: str | None = None) -> SignedText:  # type: ignore[no-untyped-def]

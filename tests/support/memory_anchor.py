@@ -1,11 +1,15 @@
-"""An in-memory stand-in for the DatanetRegistry contract, for tests of the logic above the chain.
+"""Stand-ins for the registry's outside parts, for tests and benchmarks of the logic above them:
+an in-memory DatanetRegistry contract and an index builder that only lists the documents.
 
-The real contract is tested on eth-tester and anvil (tests/ledger/test_registry_*.py).
+The real contract is tested on eth-tester and anvil (tests/ledger/test_registry_*.py), the real
+index builder in tests/attribution/test_index.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from ledger.merkle import verify_proof
 
@@ -33,3 +37,9 @@ class MemoryAnchor:
     def verify(self, datanet_key: bytes, version: int, contribution_id: bytes, proof: Sequence[bytes]) -> bool:
         root = self.roots.get((datanet_key, version))
         return root is not None and verify_proof(root, contribution_id, proof)
+
+
+def listing_index(documents: Iterable[tuple[str, str]], out_dir: Path) -> None:
+    """An "index" that records the contribution ids only (what publishing needs from the builder)."""
+    out_dir.mkdir(parents=True)
+    (out_dir / "contributions.json").write_text(json.dumps([cid for cid, _ in documents]))
