@@ -33,6 +33,33 @@ def wait_until_healthy(url: str, timeout: float, still_waiting: Callable[[], Non
     raise TimeoutError(f"{url} did not become healthy in {timeout:.0f} s")
 
 
+def wait_until_grpc_serving(target: str, timeout: float, still_waiting: Callable[[], None] = lambda: None) -> None:
+    """Poll gRPC health on `target` until the server reports SERVING (`still_waiting` as above)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            still_waiting()
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(POLL_SECONDS)
+    raise TimeoutError(f"gRPC on {target} did not report SERVING in {timeout:.0f} s")
+
+
+def wait_until_gateway_ready(http_base: str, grpc_target: str, timeout: float,
+                             still_waiting: Callable[[], None] = lambda: None) -> None:
+    """Both front doors answer: HTTP `/health` is 200 and gRPC health is SERVING."""
+    deadline = time.monotonic() + timeout
+    wait_until_healthy(f"{http_base}/health", timeout, still_waiting)
+    wait_until_grpc_serving(grpc_target, max(deadline - time.monotonic(), POLL_SECONDS), still_waiting)
+
+
 def interrupt_and_wait(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
     """SIGINT a server started with its own session; SIGKILL its group if it has not exited in time."""
     if process.poll() is None:
@@ -82,7 +109,7 @@ class GatewayProcess:
                 raise RuntimeError(f"gateway exited with {process.returncode}; see {log_path}")
 
         try:
-            wait_until_healthy(f"{self.base_url}/health", timeout, alive)
+            wait_until_gateway_ready(self.base_url, self.grpc_target, timeout, alive)
         except TimeoutError:
             self.stop()
             raise

@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from gateway.config import EngineConfig, GatewayConfig, ReplicaConfig
-from gateway.launcher import READY_TIMEOUT_SECONDS, wait_until_healthy
+from gateway.launcher import READY_TIMEOUT_SECONDS, wait_until_gateway_ready
 from ledger.config import LedgerConfig
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def _serve(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig,
                     raise StopRequested
 
             try:
-                wait_until_healthy(f"{base}/health", READY_TIMEOUT_SECONDS, not_stopped)
+                wait_until_gateway_ready(base, f"{config.host}:{config.grpc_port}", READY_TIMEOUT_SECONDS, not_stopped)
             except StopRequested:
                 return
             print(f"[gateway] ready: OpenAI API at {base}/v1, gRPC at {config.host}:{config.grpc_port}"

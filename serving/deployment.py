@@ -69,8 +69,8 @@ class EngineReplica:
         if self.replica.serves_http_in_replica:
             self._loop = DedicatedLoop()
             await self._loop.run(self._build())
+            await self._loop.run(self._start_grpc())  # before HTTP: a 200 on /health means both listen
             await self._loop.run(self._start_http())
-            await self._loop.run(self._start_grpc())
         else:
             await self._build()
 
