@@ -17,9 +17,12 @@ STUBS := gateway/inference/v1/inference_pb2.py gateway/ledger/v1/ledger_pb2.py
 
 # The tests start their own PostgreSQL server (tests/support/postgres.py) from Debian's package.
 PG_SERVER := $(firstword $(wildcard /usr/lib/postgresql/*/bin/postgres))
+# The dashboard test runs every panel's PromQL on a real Prometheus (Debian's package; the tests
+# start it on loopback; the package's own service is not used).
+PROMETHEUS := $(wildcard /usr/bin/prometheus)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install up test clean stubs system-packages
+.PHONY: install up test clean stubs system-packages loadtest dashboards prometheus
 
 install: $(STAMP) $(NODE_STAMP) $(STUBS)
 
@@ -49,9 +52,43 @@ ifeq ($(PG_SERVER),)
 	$(SUDO) apt-get update -qq
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql
 endif
+ifeq ($(PROMETHEUS),)
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+endif
 
 test: install system-packages
 	$(VENV)/bin/pytest
+
+# Load test against a running stack (`make up` in another terminal): Locust headless with the ramp
+# shape, CSV and HTML reports in loadtests/reports/<UTC timestamp>/ (see docs/load-testing.md).
+# Every LOADTEST_* variable of loadtests/locustfile.py and loadtests/ramp_shape.py can be set too.
+LOADTEST_HOST ?= http://127.0.0.1:8000
+LOADTEST_GRPC_TARGET ?= 127.0.0.1:9000
+LOADTEST_PEAK_USERS ?= 6
+LOADTEST_RAMP_SECONDS ?= 60
+LOADTEST_HOLD_SECONDS ?= 60
+LOADTEST_SPAWN_RATE ?= 2
+LOADTEST_REPORTS ?= loadtests/reports
+
+loadtest: install
+	@dir=$(LOADTEST_REPORTS)/$$(date -u +%Y%m%dT%H%M%SZ); mkdir -p $$dir; \
+	LOADTEST_GRPC_TARGET=$(LOADTEST_GRPC_TARGET) LOADTEST_PEAK_USERS=$(LOADTEST_PEAK_USERS) \
+	LOADTEST_RAMP_SECONDS=$(LOADTEST_RAMP_SECONDS) LOADTEST_HOLD_SECONDS=$(LOADTEST_HOLD_SECONDS) \
+	LOADTEST_SPAWN_RATE=$(LOADTEST_SPAWN_RATE) \
+	$(VENV)/bin/locust -f loadtests/locustfile.py,loadtests/ramp_shape.py --headless --only-summary \
+		--host $(LOADTEST_HOST) --csv $$dir/locust --html $$dir/report.html; code=$$?; \
+	echo; $(PY) loadtests/locust_report.py $$dir; \
+	echo "reports: $$dir/ (report.html, locust_stats.csv, locust_failures.csv, ...)"; exit $$code
+
+# Dashboards and the Prometheus config are generated from monitoring/*.py (tests check they are fresh).
+dashboards: $(STAMP)
+	$(PY) -m monitoring.build
+
+# A local Prometheus scraping the stack of `make up` (targets announced in .gateway/monitoring/targets).
+prometheus: system-packages
+	prometheus --config.file=monitoring/prometheus/prometheus.yml --web.listen-address=127.0.0.1:9090 \
+		--storage.tsdb.path=.gateway/prometheus
 
 clean:
 	rm -rf $(VENV) node_modules .gateway gateway/inference gateway/ledger

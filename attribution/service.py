@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from attribution.attributor import Attributor
+from attribution.metrics import AttributionMetrics, attribution_metrics
 from attribution.outbox import Outbox
 from attribution.trace import AttributionTrace, TokenAttribution
 
@@ -122,8 +123,9 @@ class AttributionService:
     """Runs attribution for finished generations and keeps their traces."""
 
     def __init__(self, lineages: LedgerLineages, *, trace_dir: Path | None = None, outbox: Outbox | None = None,
-                 workers: int = 1, traces_max: int = TRACES_MAX) -> None:
+                 workers: int = 1, traces_max: int = TRACES_MAX, metrics: AttributionMetrics | None = None) -> None:
         self.lineages = lineages
+        self.metrics = metrics or attribution_metrics()
         self.trace_dir = trace_dir
         self.outbox = outbox
         self.traces_max = traces_max
@@ -202,6 +204,7 @@ class AttributionService:
 
     def _attribute(self, trace_id: str, model: str, adapter: str | None, prompt_ids: list[int],
                    completion_ids: list[int], requester: str | None) -> AttributionTrace:
+        started = time.perf_counter()
         lineage = self.lineages.lineage(adapter)
         if lineage.index_dirs:
             tokens = self._attributor(lineage.index_dirs).attribute(prompt_ids, completion_ids)
@@ -211,6 +214,7 @@ class AttributionService:
             trace_id=trace_id, model=model, adapter=adapter, requester=requester, prompt_tokens=len(prompt_ids),
             completion_tokens=len(completion_ids), tokens=tuple(tokens), method="verbatim-span-v1",
         )
+        self.metrics.observe(time.perf_counter() - started, trace.completion_tokens, trace.attributed_fraction)
         queued = self._queue_for_ledger(trace) if self.outbox is not None else None
         if self.trace_dir is not None and TRACE_ID.match(trace_id):
             self._write(trace, queued)

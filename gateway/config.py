@@ -88,6 +88,9 @@ class GatewayConfig(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the front doors bind.")
     http_port: int = Field(8000, ge=1, le=65535, description="OpenAI-compatible HTTP port.")
     grpc_port: int = Field(9000, ge=1, le=65535, description="gRPC inference port.")
+    metrics_port: int = Field(9400, ge=0, le=65535, description="Prometheus scrape port of the supervisor (trace "
+                              "shipping); a free port when taken or 0. Engine replicas serve theirs on free ports. "
+                              "Every endpoint is announced in <state>/monitoring/targets/.")
     adapter_store: str = Field(
         "", description="Adapter store: a directory or an fsspec URL (s3://…). Default: <state_dir>/adapters."
     )

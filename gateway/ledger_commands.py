@@ -24,8 +24,12 @@ RPC_TIMEOUT_SECONDS = 30.0
 
 
 def cmd_serve(config: GatewayConfig, args: argparse.Namespace) -> None:
+    from prometheus_client import REGISTRY
+
+    from gateway.metrics_endpoint import serve_metrics
     from ledger.database import database_url, open_database
     from ledger.journal import Journal
+    from ledger.metrics import SettlementCollector
     from ledger.service import start_server
 
     ledger = LedgerConfig()
@@ -38,14 +42,18 @@ def cmd_serve(config: GatewayConfig, args: argparse.Namespace) -> None:
         server = start_server(journal, host, port, token=ledger.token_value())
     except ValueError as error:
         raise CommandError(str(error)) from None
+    REGISTRY.register(SettlementCollector(journal))
+    metrics = serve_metrics(host, ledger.metrics_port, state_dir=config.state_dir, target_name=f"ledger-{port}")
     policy = journal.policy
     progress(f"[ledger] listening on {host}:{port}; fee split contributors {policy.contributors_bps / 100:g}% "
-             f"/ adapter owner {policy.owner_bps / 100:g}% / treasury {policy.treasury_bps / 100:g}%; Ctrl-C stops")
+             f"/ adapter owner {policy.owner_bps / 100:g}% / treasury {policy.treasury_bps / 100:g}%; "
+             f"metrics at {metrics.url}; Ctrl-C stops")
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
         progress("[ledger] stopping")
     finally:
+        metrics.close()
         server.stop(grace=2.0).wait()
         journal.engine.dispose()
     progress("[ledger] stopped")

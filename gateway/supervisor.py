@@ -58,6 +58,7 @@ def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> 
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     config.state_dir.mkdir(parents=True, exist_ok=True)
+    forget_engine_targets(config.state_dir)
     ensure_demo_assets(config)
     ledger = LedgerConfig()
     with registry_contract(config) as registry:
@@ -66,6 +67,14 @@ def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> 
             ensure_demo_datanets(config, registry, lambda line: print(line, flush=True))
         with ledger_service(config, ledger) as watch_ledger:
             _serve(config, engine, replica, watch_ledger, background_work(config, ledger))
+
+
+def forget_engine_targets(state_dir: Path) -> None:
+    """Withdraw the engine replicas' target files (at start: left by a run that was killed)."""
+    from gateway.metrics_endpoint import targets_dir
+
+    for stale in targets_dir(state_dir).glob("engine-*.json"):
+        stale.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -104,9 +113,23 @@ def ledger_service(config: GatewayConfig, ledger: LedgerConfig) -> Iterator[Call
 
 @contextmanager
 def background_work(config: GatewayConfig, ledger: LedgerConfig) -> Iterator[None]:
-    """What runs beside serving: trace shipping and periodic settlement."""
-    with trace_shipping(config, ledger), periodic_settlement(config):
+    """What runs beside serving: the scrape endpoint, trace shipping and periodic settlement."""
+    with metrics_endpoint(config), trace_shipping(config, ledger), periodic_settlement(config):
         yield
+
+
+@contextmanager
+def metrics_endpoint(config: GatewayConfig) -> Iterator[None]:
+    """This process's /metrics (trace shipping), announced for Prometheus in the state directory."""
+    from gateway.metrics_endpoint import serve_metrics
+
+    endpoint = serve_metrics(config.host, config.metrics_port, state_dir=config.state_dir, target_name="gateway")
+    print(f"[gateway] metrics at {endpoint.url} (engine replicas and the ledger announce theirs in "
+          f"{config.state_dir / 'monitoring' / 'targets'})", flush=True)
+    try:
+        yield
+    finally:
+        endpoint.close()
 
 
 @contextmanager
@@ -154,6 +177,9 @@ def periodic_settlement(config: GatewayConfig) -> Iterator[None]:
 @contextmanager
 def trace_shipping(config: GatewayConfig, ledger: LedgerConfig) -> Iterator[None]:
     """Ship the outbox's traces to the ledger (also those left by an earlier run) until the stack stops."""
+    from prometheus_client import REGISTRY
+
+    from attribution.metrics import ShippingCollector
     from attribution.outbox import Outbox
     from attribution.shipper import TraceShipper
 
@@ -163,6 +189,8 @@ def trace_shipping(config: GatewayConfig, ledger: LedgerConfig) -> Iterator[None
         return
     outbox = Outbox(config.outbox_dir, ledger.outbox_max_traces)
     shipper = TraceShipper(outbox, ledger.target, token=ledger.token_value(), batch_size=ledger.ship_batch)
+    collector = ShippingCollector(shipper)
+    REGISTRY.register(collector)
     shipper.start()
     print(f"[gateway] shipping traces from {config.outbox_dir} ({outbox.depth()} waiting) to the ledger",
           flush=True)
@@ -170,6 +198,7 @@ def trace_shipping(config: GatewayConfig, ledger: LedgerConfig) -> Iterator[None
         yield
     finally:
         shipper.stop()
+        REGISTRY.unregister(collector)
 
 
 def _serve(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig,
@@ -241,4 +270,5 @@ def _serve(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig,
             serve.shutdown()
         finally:
             ray.shutdown()
+            forget_engine_targets(config.state_dir)  # replicas do not always get to remove theirs
         print("[gateway] stopped", flush=True)

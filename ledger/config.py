@@ -34,6 +34,8 @@ class LedgerConfig(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address `gateway ledger serve` binds.")
     port: int = Field(50051, ge=1, le=65535, description="Port of the ledger's gRPC API.")
+    metrics_port: int = Field(9401, ge=0, le=65535, description="Prometheus scrape port of the ledger service "
+                              "(/metrics; a free port when taken or 0, announced in <state>/monitoring/targets/).")
     address: str | None = Field(None, description="Where the gateway ships traces and the CLI asks (host:port); "
                                 "default host:port above.")
     token: SecretStr | None = Field(None, description="Shared token: required by the service when it binds a "

@@ -348,6 +348,11 @@ class Journal:
                               [Share(p.account, p.role, p.amount) for p in postings]),  # type: ignore[arg-type]
         )
 
+    def sums_by_class(self) -> dict[str, int]:
+        """Balance of each account class (`payable`, `pending`, `paid`, `treasury`, …), base units."""
+        with Session(self.engine) as session:
+            return _sums_by_class(session)
+
     def totals(self) -> Totals:
         """Counts and sums over the whole journal, with the two invariants re-checked in SQL."""
         with Session(self.engine) as session:
@@ -358,15 +363,19 @@ class Journal:
             entries = session.exec(select(func.count()).select_from(JournalEntry)).one()
             conflicts = session.exec(select(func.count()).select_from(TraceConflict)).one()
             postings = session.exec(select(func.count()).select_from(Posting)).one()
-            by_account = session.exec(select(Posting.account, exact_sum(Posting.amount))
-                                      .group_by(Posting.account)).all()
+            by_class = _sums_by_class(session)
             unbalanced = session.exec(select(func.count()).select_from(
                 select(Posting.entry_id).group_by(Posting.entry_id)
                 .having(exact_sum(Posting.amount) != 0).subquery())).one()
-        by_class: dict[str, int] = {}
-        for account, amount in by_account:
-            kind = account.split(":", 1)[0]
-            by_class[kind] = by_class.get(kind, 0) + int(amount)
         return Totals(traces=traces, entries=entries, postings=postings, conflicts=conflicts,
                       completion_tokens=int(completion), attributed_tokens=int(attributed + 1e-6), fees=int(fees),
                       by_class=by_class, postings_sum=sum(by_class.values()), unbalanced_entries=unbalanced)
+
+
+def _sums_by_class(session: Session) -> dict[str, int]:
+    """Sum of postings per account class: the part of the account name before ':'."""
+    by_class: dict[str, int] = {}
+    for account, amount in session.exec(select(Posting.account, exact_sum(Posting.amount)).group_by(Posting.account)):
+        kind = account.split(":", 1)[0]
+        by_class[kind] = by_class.get(kind, 0) + int(amount)
+    return by_class

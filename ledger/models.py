@@ -170,6 +170,7 @@ class PayoutBatch(SQLModel, table=True):
     tx_hash: str | None = Field(default=None, max_length=66)  # the attempt that was mined (or the latest)
     block_number: int | None = None
     block_hash: str | None = Field(default=None, max_length=66)
+    gas_used: int | None = None  # of the mined transaction, from its receipt
     reason: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
     updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))

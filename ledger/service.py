@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -23,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from attribution.trace_wire import trace_from_pb, trace_to_pb
 from gateway.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from ledger.journal import AddressBalance, IngestResult, Journal
+from ledger.metrics import ingest_metrics
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +45,21 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServicer):
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
         self.counters = {"accepted": 0, "duplicate": 0, "conflict": 0, "rejected": 0}
+        self.metrics = ingest_metrics()
 
     def Ingest(self, request_iterator: Iterator[ledger_pb2.IngestRequest],  # noqa: N802
                context: grpc.ServicerContext) -> Iterator[ledger_pb2.IngestAck]:
         for request in request_iterator:
+            started = time.perf_counter()
             try:
                 results = self._ingest(request)
             except SQLAlchemyError as error:  # nothing of this batch was committed; the sender retries
                 log.exception("ledger database error while ingesting %d traces", len(request.traces))
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"ledger database error: {type(error).__name__}; retry")
+            self.metrics.batch_seconds.observe(time.perf_counter() - started)
             for result in results:
                 self.counters[result.status] += 1
+                self.metrics.traces.labels(result.status).inc()
                 if result.status in ("conflict", "rejected"):
                     log.error("trace %s refused (%s): %s", result.trace_id, result.status, result.reason)
                 yield ledger_pb2.IngestAck(trace_id=result.trace_id, status=ACK_STATUS[result.status],

@@ -196,7 +196,7 @@ class Settler:
         receipt = self.chain.receipt(batch.tx_hash or "")
         if receipt is None or receipt.block_hash != batch.block_hash:
             self.report(f"[settle] batch {batch.id[:10]}…: its block left the chain (reorg); waiting for it again")
-            self._set(session, batch, SENT, block_number=None, block_hash=None)
+            self._set(session, batch, SENT, block_number=None, block_hash=None, gas_used=None)
             return
         depth = self.chain.block_number() - receipt.block_number + 1
         if depth < self.config.confirmations:
@@ -216,7 +216,7 @@ class Settler:
         if receipt is None:
             raise ChainError(f"batch {batch.id} is settled on-chain but its transaction cannot be found")
         self._set(session, batch, CONFIRMED, tx_hash=tx_hash, block_number=receipt.block_number,
-                  block_hash=receipt.block_hash)
+                  block_hash=receipt.block_hash, gas_used=receipt.gas_used)
         self.report(f"[settle] batch {batch.id[:10]}… was already settled on-chain by {tx_hash}")
         return True
 
@@ -229,7 +229,7 @@ class Settler:
                 continue
             if receipt.status == 1:
                 self._set(session, batch, CONFIRMED, tx_hash=tx_hash, block_number=receipt.block_number,
-                          block_hash=receipt.block_hash)
+                          block_hash=receipt.block_hash, gas_used=receipt.gas_used)
                 self.report(f"[settle] batch {batch.id[:10]}… mined in block {receipt.block_number}")
             else:
                 self._void(session, batch, f"transaction {tx_hash} reverted", tx_hash=tx_hash)

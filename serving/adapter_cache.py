@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from serving.metrics import AdapterMetrics
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class AdapterCache:
         source: AdapterSource,
         capacity: int,
         unload: Callable[[ResolvedAdapter], Awaitable[None]],
+        metrics: AdapterMetrics | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
@@ -49,6 +54,9 @@ class AdapterCache:
         self._ids = itertools.count(1)
         self.loads = 0
         self.evictions = 0
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.watch_residency(lambda: len(self._entries))
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
@@ -62,6 +70,8 @@ class AdapterCache:
         entry = self._entries.get(name)
         if entry is not None:
             self._entries.move_to_end(name)
+            if self.metrics is not None:
+                self.metrics.hits.inc()
             return entry
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
@@ -69,15 +79,21 @@ class AdapterCache:
             if entry is not None:
                 self._entries.move_to_end(name)
                 return entry
+            started = time.perf_counter()
             path = await asyncio.to_thread(self._fetch_and_check, name)
             while len(self._entries) >= self.capacity:
                 _, victim = self._entries.popitem(last=False)
                 self.evictions += 1
+                if self.metrics is not None:
+                    self.metrics.evictions.inc()
                 await self._unload(victim)
                 self.source.forget_local_copy(victim.name)
             entry = ResolvedAdapter(name=name, lora_id=next(self._ids), path=path)
             self._entries[name] = entry
             self.loads += 1
+            if self.metrics is not None:
+                self.metrics.loads.inc()
+                self.metrics.load_seconds.observe(time.perf_counter() - started)
         self._locks.pop(name, None)
         return entry
 

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from gateway.config import EngineConfig, GatewayConfig, ReplicaConfig
+from gateway.metrics_endpoint import serve_metrics
 from serving.errors import ApiError, InvalidRequest, ModelNotFound, TraceNotFound
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from serving.openai_router import TRACE_HEADER
@@ -66,6 +67,8 @@ class EngineReplica:
         self._server = None
         self._loop: DedicatedLoop | None = None
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self._metrics = serve_metrics(self.config.host, 0, state_dir=self.config.state_dir,
+                                      target_name=f"engine-{self.replica_id}", labels={"replica": self.replica_id})
         if self.replica.serves_http_in_replica:
             self._loop = DedicatedLoop()
             await self._loop.run(self._build())
@@ -146,12 +149,14 @@ class EngineReplica:
 
     async def handle(self, route: str, body: bytes) -> AsyncIterator[Any]:
         """Forwarded request: yields (status, headers) first, then response bytes."""
+        kind, chat = ROUTES[route]
         try:
             await self._hold_routed_adapter()
-            kind, chat = ROUTES[route]
             request = parse_request(kind, body)
             job = await (self.service.prepare_chat(request) if chat else self.service.prepare_completion(request))
         except ApiError as exc:
+            self.service.count_rejection("chat_completions" if chat else "completions",
+                                         serve.get_multiplexed_model_id() or None, exc)
             yield (exc.status, {REPLICA_HEADER: self.replica_id})
             yield json.dumps(exc.to_body()).encode()
             return
@@ -167,10 +172,16 @@ class EngineReplica:
     async def generate_pb(self, request: bytes) -> AsyncIterator[Any]:
         """Forwarded gRPC generation: serialized GenerateResponse messages, or an error dict."""
         from gateway.inference.v1 import inference_pb2 as pb
+        from serving.grpc_service import API as GRPC_API
         from serving.grpc_service import LocalBackend, serialized_stream_error
 
         try:
             await self._hold_routed_adapter()
+        except ApiError as exc:
+            self.service.count_rejection(GRPC_API, serve.get_multiplexed_model_id() or None, exc)
+            yield serialized_stream_error(exc)
+            return
+        try:
             async for message in LocalBackend(self.service).generate(pb.GenerateRequest.FromString(request)):
                 yield message.SerializeToString()
         except ApiError as exc:
@@ -190,6 +201,7 @@ class EngineReplica:
             raise RuntimeError("HTTP server stopped")
 
     async def __del__(self) -> None:
+        self._metrics.close()
         if self._server is not None:
             self._server.should_exit = True
             await self._loop.run(self._grpc_server.stop(grace=1))

@@ -19,6 +19,7 @@ from gateway.config import EngineConfig, GatewayConfig
 from serving.adapter_cache import AdapterCache, ResolvedAdapter
 from serving.adapter_store import AdapterStore, BaseModelShape, check_adapter_dir
 from serving.errors import EngineUnavailable, InvalidRequest, ModelNotFound
+from serving.metrics import adapter_metrics
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,12 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(str(config.model_path))
         self.store = AdapterStore(config.store_url, config.cache_dir)
         source = StoreSource(self.store, BaseModelShape.from_model_dir(config.model_path), engine.max_lora_rank)
-        self.adapters = AdapterCache(source, adapters_per_replica, self._unload)
-        self.llm = AsyncLLM.from_engine_args(engine_args(config, engine))
+        self.adapters = AdapterCache(source, adapters_per_replica, self._unload, adapter_metrics())
+        # vLLM's Prometheus metrics (`vllm:*`) join ours in this process's registry; its periodic
+        # stats log line stays off.
+        from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+        self.llm = AsyncLLM.from_engine_args(engine_args(config, engine), stat_loggers=[PrometheusStatLogger])
 
     async def _unload(self, adapter: ResolvedAdapter) -> None:
         await self.llm.remove_lora(adapter.lora_id)

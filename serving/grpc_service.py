@@ -4,6 +4,7 @@ with the standard health service and server reflection on the same port."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any, Protocol
 
 import grpc
@@ -26,6 +27,7 @@ from serving.grpc_convert import (
 from serving.openai_service import OpenAIService
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+API = "grpc"  # the `api` label of this door's requests in the metrics
 
 
 class InferenceBackend(Protocol):
@@ -45,24 +47,27 @@ class LocalBackend:
         service = self.service
         try:
             parsed, chat = from_pb(request)
-            job = await (service.prepare_chat(parsed) if chat else service.prepare_completion(parsed))  # type: ignore[arg-type]
+            job = await (service.prepare_chat(parsed, API) if chat  # type: ignore[arg-type]
+                         else service.prepare_completion(parsed, API))  # type: ignore[arg-type]
         except ApiError as exc:
+            service.count_rejection(API, request.model, exc)
             raise with_proto_param(exc, request) from None
         completion_ids: list[int] = []
         pending = None
         try:
-            async for step in service.steps(job):
-                completion_ids += step.deltas[0].token_ids
-                message = step_to_pb(job.request_id, job.model, step)
-                if step.finished:
-                    message.usage.CopyFrom(usage_pb(len(job.prompt_ids), len(completion_ids)))
-                    message.attribution_trace_id = job.request_id
-                    pending = service.attribute(job, completion_ids)
-                    if request.attribution:
-                        summary = await service.attribution_summary(job, pending)
-                        if summary is not None:
-                            message.attribution.CopyFrom(attribution_to_pb(summary))
-                yield message
+            async with aclosing(service.steps(job)) as steps:
+                async for step in steps:
+                    completion_ids += step.deltas[0].token_ids
+                    message = step_to_pb(job.request_id, job.model, step)
+                    if step.finished:
+                        message.usage.CopyFrom(usage_pb(len(job.prompt_ids), len(completion_ids)))
+                        message.attribution_trace_id = job.request_id
+                        pending = service.attribute(job, completion_ids)
+                        if request.attribution:
+                            summary = await service.attribution_summary(job, pending)
+                            if summary is not None:
+                                message.attribution.CopyFrom(attribution_to_pb(summary))
+                    yield message
         finally:
             if pending is None:  # cut short: the tokens produced are attributed too
                 service.attribute(job, completion_ids)

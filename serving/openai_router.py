@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.errors import ApiError
@@ -45,6 +48,11 @@ def build_app(service: OpenAIService) -> FastAPI:
         await service.engine.check_health()
         return Response(status_code=200)
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """This replica's Prometheus metrics (ours and vLLM's), also served on its own scrape port."""
+        return Response(await asyncio.to_thread(generate_latest), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/stats")
     async def stats() -> JSONResponse:
         return JSONResponse(service.stats())
@@ -55,10 +63,18 @@ def build_app(service: OpenAIService) -> FastAPI:
 
     async def _generate(request: Request, chat: bool) -> Response:
         body = await request.body()
-        if chat:
-            job = await service.prepare_chat(parse_request(ChatCompletionRequest, body))
-        else:
-            job = await service.prepare_completion(parse_request(CompletionRequest, body))
+        parsed: ChatCompletionRequest | CompletionRequest | None = None
+        try:
+            if chat:
+                parsed = parse_request(ChatCompletionRequest, body)
+                job = await service.prepare_chat(parsed)
+            else:
+                parsed = parse_request(CompletionRequest, body)
+                job = await service.prepare_completion(parsed)
+        except ApiError as exc:
+            service.count_rejection("chat_completions" if chat else "completions",
+                                    parsed.model if parsed else None, exc)
+            raise
         headers = {TRACE_HEADER: job.request_id}
         if job.stream:
             return StreamingResponse(

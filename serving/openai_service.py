@@ -12,11 +12,13 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from serving.engine import Engine, StepOutput
 from serving.errors import AccountingBacklog, ApiError, ModelNotFound, Overloaded, TraceNotFound
+from serving.metrics import RequestMetrics, request_metrics
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 if TYPE_CHECKING:
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DONE = b"data: [DONE]\n\n"
+CLIENT_GONE = 499  # the consumer stopped reading before the last token (nginx's convention)
 
 
 def sse(payload: dict[str, Any]) -> bytes:
@@ -44,6 +47,8 @@ class Prepared:
     n: int
     created: int
     attribution: bool = False
+    api: str = "completions"
+    admitted_at: float = 0.0
 
     @property
     def adapter(self) -> str | None:
@@ -58,10 +63,11 @@ class OpenAIService:
     arrives at once can overshoot `max_ongoing_requests` by the requests still being prepared."""
 
     def __init__(self, engine: Engine, max_ongoing_requests: int = 256,
-                 attribution: AttributionService | None = None) -> None:
+                 attribution: AttributionService | None = None, metrics: RequestMetrics | None = None) -> None:
         self.engine = engine
         self.max_ongoing_requests = max_ongoing_requests
         self.attribution = attribution
+        self.metrics = metrics or request_metrics()
         self.ongoing = 0
 
     # ---- models -------------------------------------------------------------------------
@@ -111,6 +117,11 @@ class OpenAIService:
         return trace.to_dict()
 
     # ---- preparing ----------------------------------------------------------------------
+    def count_rejection(self, api: str, model: str | None, exc: ApiError) -> None:
+        """Count a request refused before it reached the engine (the doors call this)."""
+        adapter = model if model and model != self.engine.base_model and self.engine.is_known(model) else ""
+        self.metrics.rejected(self.engine.base_model, adapter, api, exc.status)
+
     def _admit(self, model: str) -> None:
         if not self.engine.is_known(model):
             raise ModelNotFound(model)
@@ -121,7 +132,8 @@ class OpenAIService:
                                     "requests are refused until the ledger catches up (retry later)")
 
     async def _prepare(
-        self, request: SamplingFields, prompt_ids: list[int], max_tokens: int | None, prefix: str, prompt_param: str
+        self, request: SamplingFields, prompt_ids: list[int], max_tokens: int | None, prefix: str, prompt_param: str,
+        api: str, admitted_at: float,
     ) -> Prepared:
         request.reject_unsupported()
         lora = await self.engine.lora_request(request.model)
@@ -138,28 +150,46 @@ class OpenAIService:
             n=request.n,
             created=int(time.time()),
             attribution=request.attribution,
+            api=api,
+            admitted_at=admitted_at,
         )
 
-    async def prepare_completion(self, request: CompletionRequest) -> Prepared:
+    async def prepare_completion(self, request: CompletionRequest, api: str = "completions") -> Prepared:
+        admitted_at = time.perf_counter()
         prompt = request.single_prompt()
         self._admit(request.model)
         prompt_ids = self.engine.encode_prompt(prompt)
-        return await self._prepare(request, prompt_ids, request.max_tokens, "cmpl", "prompt")
+        return await self._prepare(request, prompt_ids, request.max_tokens, "cmpl", "prompt", api, admitted_at)
 
-    async def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
+    async def prepare_chat(self, request: ChatCompletionRequest, api: str = "chat_completions") -> Prepared:
+        admitted_at = time.perf_counter()
         self._admit(request.model)
         prompt_ids = self.engine.encode_chat(request.rendered_messages())
-        return await self._prepare(request, prompt_ids, request.output_limit, "chatcmpl", "messages")
+        return await self._prepare(request, prompt_ids, request.output_limit, "chatcmpl", "messages", api,
+                                   admitted_at)
 
     # ---- running ------------------------------------------------------------------------
     async def steps(self, job: Prepared) -> AsyncIterator[StepOutput]:
-        """The engine steps of a prepared request, counted as ongoing while they run."""
+        """The engine steps of a prepared request, counted as ongoing while they run and metered:
+        status 200 when it completes, the error's status on an ApiError, 499 when the consumer left."""
         self.ongoing += 1
+        tracker = self.metrics.tracker(self.engine.base_model, job.adapter, job.api, len(job.prompt_ids))
+        tracker.started = job.admitted_at or tracker.started
+        status = CLIENT_GONE
         try:
             async for step in self.engine.generate(job.prompt_ids, job.params, job.lora, job.request_id):
+                tracker.tokens(sum(len(delta.token_ids) for delta in step.deltas))
                 yield step
+            status = 200
+        except ApiError as exc:
+            status = exc.status
+            raise
+        except Exception:
+            status = 500
+            raise
         finally:
             self.ongoing -= 1
+            tracker.finish(status)
 
     @staticmethod
     def _usage(job: Prepared, completion_tokens: int) -> dict[str, int]:
@@ -174,14 +204,15 @@ class OpenAIService:
         finish: list[str | None] = [None] * job.n
         tokens = 0
         first_choice_ids: list[int] = []
-        async for step in self.steps(job):
-            for delta in step.deltas:
-                texts[delta.index] += delta.text
-                tokens += len(delta.token_ids)
-                if delta.index == 0:
-                    first_choice_ids += delta.token_ids
-                if delta.finish_reason:
-                    finish[delta.index] = delta.finish_reason
+        async with aclosing(self.steps(job)) as steps:
+            async for step in steps:
+                for delta in step.deltas:
+                    texts[delta.index] += delta.text
+                    tokens += len(delta.token_ids)
+                    if delta.index == 0:
+                        first_choice_ids += delta.token_ids
+                    if delta.finish_reason:
+                        finish[delta.index] = delta.finish_reason
         pending = self.attribute(job, first_choice_ids)
         if chat:
             choices = [
@@ -215,20 +246,21 @@ class OpenAIService:
                       "finish_reason": None} for i in range(job.n)]
             yield sse({**head, "choices": first})
         try:
-            async for step in self.steps(job):
-                choices = []
-                for delta in step.deltas:
-                    tokens += len(delta.token_ids)
-                    if delta.index == 0:
-                        first_choice_ids += delta.token_ids
-                    if chat:
-                        body = {"content": delta.text} if delta.text else {}
-                        choices.append({"index": delta.index, "delta": body, "logprobs": None,
-                                        "finish_reason": delta.finish_reason})
-                    else:
-                        choices.append({"index": delta.index, "text": delta.text, "logprobs": None,
-                                        "finish_reason": delta.finish_reason})
-                yield sse({**head, "choices": choices})
+            async with aclosing(self.steps(job)) as steps:
+                async for step in steps:
+                    choices = []
+                    for delta in step.deltas:
+                        tokens += len(delta.token_ids)
+                        if delta.index == 0:
+                            first_choice_ids += delta.token_ids
+                        if chat:
+                            body = {"content": delta.text} if delta.text else {}
+                            choices.append({"index": delta.index, "delta": body, "logprobs": None,
+                                            "finish_reason": delta.finish_reason})
+                        else:
+                            choices.append({"index": delta.index, "text": delta.text, "logprobs": None,
+                                            "finish_reason": delta.finish_reason})
+                    yield sse({**head, "choices": choices})
             pending = self.attribute(job, first_choice_ids)
         except ApiError as exc:
             yield sse(exc.to_body())

@@ -30,6 +30,7 @@ class Receipt:
     status: int
     block_number: int
     block_hash: str
+    gas_used: int = 0
 
 
 class SettlementChain:
@@ -98,7 +99,8 @@ class SettlementChain:
         found = receipt(self.client, tx_hash)
         if found is None or found.get("blockNumber") is None:
             return None
-        return Receipt(tx_hash, int(found["status"]), int(found["blockNumber"]), HexBytes(found["blockHash"]).to_0x_hex())
+        return Receipt(tx_hash, int(found["status"]), int(found["blockNumber"]), HexBytes(found["blockHash"]).to_0x_hex(),
+                       int(found.get("gasUsed") or 0))
 
     def block_number(self) -> int:
         return block_number(self.client)

@@ -300,3 +300,28 @@ def test_stop_is_prompt_during_a_backoff(make_shipper: Callable[..., TraceShippe
     assert shipper.stop(timeout=5.0)
     assert time.monotonic() - started < 1.0
     assert outbox.depth() == 1
+
+
+def test_shipping_metrics_show_the_outbox_and_the_ledgers_answers(
+        ledger: ScriptedLedger, serve: Callable[[int], grpc.Server], make_shipper: Callable[..., TraceShipper],
+        outbox: Outbox) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from attribution.metrics import ShippingCollector
+
+    put_traces(outbox, 3)
+    time.sleep(0.05)
+    port = free_port()  # nothing listens yet: the traces wait and the failures are counted
+    shipper = make_shipper(port)
+    registry = CollectorRegistry()
+    registry.register(ShippingCollector(shipper))
+    assert registry.get_sample_value("gateway_outbox_traces") == 3
+    assert registry.get_sample_value("gateway_outbox_oldest_age_seconds") >= 0.05
+    wait_for(lambda: (registry.get_sample_value("gateway_trace_send_failures_total") or 0) >= 1)
+
+    serve(port)
+    assert shipper.wait_until_empty(10.0)
+    assert registry.get_sample_value("gateway_outbox_traces") == 0
+    assert registry.get_sample_value("gateway_outbox_oldest_age_seconds") == 0
+    assert registry.get_sample_value("gateway_traces_shipped_total", {"ack": "accepted"}) == 3
+    assert registry.get_sample_value("gateway_traces_shipped_total", {"ack": "rejected"}) == 0

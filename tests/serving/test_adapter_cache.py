@@ -85,3 +85,25 @@ async def test_broken_adapter_is_not_cached_and_evicts_nothing() -> None:
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError):
         make(0, MemorySource())
+
+
+async def test_metrics_count_hits_loads_evictions_and_residency() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from serving.metrics import AdapterMetrics
+
+    registry = CollectorRegistry()
+
+    async def unload(adapter: ResolvedAdapter) -> None:
+        return None
+
+    cache = AdapterCache(MemorySource(), 2, unload, AdapterMetrics(registry))
+    for name in ("a", "b", "a", "c", "a"):  # loads a, b; hit a; load c evicting b; hit a
+        await cache.get(name)
+
+    def value(name: str) -> float:
+        return registry.get_sample_value(name) or 0.0
+
+    assert (value("gateway_adapter_loads_total"), value("gateway_adapter_cache_hits_total"),
+            value("gateway_adapter_evictions_total"), value("gateway_adapters_resident")) == (3, 2, 1, 2)
+    assert value("gateway_adapter_load_seconds_count") == 3

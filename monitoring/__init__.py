@@ -1,0 +1,1 @@
+"""Monitoring as code: Grafana dashboards, Grafana provisioning and the local Prometheus config."""
