@@ -14,6 +14,7 @@ from typing import Any, Literal
 from monitoring.panels import (
     BUILTIN_VALUES,
     Grid,
+    Panel,
     Target,
     dashboard,
     expand,
@@ -92,6 +93,13 @@ def _percentiles(histogram: str, *qs: float, matcher: str = "", prefix: str = ""
 def _base_model_named(expr: str) -> str:
     """Show the base model (adapter "") as `(base model)` in legends."""
     return f'label_replace({expr}, "adapter", "(base model)", "adapter", "")'
+
+
+def _top_adapters(what: str, counter: str, *, description: str, unit: str = "short") -> Panel:
+    """`what` by adapter for the TOP selected adapters with the highest rate of `counter`."""
+    expr = f"topk({TOP}, sum by (adapter) ({rate(f'{counter}{{{ADAPTER}}}')}))"
+    return timeseries(f"{what} by adapter (top {TOP})", Target(_base_model_named(expr), "{{adapter}}"), unit=unit,
+                      description=description)
 
 
 def _error_ratio(by: str = "") -> str:
@@ -208,23 +216,13 @@ def adapters() -> dict[str, Any]:
         stat("Adapter evictions/s", f"sum({rate('gateway_adapter_evictions_total')})", decimals=2,
              description="Least recently used adapters evicted per second to make room."),
     ).new_row().add(
-        timeseries(f"Requests/s by adapter (top {TOP})",
-                   Target(_base_model_named(
-                       f"topk({TOP}, sum by (adapter) ({rate(f'gateway_requests_total{{{ADAPTER}}}')}))"),
-                       "{{adapter}}"),
-                   unit="reqps",
-                   description="The busiest selected adapters at each step; the base model shows as (base model)."),
-        timeseries(f"Completion tokens/s by adapter (top {TOP})",
-                   Target(_base_model_named(
-                       f"topk({TOP}, sum by (adapter) ({rate(f'gateway_completion_tokens_total{{{ADAPTER}}}')}))"),
-                       "{{adapter}}"),
-                   description="Generated tokens per second for the selected adapters with the most output."),
+        _top_adapters("Requests/s", "gateway_requests_total", unit="reqps",
+                      description="The busiest selected adapters at each step; the base model shows as (base model)."),
+        _top_adapters("Completion tokens/s", "gateway_completion_tokens_total",
+                      description="Generated tokens per second for the selected adapters with the most output."),
     ).new_row().add(
-        timeseries(f"Prompt tokens/s by adapter (top {TOP})",
-                   Target(_base_model_named(
-                       f"topk({TOP}, sum by (adapter) ({rate(f'gateway_prompt_tokens_total{{{ADAPTER}}}')}))"),
-                       "{{adapter}}"),
-                   description="Prompt tokens per second for the selected adapters with the most input."),
+        _top_adapters("Prompt tokens/s", "gateway_prompt_tokens_total",
+                      description="Prompt tokens per second for the selected adapters with the most input."),
         timeseries(f"Non-2xx responses/s by adapter (top {TOP})",
                    Target(_base_model_named(
                        f"topk({TOP}, sum by (adapter, status) "

@@ -67,15 +67,17 @@ class EngineReplica:
         self._server = None
         self._loop: DedicatedLoop | None = None
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self._metrics = serve_metrics(self.config.host, 0, state_dir=self.config.state_dir,
-                                      target_name=f"engine-{self.replica_id}", labels={"replica": self.replica_id})
         if self.replica.serves_http_in_replica:
             self._loop = DedicatedLoop()
             await self._loop.run(self._build())
-            await self._loop.run(self._start_grpc())  # before HTTP: a 200 on /health means both listen
-            await self._loop.run(self._start_http())
         else:
             await self._build()
+        # Servers start once the engine has started its processes (they must not inherit the sockets).
+        self._metrics = serve_metrics(self.config.host, 0, state_dir=self.config.state_dir,
+                                      target_name=f"engine-{self.replica_id}", labels={"replica": self.replica_id})
+        if self._loop is not None:
+            await self._loop.run(self._start_grpc())  # before HTTP: a 200 on /health means both listen
+            await self._loop.run(self._start_http())
 
     async def _build(self) -> None:
         """Create the engine on the loop that will drive it (vLLM binds its output task to it)."""

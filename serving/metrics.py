@@ -46,8 +46,10 @@ class RequestMetrics:
         """A request refused before it reached the engine."""
         self.requests.labels(model, adapter, api, str(status)).inc()
 
-    def tracker(self, model: str, adapter: str | None, api: str, prompt_tokens: int) -> "RequestTracker":
-        return RequestTracker(self, model, adapter or "", api, prompt_tokens)
+    def tracker(self, model: str, adapter: str | None, api: str, prompt_tokens: int,
+                started: float | None = None) -> "RequestTracker":
+        """Track one admitted request; `started` is its admission time (perf_counter), default now."""
+        return RequestTracker(self, model, adapter or "", api, prompt_tokens, started)
 
 
 class RequestTracker:
@@ -55,10 +57,11 @@ class RequestTracker:
 
     __slots__ = ("metrics", "labels", "api", "prompt_tokens", "started", "last", "generated", "done", "_ttft", "_itl")
 
-    def __init__(self, metrics: RequestMetrics, model: str, adapter: str, api: str, prompt_tokens: int) -> None:
+    def __init__(self, metrics: RequestMetrics, model: str, adapter: str, api: str, prompt_tokens: int,
+                 started: float | None = None) -> None:
         self.metrics, self.labels, self.api, self.prompt_tokens = metrics, (model, adapter), api, prompt_tokens
         self._ttft, self._itl = metrics.ttft.labels(api), metrics.itl.labels(api)
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() if started is None else started
         self.last: float | None = None
         self.generated = 0
         self.done = False

@@ -173,8 +173,8 @@ class OpenAIService:
         """The engine steps of a prepared request, counted as ongoing while they run and metered:
         status 200 when it completes, the error's status on an ApiError, 499 when the consumer left."""
         self.ongoing += 1
-        tracker = self.metrics.tracker(self.engine.base_model, job.adapter, job.api, len(job.prompt_ids))
-        tracker.started = job.admitted_at or tracker.started
+        tracker = self.metrics.tracker(self.engine.base_model, job.adapter, job.api, len(job.prompt_ids),
+                                       job.admitted_at or None)
         status = CLIENT_GONE
         try:
             async for step in self.engine.generate(job.prompt_ids, job.params, job.lora, job.request_id):

@@ -142,3 +142,24 @@ def test_traces_of_every_replica_are_found_through_the_ingress(two_replicas: Gat
         assert reply.json()["completion_tokens"] == len(reply.json()["tokens"]) == 3
     missing = httpx.get(f"{two_replicas.base_url}/v1/attributions/cmpl-missing", timeout=30)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "trace_not_found"
+
+
+def test_each_replica_announces_its_own_scrape_endpoint(two_replicas: GatewayProcess) -> None:
+    """Several replicas on one node: each serves its metrics on its own port, found through its target file."""
+    import json
+
+    from gateway.metrics_endpoint import targets_dir
+
+    for name in ("demo-adapter-001", "demo-adapter-002", "demo-adapter-003", "demo-adapter-004"):
+        assert complete(two_replicas, name).status_code == 200
+    files = sorted(targets_dir(two_replicas.state_dir).glob("engine-*.json"))
+    assert len(files) == 2
+    served = 0.0
+    for path in files:
+        [group] = json.loads(path.read_text())
+        text = httpx.get(f"http://{group['targets'][0]}/metrics", timeout=10).text
+        assert "vllm:num_requests_running" in text
+        served += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith("gateway_requests_total{") and 'status="200"' in line)
+        assert path.stem == f"engine-{group['labels']['replica']}"
+    assert served >= 4, "the replicas' counters add up to the requests they served"
