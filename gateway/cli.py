@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from gateway import adapter_commands, datanet_commands, ledger_commands, settle_commands
+from gateway import account_commands, adapter_commands, datanet_commands, ledger_commands, settle_commands
 from gateway.cli_output import EXIT_BAD_INPUT, EXIT_FAILED, CommandError, fail
 from gateway.config import EngineConfig, GatewayConfig, ReplicaConfig
 
@@ -28,7 +29,13 @@ def _config(args: argparse.Namespace) -> GatewayConfig:
 
 def cmd_up(config: GatewayConfig, args: argparse.Namespace) -> None:
     from gateway.supervisor import run
+    from ledger.service import is_loopback
 
+    if args.no_auth:
+        if not is_loopback(config.host):
+            raise CommandError(f"--no-auth is refused on {config.host}: without keys anyone who can reach the "
+                               "gateway can spend; bind 127.0.0.1 or keep auth on")
+        os.environ["GATEWAY_AUTH"] = "false"  # the replicas (Ray workers) read it too
     run(config, EngineConfig(), ReplicaConfig())
 
 
@@ -47,6 +54,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--http-port", dest="http_port", type=int)
     up.add_argument("--grpc-port", dest="grpc_port", type=int)
     up.add_argument("--host")
+    up.add_argument("--no-auth", dest="no_auth", action="store_true",
+                    help="serve without API keys (local experiments only; refused off loopback)")
     up.set_defaults(func=cmd_up)
 
     demo = commands.add_parser("demo", help="build the demo base model and load-test adapters (cached)")
@@ -56,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     adapter_commands.add_parser(commands)
     ledger_commands.add_parser(commands)
     settle_commands.add_parser(commands)
+    account_commands.add_parser(commands)
     return root
 
 

@@ -79,6 +79,23 @@ class ReplicaConfig(BaseSettings):
         return self
 
 
+class AccessConfig(BaseSettings):
+    """Who may call the inference APIs and how much: API keys, default per-key limits."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+
+    auth: bool = Field(True, description="Require an API key on the inference APIs (`gateway up --no-auth` turns "
+                       "it off for local experiments; refused off loopback).")
+    rate_requests_per_second: float | None = Field(
+        50.0, gt=0, description="Default per-key request rate (burst = this many); a key's own limit wins.")
+    rate_tokens_per_minute: int | None = Field(
+        2_000_000, ge=1, description="Default per-key tokens per minute (prompt + max_tokens reserved up front).")
+    key_cache_seconds: float = Field(
+        1.0, ge=0, description="How long a replica trusts a key it looked up (revocation takes effect within it).")
+    local_credit: int = Field(10**24, ge=0, description="Base units credited once to the `local` account that "
+                              "`gateway up` creates with its first key (1e24 = a million 18-decimal tokens).")
+
+
 class GatewayConfig(BaseSettings):
     """Top-level settings: where state lives, where each front door listens."""
 

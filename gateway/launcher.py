@@ -12,6 +12,9 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import grpc
 
 READY_TIMEOUT_SECONDS = 600.0
 STOP_TIMEOUT_SECONDS = 60.0
@@ -35,7 +38,6 @@ def wait_until_healthy(url: str, timeout: float, still_waiting: Callable[[], Non
 
 def wait_until_grpc_serving(target: str, timeout: float, still_waiting: Callable[[], None] = lambda: None) -> None:
     """Poll gRPC health on `target` until the server reports SERVING (`still_waiting` as above)."""
-    import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
@@ -88,6 +90,27 @@ class GatewayProcess:
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+    @property
+    def api_key(self) -> str | None:
+        """The local admin key `gateway up` wrote at its first start (None with auth off)."""
+        path = self.state_dir / "local-api-key"
+        return path.read_text().strip() if path.exists() else None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers that authenticate as the local key."""
+        return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def grpc_channel(self, key: str | None = None) -> Any:
+        """A gRPC channel to the gateway whose calls carry `key` (default: the local key)."""
+        key = key or self.api_key
+        channel = grpc.insecure_channel(self.grpc_target)
+        return grpc.intercept_channel(channel, BearerMetadata(key)) if key else channel
+
+    def grpc_aio_channel(self, key: str | None = None) -> Any:
+        key = key or self.api_key
+        return grpc.aio.insecure_channel(self.grpc_target, interceptors=aio_bearer_interceptors(key) if key else None)
+
     def start(self, timeout: float = READY_TIMEOUT_SECONDS) -> "GatewayProcess":
         gateway = Path(sys.executable).with_name("gateway")
         log_path = self.log_path or self.state_dir / "gateway.log"
@@ -122,3 +145,41 @@ class GatewayProcess:
         interrupt_and_wait(self.process)
         self._log.close()
         return self.process.returncode
+
+
+def _with_bearer(details: Any, key: str) -> Any:
+    return details._replace(metadata=[*(details.metadata or ()), ("authorization", f"Bearer {key}")])
+
+
+class BearerMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <key>` to every unary and server-streaming call of a channel."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(_with_bearer(details, self.key), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(_with_bearer(details, self.key), request)
+
+
+class _AioBearerUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_bearer(details, self.key), request)
+
+
+class _AioBearerStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_bearer(details, self.key), request)
+
+
+def aio_bearer_interceptors(key: str) -> list[Any]:
+    """The same for a `grpc.aio` channel."""
+    return [_AioBearerUnary(key), _AioBearerStream(key)]

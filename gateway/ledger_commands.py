@@ -9,6 +9,7 @@ exactly).
 from __future__ import annotations
 
 import argparse
+import logging
 import threading
 from typing import Any
 
@@ -21,6 +22,9 @@ from gateway.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from ledger.config import LedgerConfig
 
 RPC_TIMEOUT_SECONDS = 30.0
+STALE_HOLD_SECONDS = 3600  # no request runs this long
+STALE_HOLD_CHECK_SECONDS = 60.0
+log = logging.getLogger(__name__)
 
 
 def cmd_serve(config: GatewayConfig, args: argparse.Namespace) -> None:
@@ -48,8 +52,11 @@ def cmd_serve(config: GatewayConfig, args: argparse.Namespace) -> None:
     progress(f"[ledger] listening on {host}:{port}; fee split contributors {policy.contributors_bps / 100:g}% "
              f"/ adapter owner {policy.owner_bps / 100:g}% / treasury {policy.treasury_bps / 100:g}%; "
              f"metrics at {metrics.url}; Ctrl-C stops")
+    stopped = threading.Event()
+    threading.Thread(target=_release_stale_holds, args=(journal.engine, stopped), name="stale-holds",
+                     daemon=True).start()
     try:
-        threading.Event().wait()
+        stopped.wait()
     except KeyboardInterrupt:
         progress("[ledger] stopping")
     finally:
@@ -57,6 +64,22 @@ def cmd_serve(config: GatewayConfig, args: argparse.Namespace) -> None:
         server.stop(grace=2.0).wait()
         journal.engine.dispose()
     progress("[ledger] stopped")
+
+
+def _release_stale_holds(engine: Any, stopped: threading.Event) -> None:
+    """Holds of requests that never ran to the end, or whose trace was lost, stop reserving credit."""
+    from ledger.accounts import Accounts
+
+    accounts = Accounts(engine)
+    while not stopped.wait(STALE_HOLD_CHECK_SECONDS):
+        try:
+            released = accounts.release_stale_holds(STALE_HOLD_SECONDS)
+        except Exception:  # a database hiccup: try again next time
+            log.exception("could not release stale holds")
+            continue
+        if released:
+            log.warning("released %d holds older than %d s (requests that never finished)", released,
+                        STALE_HOLD_SECONDS)
 
 
 def _redacted(url: str) -> str:

@@ -34,6 +34,10 @@ RAY_ENV_DEFAULTS = {
 }
 
 
+LOCAL_ACCOUNT = "local"
+LOCAL_KEY_FILE = "local-api-key"
+
+
 class StopRequested(Exception):
     """Ctrl-C/SIGTERM arrived while the stack was still starting."""
 
@@ -60,6 +64,7 @@ def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> 
     config.state_dir.mkdir(parents=True, exist_ok=True)
     forget_engine_targets(config.state_dir)
     ensure_demo_assets(config)
+    ensure_local_key(config)
     ledger = LedgerConfig()
     with registry_contract(config) as registry:
         print(f"[gateway] chain {registry.client.rpc_url}: DatanetRegistry at {registry.address}", flush=True)
@@ -67,6 +72,39 @@ def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> 
             ensure_demo_datanets(config, registry, lambda line: print(line, flush=True))
         with ledger_service(config, ledger) as watch_ledger:
             _serve(config, engine, replica, watch_ledger, background_work(config, ledger))
+
+
+def ensure_local_key(config: GatewayConfig) -> None:
+    """First start with auth on: an admin key of account `local` (credited once), printed once and
+    written to `<state>/local-api-key` readable by its owner only."""
+    from gateway.config import AccessConfig
+    from ledger.accounts import Accounts
+    from ledger.api_keys import ApiKeys
+    from ledger.database import database_url, open_database
+
+    access = AccessConfig()
+    path = config.state_dir / LOCAL_KEY_FILE
+    if not access.auth:
+        print("[gateway] auth is OFF (--no-auth): any client on this machine may call the APIs unbilled", flush=True)
+        return
+    if path.exists():
+        print(f"[gateway] API keys required; the local admin key is in {path}", flush=True)
+        return
+    engine = open_database(database_url(config.state_dir))
+    try:
+        accounts = Accounts(engine)
+        if LOCAL_ACCOUNT not in {a.id for a in accounts.list()}:
+            accounts.create(LOCAL_ACCOUNT)
+        if access.local_credit:
+            accounts.credit(LOCAL_ACCOUNT, access.local_credit, "local-first-start")
+        new = ApiKeys(engine).create(LOCAL_ACCOUNT, name="local key of gateway up", admin=True)
+    finally:
+        engine.dispose()
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write(new.presented + "\n")
+    print(f"[gateway] created the local admin API key (account '{LOCAL_ACCOUNT}', {access.local_credit} base units "
+          f"of credit):\n  {new.presented}\n  saved to {path} (owner-only); it is not printed again", flush=True)
 
 
 def forget_engine_targets(state_dir: Path) -> None:
@@ -114,8 +152,47 @@ def ledger_service(config: GatewayConfig, ledger: LedgerConfig) -> Iterator[Call
 @contextmanager
 def background_work(config: GatewayConfig, ledger: LedgerConfig) -> Iterator[None]:
     """What runs beside serving: the scrape endpoint, trace shipping and periodic settlement."""
-    with metrics_endpoint(config), trace_shipping(config, ledger), periodic_settlement(config):
+    with metrics_endpoint(config), trace_shipping(config, ledger), periodic_settlement(config), \
+            deposit_watching(config):
         yield
+
+
+@contextmanager
+def deposit_watching(config: GatewayConfig) -> Iterator[None]:
+    """Credit on-chain deposits (token transfers to the treasury) to their accounts, once each."""
+    from gateway.config import AccessConfig
+    from ledger.config import DepositConfig
+
+    deposits = DepositConfig()
+    if not deposits.watch or not AccessConfig().auth:
+        yield
+        return
+    stop = threading.Event()
+
+    def watch() -> None:
+        from gateway.ledger_access import settlement_chain
+        from ledger.chain.errors import ChainError
+        from ledger.database import database_url, open_database
+        from ledger.deposits import DepositWatcher
+
+        engine = open_database(database_url(config.state_dir))
+        while not stop.is_set():
+            try:
+                with settlement_chain(config) as chain:
+                    watcher = DepositWatcher(engine, chain.client, chain.settler.token_address, chain.settler.address,
+                                             deposits.confirmations, start_block=deposits.start_block,
+                                             report=lambda line: print(line, flush=True))
+                    watcher.run(stop, deposits.interval_seconds)
+            except (ChainError, OSError, ValueError) as error:
+                log.warning("deposit watching failed (%s); retrying in %.0f s", error, deposits.interval_seconds)
+                stop.wait(deposits.interval_seconds)
+
+    thread = threading.Thread(target=watch, name="deposit-watcher", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 @contextmanager

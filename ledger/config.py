@@ -85,3 +85,16 @@ class SettlementConfig(BaseSettings):
     token: str | None = Field(None, description="Payout token address on a remote chain (local: deployed).")
     settler: str | None = Field(None, description="PayoutSettler address on a remote chain (local: deployed).")
     local_funding: int = Field(10**24, ge=0, description="Tokens minted to the local settler when it is deployed.")
+
+
+class DepositConfig(BaseSettings):
+    """Watching the chain for payout-token transfers to the treasury (the PayoutSettler) that fund accounts."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_DEPOSITS_", extra="ignore")
+
+    watch: bool = Field(True, description="`gateway up` credits deposits to the accounts whose deposit address "
+                        "sent them.")
+    confirmations: PositiveInt = Field(2, description="Blocks deep a transfer must be before it is credited.")
+    interval_seconds: float = Field(5.0, gt=0, description="How often the chain is scanned for new deposits.")
+    start_block: int = Field(0, ge=0, description="First block to scan (the settler's deployment block on a "
+                             "remote chain).")

@@ -83,8 +83,9 @@ def payable_account(address: str) -> str:
 
 
 def split_fee(policy: FeeSplitPolicy, fee: int, *, owner: str | None, attributed: Mapping[str, Fraction],
-              unattributed: Fraction, lineage_counts: Mapping[str, int]) -> list[Share]:
-    """The balanced entry for one fee: revenue debited, contributors/owner/treasury credited.
+              unattributed: Fraction, lineage_counts: Mapping[str, int], payer: str = REVENUE_ACCOUNT) -> list[Share]:
+    """The balanced entry for one fee: `payer` debited (the requester's account, or `revenue` for an
+    inference without one), contributors/owner/treasury credited.
 
     `attributed` maps contributor address → summed token weight; `unattributed` is the summed
     unattributed weight; `lineage_counts` maps address → distinct lineage contributions. Zero
@@ -104,7 +105,7 @@ def split_fee(policy: FeeSplitPolicy, fee: int, *, owner: str | None, attributed
             if amount:
                 contributor_amounts[address] = amount
     treasury = fee - sum(contributor_amounts.values()) - owner_amount
-    shares = [Share(REVENUE_ACCOUNT, "payer", -fee)] if fee else []
+    shares = [Share(payer, "payer", -fee)] if fee else []
     shares += [Share(payable_account(a), "contributor", amount) for a, amount in contributor_amounts.items()]
     if owner_amount:
         shares.append(Share(payable_account(owner), "adapter_owner", owner_amount))  # type: ignore[arg-type]

@@ -29,11 +29,14 @@ from sqlmodel import Session, col, select
 
 from attribution.trace import AttributionTrace
 from attribution.trace_wire import canonical_json, content_sha256
+from ledger.accounts import REQUESTER_PREFIX, requester_account, settle_requests
 from ledger.adapters import lineage_contents, parse_price
 from ledger.amounts import exact_sum
 from ledger.contribution_content import checksum_address
-from ledger.fee_split import FeeSplitPolicy, Share, exact_float_sum, fee_for, split_fee
-from ledger.models import Adapter, Contribution, IngestedTrace, JournalEntry, PayoutBatch, Posting, TraceConflict, utcnow
+from ledger.fee_split import REVENUE_ACCOUNT, FeeSplitPolicy, Share, exact_float_sum, fee_for, split_fee
+from ledger.models import (
+    Adapter, ApiKey, Contribution, IngestedTrace, JournalEntry, PayoutBatch, Posting, TraceConflict, utcnow,
+)
 
 INFERENCE = "inference"
 ADDRESS_ACCOUNT_CLASSES = ("payable", "pending", "paid")
@@ -155,6 +158,7 @@ class Journal:
                 select(IngestedTrace.trace_id, IngestedTrace.content_sha256, IngestedTrace.entry_id)
                 .where(col(IngestedTrace.trace_id).in_(ids))).all()}
             owners = self._contribution_owners(session, batch)
+            payers = self._payers(session, batch)
             new: list[tuple[int, _Prepared, AdapterTerms, list[Share], int]] = []
             claimed: dict[str, str] = {}
             conflicts = []
@@ -178,9 +182,15 @@ class Journal:
                     results[position] = IngestResult(trace_id, "rejected", 0,
                                                      f"unknown contribution id(s): {', '.join(unknown[:3])}")
                     continue
+                if item.trace.requester is not None and item.trace.requester not in payers:
+                    results[position] = IngestResult(trace_id, "rejected", 0,
+                                                     f"unknown requester key {item.trace.requester!r}")
+                    continue
                 terms = self.terms(session, item.trace.adapter)
                 fee = fee_for(terms.price_per_1k_tokens, item.trace.prompt_tokens + item.trace.completion_tokens)
-                shares = self._shares(item.trace, fee, terms, owners)
+                payer = payers.get(item.trace.requester)  # type: ignore[arg-type]
+                shares = self._shares(item.trace, fee, terms, owners,
+                                      requester_account(payer) if payer else REVENUE_ACCOUNT)
                 claimed[trace_id] = item.sha
                 new.append((position, item, terms, shares, fee))
             if conflicts:
@@ -232,9 +242,15 @@ class Journal:
         if postings:  # Core inserts of the tables: no ORM bookkeeping per row
             session.execute(insert(Posting.__table__), postings)  # type: ignore[attr-defined]
         session.execute(insert(IngestedTrace.__table__), traces)  # type: ignore[attr-defined]
+        charges: dict[str, int] = {}
+        for posting in postings:
+            if posting["role"] == "payer" and posting["account"].startswith(REQUESTER_PREFIX):
+                account_id = posting["account"][len(REQUESTER_PREFIX):]
+                charges[account_id] = charges.get(account_id, 0) - posting["amount"]
+        settle_requests(session, charges, [item.trace.trace_id for _, item, _, _, _ in new])
 
     def _shares(self, trace: AttributionTrace, fee: int, terms: AdapterTerms,
-                owners: dict[str, str]) -> list[Share]:
+                owners: dict[str, str], payer: str) -> list[Share]:
         by_address: dict[str, list[float]] = {}
         for token in trace.tokens:
             for contribution_id, weight in token.weights:
@@ -242,7 +258,16 @@ class Journal:
         attributed = {address: exact_float_sum(weights) for address, weights in by_address.items()}
         unattributed = exact_float_sum(token.unattributed for token in trace.tokens) if trace.tokens else Fraction(1)
         return split_fee(self.policy, fee, owner=terms.owner, attributed=attributed, unattributed=unattributed,
-                         lineage_counts=terms.lineage_counts)
+                         lineage_counts=terms.lineage_counts, payer=payer)
+
+    @staticmethod
+    def _payers(session: Session, batch: list[_Prepared]) -> dict[str, str]:
+        """Requester key id → the account it belongs to, for the keys these traces name (revoked ones too:
+        a request admitted before the revocation is still billed)."""
+        keys = sorted({p.trace.requester for p in batch if p.trace.requester is not None})
+        if not keys:
+            return {}
+        return dict(session.exec(select(ApiKey.id, ApiKey.account_id).where(col(ApiKey.id).in_(keys))).all())
 
     @staticmethod
     def _contribution_owners(session: Session, batch: list[_Prepared]) -> dict[str, str]:

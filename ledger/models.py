@@ -196,3 +196,77 @@ class PayoutAttempt(SQLModel, table=True):
     raw: str = Field(sa_column=Column(Text, nullable=False))
     sent_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class RequesterAccount(SQLModel, table=True):
+    """Who pays for inferences: a prepaid balance (journal account `requester:<id>`) and its API keys.
+
+    `balance` and `held` are kept in step with the journal and the holds in the same transactions
+    (the invariants are checked by `Accounts.check`), so admission reads one row instead of summing
+    postings. `deposit_address` is the chain address whose transfers to the treasury credit it.
+    """
+
+    id: str = Field(primary_key=True, max_length=48)
+    deposit_address: str | None = Field(default=None, max_length=42, unique=True)
+    balance: int = Field(default=0, sa_column=Column(Amount, nullable=False))  # = sum of its postings
+    held: int = Field(default=0, sa_column=Column(Amount, nullable=False))  # = sum of its holds
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class ApiKey(SQLModel, table=True):
+    """An API key of an account: only the SHA-256 of its secret is stored; revoked keys are kept."""
+
+    id: str = Field(primary_key=True, max_length=32)
+    account_id: str = Field(foreign_key="requesteraccount.id", index=True, max_length=48)
+    secret_sha256: str = Field(max_length=64)
+    name: str = Field(default="", max_length=64)
+    admin: bool = False
+    requests_per_second: float | None = None  # None: the gateway's default limit
+    tokens_per_minute: int | None = None
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    revoked_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+
+
+class BalanceHold(SQLModel, table=True):
+    """Worst-case cost of an inference in flight, reserved on its account until the ledger posts its trace."""
+
+    trace_id: str = Field(primary_key=True, max_length=128)
+    account_id: str = Field(foreign_key="requesteraccount.id", index=True, max_length=48)
+    amount: int = Field(sa_column=Column(Amount, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class AdapterAccess(SQLModel, table=True):
+    """A private adapter and an account allowed to use it (an adapter with no rows is public)."""
+
+    adapter_name: str = Field(foreign_key="adapter.name", primary_key=True, max_length=128)
+    account_id: str = Field(foreign_key="requesteraccount.id", primary_key=True, max_length=48)
+
+
+class DepositScan(SQLModel, table=True):
+    """How far the deposit watcher has credited transfers of `token` to `treasury` on a chain."""
+
+    chain_id: int = Field(primary_key=True)
+    token: str = Field(primary_key=True, max_length=42)
+    treasury: str = Field(primary_key=True, max_length=42)
+    next_block: int
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class Deposit(SQLModel, table=True):
+    """A token transfer to the treasury seen at the confirmation depth; credited once (entry `deposit`, ref = id).
+
+    `id` is `<chain id>:<tx hash>:<log index>`. A transfer from an address no account claims is kept
+    with `account_id` None and no entry, for the operator to resolve.
+    """
+
+    id: str = Field(primary_key=True, max_length=128)
+    account_id: str | None = Field(default=None, foreign_key="requesteraccount.id", index=True, max_length=48)
+    from_address: str = Field(max_length=42)
+    amount: int = Field(sa_column=Column(Amount, nullable=False))
+    block_number: int
+    block_hash: str = Field(max_length=66)
+    tx_hash: str = Field(max_length=66)
+    entry_id: int | None = Field(default=None, sa_column=Column(BigInteger, ForeignKey("journalentry.id"),
+                                                                nullable=True))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))

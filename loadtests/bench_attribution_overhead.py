@@ -31,7 +31,7 @@ ADAPTERS = [demo_adapter_name(d) for d in DEMO_DATANETS]
 
 
 async def bench(servers: dict[str, GatewayServer], args: argparse.Namespace) -> dict[str, list[dict]]:
-    clients = {name: OpenAIHttpClient(s.base_url, args.concurrency) for name, s in servers.items()}
+    clients = {name: OpenAIHttpClient(s.base_url, args.concurrency, s.headers) for name, s in servers.items()}
     models = [ADAPTERS[i % len(ADAPTERS)] for i in range(args.requests)]
     rounds: dict[str, list[dict]] = {name: [] for name in servers}
     try:

@@ -86,10 +86,11 @@ class Client(Protocol):
 class OpenAIHttpClient:
     """Streams `POST /v1/completions` and times the SSE content chunks."""
 
-    def __init__(self, base_url: str, concurrency: int) -> None:
+    def __init__(self, base_url: str, concurrency: int, headers: dict[str, str] | None = None) -> None:
         self.url = f"{base_url}/v1/completions"
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=concurrency), timeout=aiohttp.ClientTimeout(total=600)
+            connector=aiohttp.TCPConnector(limit=concurrency), timeout=aiohttp.ClientTimeout(total=600),
+            headers=headers,
         )
 
     async def stream(self, model: str, prompt: str) -> StreamResult:
@@ -127,14 +128,16 @@ class OpenAIHttpClient:
 class GrpcStreamClient:
     """Streams `gateway.inference.v1.Inference/GenerateStream` and times the messages."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, api_key: str | None = None) -> None:
         import grpc
 
         from gateway.inference.v1 import inference_pb2 as pb
         from gateway.inference.v1 import inference_pb2_grpc as pb_grpc
+        from gateway.launcher import aio_bearer_interceptors
 
         self.pb = pb
-        self.channel = grpc.aio.insecure_channel(target)
+        self.channel = grpc.aio.insecure_channel(target, interceptors=aio_bearer_interceptors(api_key) if api_key
+                                                 else None)
         self.stub = pb_grpc.InferenceStub(self.channel)
 
     async def stream(self, model: str, prompt: str) -> StreamResult:
@@ -253,6 +256,11 @@ class Server:
         self.tree: ProcessTree | None = None
         self.last_seen: dict[tuple[int, float], float] = {}
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """Headers every request to this server carries (vLLM's server needs none)."""
+        return {}
+
     def start(self) -> None:
         raise NotImplementedError
 
@@ -278,6 +286,10 @@ class GatewayServer(Server):
         super().__init__("gateway", port, [str(gateway), "--state-dir", str(state_dir), "up", "--http-port", str(port)])
         self.process = GatewayProcess(state_dir, port, grpc_port=port + 1,
                                       env={"GATEWAY_DEMO_ADAPTERS": str(NUM_ADAPTERS)})
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.process.headers  # the gateway's local key: the benchmark pays auth and metering too
 
     def start(self) -> None:
         try:
@@ -437,11 +449,12 @@ class Target(NamedTuple):
 
 
 def make_targets(servers: list[Server], args: argparse.Namespace) -> list[Target]:
-    targets = [Target(s.name, s, OpenAIHttpClient(s.base_url, args.concurrency)) for s in servers]
+    targets = [Target(s.name, s, OpenAIHttpClient(s.base_url, args.concurrency, s.headers)) for s in servers]
     if args.grpc:
         gateway = servers[0]
         assert isinstance(gateway, GatewayServer)
-        targets.insert(1, Target("gateway-grpc", gateway, GrpcStreamClient(gateway.process.grpc_target)))
+        targets.insert(1, Target("gateway-grpc", gateway, GrpcStreamClient(gateway.process.grpc_target,
+                                                                           gateway.process.api_key)))
     return targets
 
 

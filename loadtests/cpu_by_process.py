@@ -30,9 +30,11 @@ def cpu_seconds(root: psutil.Process) -> dict[int, tuple[float, str]]:
     return found
 
 
-async def measure(pid: int, seconds: float, load: str | None, model: str) -> list[tuple[float, str]]:
+async def measure(pid: int, seconds: float, load: str | None, model: str,
+                  api_key: str | None = None) -> list[tuple[float, str]]:
     root = psutil.Process(pid)
-    client = OpenAIHttpClient(load, 32) if load else None
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+    client = OpenAIHttpClient(load, 32, headers) if load else None
     loader = None
     if client:
         await run_requests(client, [model] * 32, 32)  # warm up
@@ -57,8 +59,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--load", help="base URL to stream completions from during the window")
     parser.add_argument("--model", default="demo-adapter-000")
+    parser.add_argument("--api-key", help="key for --load (the local one is in <state>/local-api-key)")
     args = parser.parse_args()
-    rows = asyncio.run(measure(args.pid, args.seconds, args.load, args.model))
+    rows = asyncio.run(measure(args.pid, args.seconds, args.load, args.model, args.api_key))
     for cores, name in rows:
         print(f"{cores:8.3f}  {name}")
     print(f"{sum(c for c, _ in rows):8.3f}  total cores")

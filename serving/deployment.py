@@ -96,7 +96,13 @@ class EngineReplica:
                                outbox=outbox)
             if self.config.attribution else None
         )
-        self.service = OpenAIService(self.engine, self.replica.max_ongoing_requests, attribution)
+        from gateway.config import AccessConfig
+        from ledger.database import open_database
+        from serving.access import AccessControl
+
+        access = AccessConfig()
+        control = AccessControl(open_database(database_url(self.config.state_dir)), access) if access.auth else None
+        self.service = OpenAIService(self.engine, self.replica.max_ongoing_requests, attribution, access=control)
 
     async def _start_http(self) -> None:
         import uvicorn
@@ -143,23 +149,40 @@ class EngineReplica:
                 raise ModelNotFound(model_id)
             await self._adapter(model_id)
 
-    async def models(self) -> dict[str, Any]:
-        return self.service.list_models()
+    async def models(self, authorization: str | None = None) -> dict[str, Any]:
+        """The models this caller may see, or an error body (`{"error": …, "status": …}`)."""
+        try:
+            return self.service.list_models(self.service.authenticate(authorization))
+        except ApiError as exc:
+            return {**exc.to_body(), "status": exc.status}
+
+    async def check_key(self, authorization: str | None) -> dict[str, Any] | None:
+        """None when the key is accepted (or auth is off), else the error body and status."""
+        try:
+            self.service.authenticate(authorization)
+        except ApiError as exc:
+            return {**exc.to_body(), "status": exc.status}
+        return None
 
     async def stats(self) -> dict[str, Any]:
         return {"replica": self.replica_id, **self.service.stats()}
 
-    async def handle(self, route: str, body: bytes) -> AsyncIterator[Any]:
+    async def handle(self, route: str, body: bytes, authorization: str | None = None) -> AsyncIterator[Any]:
         """Forwarded request: yields (status, headers) first, then response bytes."""
         kind, chat = ROUTES[route]
         try:
+            caller = self.service.authenticate(authorization)
+            model = serve.get_multiplexed_model_id()
+            if model and not self.service.visible(caller, model):
+                raise ModelNotFound(model)
             await self._hold_routed_adapter()
             request = parse_request(kind, body)
-            job = await (self.service.prepare_chat(request) if chat else self.service.prepare_completion(request))
+            job = await (self.service.prepare_chat(request, caller=caller) if chat
+                         else self.service.prepare_completion(request, caller=caller))
         except ApiError as exc:
             self.service.count_rejection("chat_completions" if chat else "completions",
                                          serve.get_multiplexed_model_id() or None, exc)
-            yield (exc.status, {REPLICA_HEADER: self.replica_id})
+            yield (exc.status, {REPLICA_HEADER: self.replica_id, **exc.headers})
             yield json.dumps(exc.to_body()).encode()
             return
         headers = {TRACE_HEADER: job.request_id, REPLICA_HEADER: self.replica_id}
@@ -171,28 +194,36 @@ class EngineReplica:
             yield (200, {**headers, "content-type": "application/json"})
             yield json.dumps(await self.service.run(job, chat)).encode()
 
-    async def generate_pb(self, request: bytes) -> AsyncIterator[Any]:
+    async def generate_pb(self, request: bytes, authorization: str | None = None) -> AsyncIterator[Any]:
         """Forwarded gRPC generation: serialized GenerateResponse messages, or an error dict."""
         from gateway.inference.v1 import inference_pb2 as pb
         from serving.grpc_service import API as GRPC_API
         from serving.grpc_service import LocalBackend, serialized_stream_error
 
         try:
+            caller = self.service.authenticate(authorization)
+            model = serve.get_multiplexed_model_id()
+            if model and not self.service.visible(caller, model):
+                raise ModelNotFound(model)
             await self._hold_routed_adapter()
         except ApiError as exc:
             self.service.count_rejection(GRPC_API, serve.get_multiplexed_model_id() or None, exc)
             yield serialized_stream_error(exc)
             return
         try:
-            async for message in LocalBackend(self.service).generate(pb.GenerateRequest.FromString(request)):
+            async for message in LocalBackend(self.service).generate(pb.GenerateRequest.FromString(request),
+                                                                     authorization):
                 yield message.SerializeToString()
         except ApiError as exc:
             yield serialized_stream_error(exc)
 
-    async def models_pb(self) -> bytes:
-        from serving.grpc_convert import models_to_pb
+    async def models_pb(self, authorization: str | None = None) -> bytes | dict[str, Any]:
+        from serving.grpc_service import LocalBackend, serialized_stream_error
 
-        return models_to_pb(self.engine.models()).SerializeToString()
+        try:
+            return (await LocalBackend(self.service).list_models(authorization)).SerializeToString()
+        except ApiError as exc:
+            return serialized_stream_error(exc)
 
     async def check_health(self) -> None:
         if self._loop is None:
@@ -241,12 +272,17 @@ class Ingress:
         return Response(status_code=200)
 
     @ingress_app.get("/v1/models")
-    async def models(self) -> JSONResponse:
-        return JSONResponse(await self.engine.models.remote())
+    async def models(self, request: Request) -> JSONResponse:
+        answer = await self.engine.models.remote(request.headers.get("authorization"))
+        return JSONResponse(answer, status_code=answer.pop("status", 200))
 
     @ingress_app.get("/v1/attributions/{trace_id}")
-    async def attribution(self, trace_id: str) -> JSONResponse:
+    async def attribution(self, trace_id: str, request: Request) -> JSONResponse:
         from attribution.service import read_trace_file
+
+        refused = await self.engine.check_key.remote(request.headers.get("authorization"))
+        if refused is not None:
+            return JSONResponse(refused, status_code=refused.pop("status"))
 
         trace = read_trace_file(self.trace_dir, trace_id)
         if trace is None:
@@ -270,7 +306,7 @@ class Ingress:
             return JSONResponse(exc.to_body(), status_code=exc.status)
         adapter = "" if model == self.base_model else model
         handle = self.engine.options(stream=True, multiplexed_model_id=adapter)
-        stream = handle.handle.remote(request.url.path, body)
+        stream = handle.handle.remote(request.url.path, body, request.headers.get("authorization"))
         status, headers = await stream.__anext__()
         media = headers.pop("content-type", "application/json")
         if media == "text/event-stream":
@@ -286,22 +322,31 @@ class RemoteBackend:
         self.engine = engine_handle
         self.base_model = base_model
 
-    async def generate(self, request: Any) -> AsyncIterator[Any]:
+    async def generate(self, request: Any, authorization: str | None = None) -> AsyncIterator[Any]:
         from gateway.inference.v1 import inference_pb2 as pb
 
         adapter = "" if request.model == self.base_model else request.model
         handle = self.engine.options(stream=True, multiplexed_model_id=adapter)
-        async for item in handle.generate_pb.remote(request.SerializeToString()):
+        async for item in handle.generate_pb.remote(request.SerializeToString(), authorization):
             if isinstance(item, dict):
-                error = ApiError(item["error"]["message"], param=item["error"]["param"], code=item["error"]["code"])
-                error.status = item["error"]["status"]
-                raise error
+                raise error_from(item)
             yield pb.GenerateResponse.FromString(item)
 
-    async def list_models(self) -> Any:
+    async def list_models(self, authorization: str | None = None) -> Any:
         from gateway.inference.v1 import inference_pb2 as pb
 
-        return pb.ListModelsResponse.FromString(await self.engine.models_pb.remote())
+        answer = await self.engine.models_pb.remote(authorization)
+        if isinstance(answer, dict):
+            raise error_from(answer)
+        return pb.ListModelsResponse.FromString(answer)
+
+
+def error_from(item: dict[str, Any]) -> ApiError:
+    """The ApiError a replica sent as `serialized_stream_error` (status and retry-after kept)."""
+    error = ApiError(item["error"]["message"], param=item["error"]["param"], code=item["error"]["code"],
+                     headers=item.get("headers"))
+    error.status = item["error"]["status"]
+    return error
 
 
 class GrpcIngress:

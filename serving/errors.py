@@ -1,10 +1,14 @@
 """Errors the serving layer turns into OpenAI error bodies.
 
-    ApiError                     (any status; carries type, param, code)
+    ApiError                     (any status; carries type, param, code and response headers)
     ├── InvalidRequest           400 invalid_request_error
+    ├── Unauthenticated          401 invalid_request_error / invalid_api_key   (gRPC: UNAUTHENTICATED)
+    ├── InsufficientQuota        402 insufficient_quota / insufficient_quota  (gRPC: FAILED_PRECONDITION)
+    ├── Forbidden                403 invalid_request_error / admin_key_required (gRPC: PERMISSION_DENIED)
     ├── ModelNotFound            404 invalid_request_error / model_not_found
     ├── AdapterUnavailable       422 invalid_request_error / adapter_unavailable
     ├── Overloaded               429 rate_limit_error / overloaded   (gRPC: RESOURCE_EXHAUSTED)
+    ├── RateLimited              429 rate_limit_error / rate_limit_exceeded, with retry-after
     ├── EngineUnavailable        503 server_error / engine_unavailable
     └── AccountingBacklog        503 server_error / outbox_full      (gRPC: UNAVAILABLE)
 """
@@ -21,10 +25,12 @@ class ApiError(Exception):
     type = "server_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.headers = headers or {}
         if code is not None:
             self.code = code
 
@@ -35,6 +41,36 @@ class ApiError(Exception):
 class InvalidRequest(ApiError):
     status = 400
     type = "invalid_request_error"
+
+
+class Unauthenticated(ApiError):
+    """No API key, a malformed or unknown one, or a revoked one (the message never repeats the key)."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class InsufficientQuota(ApiError):
+    """The request's worst-case cost exceeds what the key's account has available."""
+
+    status = 402
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class Forbidden(ApiError):
+    status = 403
+    type = "invalid_request_error"
+    code = "admin_key_required"
+
+
+class RateLimited(ApiError):
+    """A per-key limit (requests/s or tokens/min) is exhausted; `retry-after` says when to come back."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
 
 
 class ModelNotFound(ApiError):

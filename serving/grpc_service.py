@@ -33,8 +33,10 @@ API = "grpc"  # the `api` label of this door's requests in the metrics
 class InferenceBackend(Protocol):
     """Where generation happens: this process's engine, or engine replicas behind a Serve handle."""
 
-    def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]: ...
-    async def list_models(self) -> pb.ListModelsResponse: ...
+    def generate(self, request: pb.GenerateRequest, authorization: str | None) -> AsyncIterator[pb.GenerateResponse]:
+        ...
+
+    async def list_models(self, authorization: str | None) -> pb.ListModelsResponse: ...
 
 
 class LocalBackend:
@@ -43,12 +45,14 @@ class LocalBackend:
     def __init__(self, service: OpenAIService) -> None:
         self.service = service
 
-    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+    async def generate(self, request: pb.GenerateRequest,
+                       authorization: str | None = None) -> AsyncIterator[pb.GenerateResponse]:
         service = self.service
         try:
+            caller = service.authenticate(authorization)
             parsed, chat = from_pb(request)
-            job = await (service.prepare_chat(parsed, API) if chat  # type: ignore[arg-type]
-                         else service.prepare_completion(parsed, API))  # type: ignore[arg-type]
+            job = await (service.prepare_chat(parsed, API, caller) if chat  # type: ignore[arg-type]
+                         else service.prepare_completion(parsed, API, caller))  # type: ignore[arg-type]
         except ApiError as exc:
             service.count_rejection(API, request.model, exc)
             raise with_proto_param(exc, request) from None
@@ -72,8 +76,9 @@ class LocalBackend:
             if pending is None:  # cut short: the tokens produced are attributed too
                 service.attribute(job, completion_ids)
 
-    async def list_models(self) -> pb.ListModelsResponse:
-        return models_to_pb(self.service.engine.models())
+    async def list_models(self, authorization: str | None = None) -> pb.ListModelsResponse:
+        caller = self.service.authenticate(authorization)
+        return models_to_pb([card for card in self.service.engine.models() if self.service.visible(caller, card.id)])
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -85,12 +90,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         token_ids: list[int] = []
         last = pb.GenerateResponse()
         try:
-            async for message in self.backend.generate(request):
+            async for message in self.backend.generate(request, authorization_of(context)):
                 text.append(message.text)
                 token_ids.extend(message.token_ids)
                 last = message
         except ApiError as exc:
-            await context.abort(status_of(exc), error_details(exc))
+            await abort(context, exc)
         whole = pb.GenerateResponse()
         whole.CopyFrom(last)
         whole.text = "".join(text)
@@ -101,13 +106,32 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            async for message in self.backend.generate(request):
+            async for message in self.backend.generate(request, authorization_of(context)):
                 yield message
         except ApiError as exc:
-            await context.abort(status_of(exc), error_details(exc))
+            await abort(context, exc)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        return await self.backend.list_models()
+        try:
+            return await self.backend.list_models(authorization_of(context))
+        except ApiError as exc:
+            await abort(context, exc)
+            raise  # not reached: abort raises
+
+
+def authorization_of(context: grpc.aio.ServicerContext) -> str | None:
+    """The `authorization` metadata of a call (the gRPC spelling of the HTTP header)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else value.decode()
+    return None
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: ApiError) -> None:
+    """End the call with the error's status; `retry-after` travels as trailing metadata."""
+    if exc.headers:
+        context.set_trailing_metadata(tuple(exc.headers.items()))
+    await context.abort(status_of(exc), error_details(exc))
 
 
 async def start_grpc_server(backend: InferenceBackend, host: str, port: int) -> grpc.aio.Server:
@@ -129,4 +153,5 @@ async def start_grpc_server(backend: InferenceBackend, host: str, port: int) -> 
 
 def serialized_stream_error(exc: ApiError) -> dict[str, Any]:
     """An ApiError as a plain value that crosses a Serve handle (exceptions lose their type there)."""
-    return {"error": {"status": exc.status, "message": exc.message, "param": exc.param, "code": exc.code}}
+    return {"error": {"status": exc.status, "message": exc.message, "param": exc.param, "code": exc.code},
+            "headers": exc.headers}

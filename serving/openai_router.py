@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -14,6 +15,9 @@ from serving.errors import ApiError
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from serving.openai_service import OpenAIService
 
+if TYPE_CHECKING:
+    from serving.access import Caller
+
 log = logging.getLogger(__name__)
 
 TRACE_HEADER = "x-attribution-trace-id"
@@ -21,7 +25,7 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 def error_response(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.to_body(), status_code=exc.status)
+    return JSONResponse(exc.to_body(), status_code=exc.status, headers=exc.headers or None)
 
 
 def build_app(service: OpenAIService) -> FastAPI:
@@ -31,6 +35,9 @@ def build_app(service: OpenAIService) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc)
+
+    def caller(request: Request) -> Caller | None:
+        return service.authenticate(request.headers.get("authorization"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -58,19 +65,20 @@ def build_app(service: OpenAIService) -> FastAPI:
         return JSONResponse(service.stats())
 
     @app.get("/v1/models")
-    async def models() -> JSONResponse:
-        return JSONResponse(service.list_models())
+    async def models(request: Request) -> JSONResponse:
+        return JSONResponse(service.list_models(caller(request)))
 
     async def _generate(request: Request, chat: bool) -> Response:
         body = await request.body()
         parsed: ChatCompletionRequest | CompletionRequest | None = None
         try:
+            who = caller(request)
             if chat:
                 parsed = parse_request(ChatCompletionRequest, body)
-                job = await service.prepare_chat(parsed)
+                job = await service.prepare_chat(parsed, caller=who)
             else:
                 parsed = parse_request(CompletionRequest, body)
-                job = await service.prepare_completion(parsed)
+                job = await service.prepare_completion(parsed, caller=who)
         except ApiError as exc:
             service.count_rejection("chat_completions" if chat else "completions",
                                     parsed.model if parsed else None, exc)
@@ -83,7 +91,8 @@ def build_app(service: OpenAIService) -> FastAPI:
         return JSONResponse(await service.run(job, chat), headers=headers)
 
     @app.get("/v1/attributions/{trace_id}")
-    async def attribution(trace_id: str) -> JSONResponse:
+    async def attribution(trace_id: str, request: Request) -> JSONResponse:
+        caller(request)
         return JSONResponse(await service.trace(trace_id))
 
     @app.post("/v1/completions")

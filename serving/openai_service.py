@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from serving.openai_protocol import ChatCompletionRequest, CompletionRequest, Sa
 
 if TYPE_CHECKING:
     from attribution.service import AttributionService
+    from serving.access import AccessControl, Admission, Caller
 
 log = logging.getLogger(__name__)
 DONE = b"data: [DONE]\n\n"
@@ -49,6 +51,12 @@ class Prepared:
     attribution: bool = False
     api: str = "completions"
     admitted_at: float = 0.0
+    admission: Admission | None = None  # the key's reserved limits and credit (None: auth off)
+
+    @property
+    def requester(self) -> str | None:
+        """The API key id the trace carries (never the key)."""
+        return self.admission.caller.key_id if self.admission is not None else None
 
     @property
     def adapter(self) -> str | None:
@@ -63,20 +71,30 @@ class OpenAIService:
     arrives at once can overshoot `max_ongoing_requests` by the requests still being prepared."""
 
     def __init__(self, engine: Engine, max_ongoing_requests: int = 256,
-                 attribution: AttributionService | None = None, metrics: RequestMetrics | None = None) -> None:
+                 attribution: AttributionService | None = None, metrics: RequestMetrics | None = None,
+                 access: AccessControl | None = None) -> None:
         self.engine = engine
         self.max_ongoing_requests = max_ongoing_requests
         self.attribution = attribution
+        self.access = access
+        self._metering = ThreadPoolExecutor(max_workers=2, thread_name_prefix="metering")
         self.metrics = metrics or request_metrics()
         self.ongoing = 0
 
     # ---- models -------------------------------------------------------------------------
-    def list_models(self) -> dict[str, Any]:
+    def authenticate(self, authorization: str | None) -> Caller | None:
+        """The caller named by an `Authorization` value (None with auth off); Unauthenticated otherwise."""
+        return self.access.authenticate(authorization) if self.access is not None else None
+
+    def visible(self, caller: Caller | None, model: str) -> bool:
+        return self.access is None or self.access.visible(caller, model)
+
+    def list_models(self, caller: Caller | None = None) -> dict[str, Any]:
         created = int(time.time())
         data = [
             {"id": card.id, "object": "model", "created": created, "owned_by": "datanet-gateway",
              "root": card.id, "parent": card.parent}
-            for card in self.engine.models()
+            for card in self.engine.models() if self.visible(caller, card.id)
         ]
         return {"object": "list", "data": data}
 
@@ -96,7 +114,8 @@ class OpenAIService:
         """Start attributing a finished (or cut short) generation, off the response path."""
         if self.attribution is None:
             return None
-        return self.attribution.submit(job.request_id, job.model, job.adapter, job.prompt_ids, completion_ids)
+        return self.attribution.submit(job.request_id, job.model, job.adapter, job.prompt_ids, completion_ids,
+                                       job.requester)
 
     async def attribution_summary(self, job: Prepared, pending: asyncio.Future[Any] | None) -> dict[str, Any] | None:
         """The response's `attribution` object (waits for the trace); None when attribution failed."""
@@ -122,8 +141,8 @@ class OpenAIService:
         adapter = model if model and model != self.engine.base_model and self.engine.is_known(model) else ""
         self.metrics.rejected(self.engine.base_model, adapter, api, exc.status)
 
-    def _admit(self, model: str) -> None:
-        if not self.engine.is_known(model):
+    def _admit(self, model: str, caller: Caller | None) -> None:
+        if not self.engine.is_known(model) or not self.visible(caller, model):
             raise ModelNotFound(model)
         if self.ongoing >= self.max_ongoing_requests:
             raise Overloaded(f"this replica is serving {self.ongoing} requests, its limit; retry shortly")
@@ -133,13 +152,13 @@ class OpenAIService:
 
     async def _prepare(
         self, request: SamplingFields, prompt_ids: list[int], max_tokens: int | None, prefix: str, prompt_param: str,
-        api: str, admitted_at: float,
+        api: str, admitted_at: float, caller: Caller | None,
     ) -> Prepared:
         request.reject_unsupported()
         lora = await self.engine.lora_request(request.model)
         limit = self.engine.check_length(prompt_ids, max_tokens, prompt_param)
         params = request.to_sampling_params(limit)
-        return Prepared(
+        job = Prepared(
             request_id=f"{prefix}-{uuid.uuid4().hex}",
             model=request.model,
             prompt_ids=prompt_ids,
@@ -153,20 +172,26 @@ class OpenAIService:
             api=api,
             admitted_at=admitted_at,
         )
+        if self.access is not None:  # last: nothing after this can refuse the request
+            job.admission = self.access.admit(caller, job.request_id, job.adapter, len(prompt_ids), limit * job.n)
+        return job
 
-    async def prepare_completion(self, request: CompletionRequest, api: str = "completions") -> Prepared:
+    async def prepare_completion(self, request: CompletionRequest, api: str = "completions",
+                                 caller: Caller | None = None) -> Prepared:
         admitted_at = time.perf_counter()
         prompt = request.single_prompt()
-        self._admit(request.model)
+        self._admit(request.model, caller)
         prompt_ids = self.engine.encode_prompt(prompt)
-        return await self._prepare(request, prompt_ids, request.max_tokens, "cmpl", "prompt", api, admitted_at)
+        return await self._prepare(request, prompt_ids, request.max_tokens, "cmpl", "prompt", api, admitted_at,
+                                   caller)
 
-    async def prepare_chat(self, request: ChatCompletionRequest, api: str = "chat_completions") -> Prepared:
+    async def prepare_chat(self, request: ChatCompletionRequest, api: str = "chat_completions",
+                           caller: Caller | None = None) -> Prepared:
         admitted_at = time.perf_counter()
-        self._admit(request.model)
+        self._admit(request.model, caller)
         prompt_ids = self.engine.encode_chat(request.rendered_messages())
         return await self._prepare(request, prompt_ids, request.output_limit, "chatcmpl", "messages", api,
-                                   admitted_at)
+                                   admitted_at, caller)
 
     # ---- running ------------------------------------------------------------------------
     async def steps(self, job: Prepared) -> AsyncIterator[StepOutput]:
@@ -190,6 +215,22 @@ class OpenAIService:
         finally:
             self.ongoing -= 1
             tracker.finish(status)
+            if job.admission is not None:
+                self._settle(job, tracker.generated)
+
+    def _settle(self, job: Prepared, generated: int) -> None:
+        """Return the request's unused limits and credit, off the event loop (a database write)."""
+        try:
+            asyncio.get_running_loop().run_in_executor(self._metering, self._settle_now, job, generated)
+        except RuntimeError:  # no loop (the generator was finalized outside one): do it here
+            self._settle_now(job, generated)
+
+    def _settle_now(self, job: Prepared, generated: int) -> None:
+        billed = self.attribution is not None and self.attribution.outbox is not None
+        try:
+            self.access.finish(job.admission, len(job.prompt_ids), generated, billed=billed)  # type: ignore[union-attr]
+        except Exception:
+            log.exception("could not settle the hold of %s (the ledger releases stale holds)", job.request_id)
 
     @staticmethod
     def _usage(job: Prepared, completion_tokens: int) -> dict[str, int]:

@@ -73,7 +73,7 @@ def gateway(demo_state: Path, ledger_service: LedgerProcess) -> Iterator[Gateway
 @pytest.fixture(scope="session")
 def client(gateway: GatewayProcess) -> openai.OpenAI:
     """The official `openai` SDK pointed at the session's gateway (no retries: every error is seen)."""
-    return openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key=gateway.api_key, max_retries=0, timeout=120)
 
 
 @pytest.fixture()

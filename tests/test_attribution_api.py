@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-import grpc
 import httpx
 import openai
 import pytest
@@ -32,7 +31,7 @@ BASE = "datanet-tiny-llama"
 
 @pytest.fixture(scope="module")
 def stub(gateway: GatewayProcess) -> Iterator[pb_grpc.InferenceStub]:
-    with grpc.insecure_channel(gateway.grpc_target) as channel:
+    with gateway.grpc_channel() as channel:
         yield pb_grpc.InferenceStub(channel)
 
 
@@ -57,7 +56,7 @@ def test_whole_trace_by_id_sums_to_one_per_token(gateway: GatewayProcess, client
     raw = client.completions.with_raw_response.create(model=ADAPTER, prompt=PROMPT, max_tokens=48, temperature=0)
     body = json.loads(raw.text)
     assert "attribution" not in body, "the summary comes only on request"
-    trace = httpx.get(f"{gateway.base_url}/v1/attributions/{raw.headers['x-attribution-trace-id']}", timeout=30).json()
+    trace = httpx.get(headers=gateway.headers, url=f"{gateway.base_url}/v1/attributions/{raw.headers['x-attribution-trace-id']}", timeout=30).json()
     assert trace["adapter"] == ADAPTER and trace["completion_tokens"] == body["usage"]["completion_tokens"]
     assert len(trace["tokens"]) == trace["completion_tokens"]
     for token in trace["tokens"]:
@@ -67,7 +66,7 @@ def test_whole_trace_by_id_sums_to_one_per_token(gateway: GatewayProcess, client
 
 
 def test_unknown_trace_is_404(gateway: GatewayProcess) -> None:
-    response = httpx.get(f"{gateway.base_url}/v1/attributions/cmpl-nope", timeout=30)
+    response = httpx.get(headers=gateway.headers, url=f"{gateway.base_url}/v1/attributions/cmpl-nope", timeout=30)
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "trace_not_found"
 
@@ -82,7 +81,7 @@ def test_base_model_output_is_unattributed(client: openai.OpenAI) -> None:
 def test_streaming_sends_tokens_first_and_attribution_in_the_final_chunk(gateway: GatewayProcess) -> None:
     body = {"model": ADAPTER, "prompt": PROMPT, "max_tokens": 48, "temperature": 0, "stream": True,
             "attribution": True, "stream_options": {"include_usage": True}}
-    with httpx.stream("POST", f"{gateway.base_url}/v1/completions", json=body, timeout=60) as response:
+    with httpx.stream("POST", headers=gateway.headers, url=f"{gateway.base_url}/v1/completions", json=body, timeout=60) as response:
         events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
     assert events[0]["choices"][0]["text"], "the first event carries text, not attribution"
     with_attribution = [i for i, e in enumerate(events) if "attribution" in e]
@@ -90,7 +89,7 @@ def test_streaming_sends_tokens_first_and_attribution_in_the_final_chunk(gateway
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] > 0
     assert_true_contributor(events[-1]["attribution"])
     body.pop("stream_options")
-    with httpx.stream("POST", f"{gateway.base_url}/v1/completions", json=body, timeout=60) as response:
+    with httpx.stream("POST", headers=gateway.headers, url=f"{gateway.base_url}/v1/completions", json=body, timeout=60) as response:
         events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
     assert "attribution" in events[-1] and "usage" not in events[-1]
 

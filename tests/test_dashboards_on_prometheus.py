@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import openai
 import pytest
 
@@ -53,7 +52,7 @@ def some_traffic(client: openai.OpenAI, gateway: GatewayProcess) -> None:
     client.chat.completions.create(model=adapters[0], messages=[{"role": "user", "content": "hi"}], max_tokens=6)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
-    with grpc.insecure_channel(gateway.grpc_target) as channel:
+    with gateway.grpc_channel() as channel:
         stub = pb_grpc.InferenceStub(channel)
         for _ in stub.GenerateStream(pb.GenerateRequest(model=adapters[0], prompt="Once", max_tokens=6)):
             pass

@@ -75,7 +75,7 @@ def test_an_inference_is_billed_once_and_split_exactly(client: openai.OpenAI,
     assert sum(postings.values()) == 0
     contributor = demo_contributor_address(PASSAGE.contributor_index)
     owner = address_of_key(DEMO_ADAPTER_OWNER_KEY)
-    assert postings[("payer", "revenue")] == -fee
+    assert postings[("payer", "requester:local")] == -fee, "the local key's account pays"
     assert postings[("adapter_owner", f"payable:{owner}")] == fee * 2000 // 10000
     credited = {account: amount for (role, account), amount in postings.items() if role == "contributor"}
     assert max(credited, key=credited.__getitem__) == f"payable:{contributor}", "the regurgitated passage's author"
@@ -129,7 +129,9 @@ def test_a_ledger_outage_under_load_loses_nothing_and_bills_nothing_twice(
     assert after["traces"] == before["traces"] + requests, "each trace exactly once"
     assert after["conflicts"] == before["conflicts"]
     assert after["postings_sum"] == "0" and after["unbalanced_entries"] == 0
-    assert int(after["by_class"]["revenue"]) == -int(after["fees"])
+    paid_by = {kind: int(after["by_class"].get(kind, "0")) for kind in ("revenue", "requester", "deposits")}
+    assert paid_by["revenue"] + paid_by["requester"] + paid_by["deposits"] == -int(after["fees"]), \
+        "every fee was paid by a requester's credit (or by revenue without one)"
     deadline = time.monotonic() + SHIPPED_WITHIN_SECONDS
     while outbox_depth(gateway) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -189,7 +191,7 @@ def test_traces_left_in_the_outbox_of_a_killed_gateway_are_shipped_after_restart
            "GATEWAY_LEDGER_OUTBOX_MAX_TRACES": "6"}
     first = GatewayProcess(state, free_port(), free_port(), env=env).start()
     try:
-        users = openai.OpenAI(base_url=f"{first.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        users = openai.OpenAI(base_url=f"{first.base_url}/v1", api_key=first.api_key, max_retries=0, timeout=120)
         trace_ids = [users.completions.with_raw_response.create(model="demo-adapter-001", prompt=f"Count {i}",
                                                                 max_tokens=4).headers["x-attribution-trace-id"]
                      for i in range(6)]

@@ -38,7 +38,8 @@ EXPECTED_ENTRIES = [
 
 def test_a_short_ramp_of_every_user_has_no_failures(gateway: GatewayProcess, tmp_path: Path) -> None:
     env = {name: value for name, value in os.environ.items() if not name.startswith("LOADTEST_")}
-    env |= RAMP | {"LOADTEST_GRPC_TARGET": gateway.grpc_target, "LOADTEST_MAX_TOKENS": "16"}
+    env |= RAMP | {"LOADTEST_GRPC_TARGET": gateway.grpc_target, "LOADTEST_MAX_TOKENS": "16",
+                   "LOADTEST_API_KEY": gateway.api_key or "unused"}
     run = subprocess.run(
         [str(LOCUST), "-f", "loadtests/locustfile.py,loadtests/ramp_shape.py", "--headless", "--only-summary",
          "--host", gateway.base_url, "--csv", str(tmp_path / "locust"), "--html", str(tmp_path / "report.html")],

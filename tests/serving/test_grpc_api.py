@@ -24,7 +24,7 @@ PROMPT = "The function returns a value when"
 
 @pytest.fixture(scope="module")
 def channel(gateway: GatewayProcess) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(gateway.grpc_target) as channel:
+    with gateway.grpc_channel() as channel:
         yield channel
 
 
@@ -39,7 +39,7 @@ def request(model: str = BASE, **fields: object) -> pb.GenerateRequest:
 
 
 def unfinished(gateway: GatewayProcess) -> int:
-    counters = httpx.get(f"{gateway.base_url}/stats").json()
+    counters = httpx.get(headers=gateway.headers, url=f"{gateway.base_url}/stats").json()
     return counters["engine_unfinished_requests"] + counters["ongoing_requests"]
 
 
@@ -55,7 +55,7 @@ def test_list_models_matches_http(stub: pb_grpc.InferenceStub, gateway: GatewayP
     assert models[0].id == BASE and models[0].parent == ""
     adapters = [m for m in models if m.parent == BASE]
     assert len(adapters) >= 50
-    http_ids = [m["id"] for m in httpx.get(f"{gateway.base_url}/v1/models").json()["data"]]
+    http_ids = [m["id"] for m in httpx.get(headers=gateway.headers, url=f"{gateway.base_url}/v1/models").json()["data"]]
     assert [m.id for m in models] == http_ids
 
 
@@ -66,7 +66,7 @@ def test_unary_generation_base_and_adapter(stub: pb_grpc.InferenceStub, gateway:
     assert len(base.token_ids) == 10 and base.usage.completion_tokens == 10
     assert base.finish_reason == pb.FINISH_REASON_LENGTH
     assert base.attribution_trace_id == base.id
-    http = httpx.post(f"{gateway.base_url}/v1/completions", json={
+    http = httpx.post(headers=gateway.headers, url=f"{gateway.base_url}/v1/completions", json={
         "model": "demo-adapter-001", "prompt": PROMPT, "max_tokens": 10, "temperature": 0}).json()
     assert http["choices"][0]["text"] == adapted.text, "one engine behind both front doors"
 
@@ -108,7 +108,7 @@ def test_sampling_parameters(stub: pb_grpc.InferenceStub) -> None:
 
 
 async def test_concurrent_streams(gateway: GatewayProcess) -> None:
-    async with grpc.aio.insecure_channel(gateway.grpc_target) as channel:
+    async with gateway.grpc_aio_channel() as channel:
         stub = pb_grpc.InferenceStub(channel)
 
         async def one(i: int) -> int:
@@ -180,7 +180,7 @@ def test_cancelled_stream_frees_the_slot(stub: pb_grpc.InferenceStub, gateway: G
 
 async def test_overload_is_resource_exhausted(gateway: GatewayProcess) -> None:
     """The session gateway admits 40 requests at once (conftest); the rest are turned away."""
-    async with grpc.aio.insecure_channel(gateway.grpc_target) as channel:
+    async with gateway.grpc_aio_channel() as channel:
         stub = pb_grpc.InferenceStub(channel)
 
         async def one() -> grpc.StatusCode:

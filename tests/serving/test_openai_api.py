@@ -22,7 +22,7 @@ PROMPT = "The function returns a value when"
 
 @pytest.fixture(scope="module")
 def aclient(gateway: GatewayProcess) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{gateway.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai.AsyncOpenAI(base_url=f"{gateway.base_url}/v1", api_key=gateway.api_key, max_retries=0, timeout=300)
 
 
 def greedy(client: openai.OpenAI, model: str, prompt: str = PROMPT, max_tokens: int = 12) -> str:
@@ -30,7 +30,7 @@ def greedy(client: openai.OpenAI, model: str, prompt: str = PROMPT, max_tokens: 
 
 
 def stats(gateway: GatewayProcess) -> dict:
-    return httpx.get(f"{gateway.base_url}/stats").json()
+    return httpx.get(headers=gateway.headers, url=f"{gateway.base_url}/stats").json()
 
 
 # ---- models ---------------------------------------------------------------------------------
@@ -44,7 +44,7 @@ def test_model_list_has_base_and_every_adapter_with_parent(client: openai.OpenAI
 
 
 def test_health(gateway: GatewayProcess) -> None:
-    assert httpx.get(f"{gateway.base_url}/health").status_code == 200
+    assert httpx.get(headers=gateway.headers, url=f"{gateway.base_url}/health").status_code == 200
 
 
 # ---- generation -----------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def test_streaming_chat_has_role_then_content_then_usage(client: openai.OpenAI) 
 
 def test_streaming_without_usage_option_sends_no_usage_chunk(gateway: GatewayProcess) -> None:
     body = {"model": BASE, "prompt": PROMPT, "max_tokens": 3, "stream": True}
-    with httpx.stream("POST", f"{gateway.base_url}/v1/completions", json=body) as response:
+    with httpx.stream("POST", headers=gateway.headers, url=f"{gateway.base_url}/v1/completions", json=body) as response:
         lines = [line for line in response.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     assert all("usage" not in json.loads(line[6:]) for line in lines[:-1])
@@ -227,7 +227,7 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     ],
 )
 def test_bad_completion_parameters_are_400_naming_the_field(gateway: GatewayProcess, body: dict, param: str) -> None:
-    response = httpx.post(f"{gateway.base_url}/v1/completions", json=body, timeout=60)
+    response = httpx.post(headers=gateway.headers, url=f"{gateway.base_url}/v1/completions", json=body, timeout=60)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error"
@@ -247,7 +247,7 @@ def test_bad_completion_parameters_are_400_naming_the_field(gateway: GatewayProc
     ],
 )
 def test_bad_chat_parameters_are_400_naming_the_field(gateway: GatewayProcess, body: dict, param: str) -> None:
-    response = httpx.post(f"{gateway.base_url}/v1/chat/completions", json=body, timeout=60)
+    response = httpx.post(headers=gateway.headers, url=f"{gateway.base_url}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
 
@@ -255,7 +255,8 @@ def test_bad_chat_parameters_are_400_naming_the_field(gateway: GatewayProcess, b
 @pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b"\xff\xfe", b"null"])
 def test_malformed_body_is_400(gateway: GatewayProcess, raw: bytes) -> None:
     for route in ("/v1/completions", "/v1/chat/completions"):
-        response = httpx.post(f"{gateway.base_url}{route}", content=raw, headers={"content-type": "application/json"})
+        response = httpx.post(f"{gateway.base_url}{route}", content=raw,
+                              headers={**gateway.headers, "content-type": "application/json"})
         assert response.status_code == 400, response.text
         assert response.json()["error"]["type"] == "invalid_request_error"
 
@@ -267,7 +268,7 @@ def test_sdk_sees_bad_request_error(client: openai.OpenAI) -> None:
 
 
 def test_unknown_route_gets_openai_error_body(gateway: GatewayProcess) -> None:
-    response = httpx.get(f"{gateway.base_url}/v1/nothing-here")
+    response = httpx.get(headers=gateway.headers, url=f"{gateway.base_url}/v1/nothing-here")
     assert response.status_code == 404
     assert "message" in response.json()["error"]
 
@@ -369,7 +370,7 @@ def test_adapter_removed_from_store_is_404(gateway: GatewayProcess, client: open
 def test_client_disconnect_mid_stream_frees_the_engine_slot(gateway: GatewayProcess) -> None:
     body = {"model": "demo-adapter-030", "prompt": PROMPT, "max_tokens": 900, "stream": True,
             "ignore_eos": True}
-    with httpx.stream("POST", f"{gateway.base_url}/v1/completions", json=body, timeout=60) as response:
+    with httpx.stream("POST", headers=gateway.headers, url=f"{gateway.base_url}/v1/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         received = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in received)

@@ -43,7 +43,7 @@ def two_replicas(demo_state: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def complete(gateway: GatewayProcess, model: str, **extra: object) -> httpx.Response:
     body = {"model": model, "prompt": "The value", "max_tokens": 3, "temperature": 0, **extra}
-    return httpx.post(f"{gateway.base_url}/v1/completions", json=body, timeout=120)
+    return httpx.post(headers=gateway.headers, url=f"{gateway.base_url}/v1/completions", json=body, timeout=120)
 
 
 def test_adapter_requests_stick_to_one_replica(two_replicas: GatewayProcess) -> None:
@@ -74,7 +74,7 @@ def test_same_answers_as_a_single_replica(two_replicas: GatewayProcess, gateway:
 def test_streaming_through_the_proxy(two_replicas: GatewayProcess) -> None:
     body = {"model": "demo-adapter-042", "prompt": "The value", "max_tokens": 4, "stream": True,
             "stream_options": {"include_usage": True}}
-    with httpx.stream("POST", f"{two_replicas.base_url}/v1/completions", json=body, timeout=120) as response:
+    with httpx.stream("POST", headers=two_replicas.headers, url=f"{two_replicas.base_url}/v1/completions", json=body, timeout=120) as response:
         assert response.status_code == 200
         assert response.headers["x-attribution-trace-id"].startswith("cmpl-")
         lines = [line for line in response.iter_lines() if line]
@@ -95,17 +95,17 @@ def test_errors_keep_their_status_through_the_hop(two_replicas: GatewayProcess, 
 
 
 def test_malformed_body_is_400_at_the_ingress(two_replicas: GatewayProcess) -> None:
-    response = httpx.post(f"{two_replicas.base_url}/v1/completions", content=b"{nope")
+    response = httpx.post(headers=two_replicas.headers, url=f"{two_replicas.base_url}/v1/completions", content=b"{nope")
     assert response.status_code == 400
 
 
 def test_model_list_through_the_proxy(two_replicas: GatewayProcess) -> None:
-    data = httpx.get(f"{two_replicas.base_url}/v1/models").json()["data"]
+    data = httpx.get(headers=two_replicas.headers, url=f"{two_replicas.base_url}/v1/models").json()["data"]
     assert len([m for m in data if m["parent"] == "datanet-tiny-llama"]) >= 50
 
 
 def test_grpc_through_the_grpc_ingress(two_replicas: GatewayProcess, gateway: GatewayProcess) -> None:
-    with grpc.insecure_channel(two_replicas.grpc_target) as channel:
+    with two_replicas.grpc_channel() as channel:
         stub = pb_grpc.InferenceStub(channel)
         assert len(stub.ListModels(pb.ListModelsRequest()).models) >= 51
         request = pb.GenerateRequest(model="demo-adapter-044", prompt="The value", max_tokens=5, temperature=0)
@@ -135,12 +135,12 @@ def test_traces_of_every_replica_are_found_through_the_ingress(two_replicas: Gat
     assert len(set(served.values())) == 2, "both replicas served some of the requests"
     deadline = time.monotonic() + 30
     for trace_id in served:
-        while (reply := httpx.get(f"{two_replicas.base_url}/v1/attributions/{trace_id}", timeout=30)).status_code == 404:
+        while (reply := httpx.get(headers=two_replicas.headers, url=f"{two_replicas.base_url}/v1/attributions/{trace_id}", timeout=30)).status_code == 404:
             assert time.monotonic() < deadline, f"trace {trace_id} never appeared"
             time.sleep(0.2)  # attribution finishes just after the response
         assert reply.status_code == 200 and reply.json()["trace_id"] == trace_id
         assert reply.json()["completion_tokens"] == len(reply.json()["tokens"]) == 3
-    missing = httpx.get(f"{two_replicas.base_url}/v1/attributions/cmpl-missing", timeout=30)
+    missing = httpx.get(headers=two_replicas.headers, url=f"{two_replicas.base_url}/v1/attributions/cmpl-missing", timeout=30)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "trace_not_found"
 
 

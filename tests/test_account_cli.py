@@ -1,0 +1,72 @@
+"""`gateway accounts …` and `gateway keys …`: what users get, and what each bad input gets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+
+
+def run(capsys: pytest.CaptureFixture[str], state: Path, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    try:
+        code = main(["--state-dir", str(state), *args])
+    except SystemExit as exc:  # argparse refusals
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_accounts_are_created_credited_once_per_reference_and_listed(capsys: pytest.CaptureFixture[str],
+                                                                     tmp_path: Path) -> None:
+    assert run(capsys, tmp_path, "accounts", "create", "acme", "--json")[0] == 0
+    code, out, _ = run(capsys, tmp_path, "accounts", "credit", "acme", str(10**30), "--ref", "inv-1", "--json")
+    first = json.loads(out)
+    assert code == 0 and first["created"] and first["available"] == str(10**30)
+    code, out, _ = run(capsys, tmp_path, "accounts", "credit", "acme", str(10**30), "--ref", "inv-1", "--json")
+    again = json.loads(out)
+    assert code == 0 and not again["created"] and again["entry_id"] == first["entry_id"]
+    code, out, _ = run(capsys, tmp_path, "accounts", "balance", "acme", "--json")
+    assert json.loads(out) == {"id": "acme", "deposit_address": None, "balance": str(10**30), "held": "0",
+                               "available": str(10**30)}
+    code, out, _ = run(capsys, tmp_path, "accounts", "list", "--json")
+    assert [a["id"] for a in json.loads(out)["accounts"]] == ["acme"]
+
+
+def test_a_key_is_printed_once_listed_without_its_secret_and_revoked(capsys: pytest.CaptureFixture[str],
+                                                                     tmp_path: Path) -> None:
+    run(capsys, tmp_path, "accounts", "create", "acme")
+    code, out, _ = run(capsys, tmp_path, "keys", "create", "--account", "acme", "--name", "ci",
+                       "--tokens-per-minute", "6000", "--json")
+    created = json.loads(out)
+    assert code == 0 and created["key"].startswith("dgk-") and created["tokens_per_minute"] == 6000
+    code, out, _ = run(capsys, tmp_path, "keys", "list", "--json")
+    assert created["key"] not in out and created["key"].rsplit("-", 1)[1] not in out
+    assert [k["id"] for k in json.loads(out)["keys"]] == [created["id"]]
+    code, out, _ = run(capsys, tmp_path, "keys", "revoke", created["id"], "--json")
+    assert code == 0 and json.loads(out)["revoked_at"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("accounts", "create", "Bad Id"), "must be 1-48"),
+    (("accounts", "balance", "ghost"), "no requester account 'ghost'"),
+    (("accounts", "credit", "ghost", "5", "--ref", "r"), "no requester account 'ghost'"),
+    (("accounts", "credit", "acme", "0", "--ref", "r"), "not a positive integer"),
+    (("accounts", "credit", "acme", "1.5", "--ref", "r"), "not a positive integer"),
+    (("accounts", "credit", "acme", "5"), "--ref"),
+    (("accounts", "create", "other", "--deposit-address", "0x123"), "address"),
+    (("keys", "create", "--account", "ghost"), "no requester account 'ghost'"),
+    (("keys", "create", "--account", "acme", "--requests-per-second", "0"), "requests per second"),
+    (("keys", "revoke", "key_nope"), "no API key 'key_nope'"),
+])
+def test_bad_input_gets_one_line_and_exit_2_and_changes_nothing(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                                args: tuple[str, ...], message: str) -> None:
+    run(capsys, tmp_path, "accounts", "create", "acme")
+    run(capsys, tmp_path, "accounts", "credit", "acme", "7", "--ref", "seed")
+    code, out, err = run(capsys, tmp_path, *args)
+    assert code == 2 and out == "" and message in err
+    code, out, _ = run(capsys, tmp_path, "accounts", "balance", "acme", "--json")
+    assert json.loads(out)["balance"] == "7", "nothing stored is lost or changed"
