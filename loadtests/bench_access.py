@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from gateway.config import AccessConfig
-from ledger.accounts import Accounts, release_holds
-from ledger.adapters import DEFAULT_PRICE_PER_1K_TOKENS
-from ledger.api_keys import ApiKeys
-from ledger.database import open_database
-from ledger.models import Adapter
-from serving.access import AccessControl
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.support (PostgreSQL)
+
+from gateway.config import AccessConfig  # noqa: E402
+from ledger.accounts import Accounts, release_holds  # noqa: E402
+from ledger.adapters import DEFAULT_PRICE_PER_1K_TOKENS  # noqa: E402
+from ledger.api_keys import ApiKeys  # noqa: E402
+from ledger.database import open_database  # noqa: E402
+from ledger.models import Adapter  # noqa: E402
+from serving.access import AccessControl  # noqa: E402
 
 PROMPT_TOKENS, MAX_TOKENS, COMPLETION_TOKENS = 40, 64, 64
 
