@@ -12,16 +12,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from gateway.admin_access import require_admin
 from gateway.cli_output import CommandError, emit, json_flag
 from gateway.config import GatewayConfig
 
 
 @contextmanager
-def _ledger(config: GatewayConfig) -> Iterator[Any]:
+def _ledger(config: GatewayConfig, *, admin: bool = True) -> Iterator[Any]:
+    """The ledger's database; with `admin`, only for a caller holding an admin key (gateway/admin_access.py)."""
     from ledger.database import database_url, open_database
 
     engine = open_database(database_url(config.state_dir))
     try:
+        if admin:
+            require_admin(config, engine)
         yield engine
     except ValueError as error:  # bad input the ledger refused: one line, exit 2
         raise CommandError(str(error)) from None
@@ -68,7 +72,7 @@ def cmd_account_list(config: GatewayConfig, args: argparse.Namespace) -> None:
 def cmd_account_balance(config: GatewayConfig, args: argparse.Namespace) -> None:
     from ledger.accounts import Accounts
 
-    with _ledger(config) as engine:
+    with _ledger(config, admin=False) as engine:
         payload = _account_json(Accounts(engine).get(args.account))
     emit(args, payload, lambda p: f"{p['id']}: available {p['available']} (balance {p['balance']}, "
                                   f"held {p['held']}) base units")

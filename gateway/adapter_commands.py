@@ -81,6 +81,9 @@ def cmd_train(config: GatewayConfig, args: argparse.Namespace) -> None:
 
 
 def cmd_register(config: GatewayConfig, args: argparse.Namespace) -> None:
+    from gateway.admin_access import require_admin_of
+
+    require_admin_of(config)
     registries = open_registries(config)
     check_new_name(config, registries, args.adapter)
     price = parse_price(args.price_per_1k_tokens)

@@ -12,12 +12,14 @@ from gateway.config import GatewayConfig
 def cmd_settle(config: GatewayConfig, args: argparse.Namespace) -> None:
     from sqlmodel import Session
 
+    from gateway.admin_access import require_admin_of
     from gateway.ledger_access import settlement_chain
     from ledger.config import SettlementConfig
     from ledger.database import database_url, open_database
     from ledger.payouts import PayoutPolicy, payable_balances
     from ledger.settler import Settler, SettlerConfig
 
+    require_admin_of(config)
     settle = SettlementConfig()
     policy = PayoutPolicy(settle.threshold, settle.max_payees)
     engine = open_database(database_url(config.state_dir))

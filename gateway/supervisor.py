@@ -35,7 +35,6 @@ RAY_ENV_DEFAULTS = {
 
 
 LOCAL_ACCOUNT = "local"
-LOCAL_KEY_FILE = "local-api-key"
 
 
 class StopRequested(Exception):
@@ -77,6 +76,7 @@ def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> 
 def ensure_local_key(config: GatewayConfig) -> None:
     """First start with auth on: an admin key of account `local` (credited once), printed once and
     written to `<state>/local-api-key` readable by its owner only."""
+    from gateway.admin_access import LOCAL_KEY_FILE
     from gateway.config import AccessConfig
     from ledger.accounts import Accounts
     from ledger.api_keys import ApiKeys

@@ -70,3 +70,26 @@ def test_bad_input_gets_one_line_and_exit_2_and_changes_nothing(capsys: pytest.C
     assert code == 2 and out == "" and message in err
     code, out, _ = run(capsys, tmp_path, "accounts", "balance", "acme", "--json")
     assert json.loads(out)["balance"] == "7", "nothing stored is lost or changed"
+
+
+def test_admin_commands_need_an_admin_key_once_one_exists(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    run(capsys, tmp_path, "accounts", "create", "ops")  # a fresh ledger: set-up needs no key
+    admin = json.loads(run(capsys, tmp_path, "keys", "create", "--account", "ops", "--admin", "--json")[1])["key"]
+    for presented, reason in ((None, "needs an admin API key"), ("dgk-nonsense", "needs an admin API key")):
+        if presented:
+            monkeypatch.setenv("GATEWAY_ADMIN_KEY", presented)
+        for args in (("accounts", "create", "acme"), ("keys", "create", "--account", "ops"),
+                     ("accounts", "credit", "ops", "5", "--ref", "r"), ("settle", "--dry-run")):
+            code, out, err = run(capsys, tmp_path, *args)
+            assert (code, out) == (2, "") and reason in err, args
+    monkeypatch.setenv("GATEWAY_ADMIN_KEY", admin)
+    user = json.loads(run(capsys, tmp_path, "keys", "create", "--account", "ops", "--json")[1])["key"]
+    assert run(capsys, tmp_path, "accounts", "create", "acme")[0] == 0
+    monkeypatch.setenv("GATEWAY_ADMIN_KEY", user)
+    code, _, err = run(capsys, tmp_path, "accounts", "create", "other")
+    assert code == 2 and "is not an admin key" in err
+    assert run(capsys, tmp_path, "accounts", "balance", "acme")[0] == 0, "reading a balance is not administration"
+    monkeypatch.delenv("GATEWAY_ADMIN_KEY")
+    (tmp_path / "local-api-key").write_text(admin + "\n")  # what `gateway up` leaves for its operator
+    assert run(capsys, tmp_path, "accounts", "create", "third")[0] == 0
