@@ -203,7 +203,7 @@ def test_no_key_material_reaches_logs(capsys: pytest.CaptureFixture[str], gatewa
     users.completions.create(model=PRICED, prompt="The river", max_tokens=4)
     with pytest.raises(openai.AuthenticationError):
         sdk(gateway, key + "x").completions.create(model=PRICED, prompt="x", max_tokens=2)
-    secret = key.rsplit("-", 1)[1]
+    secret = key.split("-", 2)[2]
     time.sleep(2)
     logs = [demo_state / "gateway.log", ledger_service.log_file, *Path("/tmp/ray").glob("session_latest/logs/*")]
     for path in logs:
