@@ -70,12 +70,14 @@ LOADTEST_RAMP_SECONDS ?= 60
 LOADTEST_HOLD_SECONDS ?= 60
 LOADTEST_SPAWN_RATE ?= 2
 LOADTEST_REPORTS ?= loadtests/reports
+# The key the users send: by default the local admin key `make up` keeps in its state directory.
+LOADTEST_API_KEY ?= $(shell cat .gateway/local-api-key 2>/dev/null)
 
 loadtest: install
 	@dir=$(LOADTEST_REPORTS)/$$(date -u +%Y%m%dT%H%M%SZ); mkdir -p $$dir; \
 	LOADTEST_GRPC_TARGET=$(LOADTEST_GRPC_TARGET) LOADTEST_PEAK_USERS=$(LOADTEST_PEAK_USERS) \
 	LOADTEST_RAMP_SECONDS=$(LOADTEST_RAMP_SECONDS) LOADTEST_HOLD_SECONDS=$(LOADTEST_HOLD_SECONDS) \
-	LOADTEST_SPAWN_RATE=$(LOADTEST_SPAWN_RATE) \
+	LOADTEST_SPAWN_RATE=$(LOADTEST_SPAWN_RATE) LOADTEST_API_KEY=$(LOADTEST_API_KEY) \
 	$(VENV)/bin/locust -f loadtests/locustfile.py,loadtests/ramp_shape.py --headless --only-summary \
 		--host $(LOADTEST_HOST) --csv $$dir/locust --html $$dir/report.html; code=$$?; \
 	echo; $(PY) loadtests/locust_report.py $$dir; \

@@ -55,11 +55,10 @@ class ShippingCollector(Collector):
         self.shipper = shipper
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        outbox = self.shipper.outbox
-        yield GaugeMetricFamily("gateway_outbox_traces", "Traces waiting in the outbox for the ledger.",
-                                value=outbox.depth())
+        depth, oldest_age = self.shipper.outbox.backlog()  # one directory scan per scrape
+        yield GaugeMetricFamily("gateway_outbox_traces", "Traces waiting in the outbox for the ledger.", value=depth)
         yield GaugeMetricFamily("gateway_outbox_oldest_age_seconds", "Age of the oldest trace waiting to be shipped.",
-                                value=outbox.oldest_age_seconds())
+                                value=oldest_age)
         stats = self.shipper.stats()
         shipped = CounterMetricFamily("gateway_traces_shipped", "Traces the ledger acknowledged, by its answer.",
                                       labels=["ack"])

@@ -118,8 +118,17 @@ class Outbox:
 
     def oldest_age_seconds(self) -> float:
         """Age of the oldest waiting trace file (by mtime), 0.0 when the outbox is empty."""
-        oldest = min((mtime_ns for mtime_ns, _, _ in self._stat_traces()), default=None)
-        return 0.0 if oldest is None else max(0.0, (time.time_ns() - oldest) / 1e9)
+        return self.backlog()[1]
+
+    def backlog(self) -> tuple[int, float]:
+        """(depth, age in seconds of the oldest waiting trace) from one directory scan (for metrics)."""
+        count, oldest = 0, None
+        for mtime_ns, _, _ in self._stat_traces():
+            count += 1
+            oldest = mtime_ns if oldest is None else min(oldest, mtime_ns)
+        with self._lock:
+            self._record_scan(count, time.monotonic())
+        return count, 0.0 if oldest is None else max(0.0, (time.time_ns() - oldest) / 1e9)
 
     def pending(self, limit: int, exclude: set[str] | frozenset[str] = frozenset()) -> list[tuple[str, Path]]:
         """Up to `limit` (trace id, path) pairs, oldest first (mtime, then name), skipping ids in `exclude`."""

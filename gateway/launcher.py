@@ -16,6 +16,8 @@ from typing import Any
 
 import grpc
 
+from gateway.admin_access import LOCAL_KEY_FILE
+
 READY_TIMEOUT_SECONDS = 600.0
 STOP_TIMEOUT_SECONDS = 60.0
 POLL_SECONDS = 0.5
@@ -93,7 +95,7 @@ class GatewayProcess:
     @property
     def api_key(self) -> str | None:
         """The local admin key `gateway up` wrote at its first start (None with auth off)."""
-        path = self.state_dir / "local-api-key"
+        path = self.state_dir / LOCAL_KEY_FILE
         return path.read_text().strip() if path.exists() else None
 
     @property

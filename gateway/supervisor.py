@@ -78,7 +78,7 @@ def ensure_local_key(config: GatewayConfig) -> None:
     written to `<state>/local-api-key` readable by its owner only."""
     from gateway.admin_access import LOCAL_KEY_FILE
     from gateway.config import AccessConfig
-    from ledger.accounts import Accounts
+    from ledger.accounts import Accounts, UnknownAccount
     from ledger.api_keys import ApiKeys
     from ledger.database import database_url, open_database
 
@@ -93,7 +93,9 @@ def ensure_local_key(config: GatewayConfig) -> None:
     engine = open_database(database_url(config.state_dir))
     try:
         accounts = Accounts(engine)
-        if LOCAL_ACCOUNT not in {a.id for a in accounts.list()}:
+        try:
+            accounts.get(LOCAL_ACCOUNT)
+        except UnknownAccount:
             accounts.create(LOCAL_ACCOUNT)
         if access.local_credit:
             accounts.credit(LOCAL_ACCOUNT, access.local_credit, "local-first-start")

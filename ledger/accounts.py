@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import Connection, DateTime, Engine, String, bindparam, delete, insert, text, update
+from sqlalchemy import Connection, DateTime, Engine, String, bindparam, delete, insert, text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
@@ -118,9 +118,7 @@ def _locked_amounts(connection: Connection, account_id: str) -> tuple[int, int]:
 
 def lock_account(session: Session, account_id: str) -> RequesterAccount:
     """The account row, write-locked until the session's transaction ends (UnknownAccount if absent)."""
-    locked = session.execute(update(RequesterAccount.__table__).where(  # type: ignore[attr-defined]
-        RequesterAccount.__table__.c.id == account_id).values(id=account_id))  # type: ignore[attr-defined]
-    if locked.rowcount != 1:
+    if session.execute(_LOCK, {"id": account_id}).rowcount != 1:  # the same lock as the hold path
         raise UnknownAccount(account_id)
     return session.get(RequesterAccount, account_id, populate_existing=True)  # type: ignore[return-value]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -66,3 +67,11 @@ def test_list_shows_store_only_adapters_and_show_rejects_unknown(state: Path, sc
     assert (listed["adapter"], listed["registered"], listed["owner"]) == ("loadtest-only", False, None)
     assert run(state, "show", "loadtest-only") == 2
     assert capsys.readouterr().err == "gateway: no registered adapter named 'loadtest-only'\n"
+
+
+def test_no_auth_is_refused_off_loopback(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code = main(["--state-dir", str(tmp_path), "up", "--no-auth", "--host", "0.0.0.0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--no-auth is refused on 0.0.0.0" in err
+    assert os.environ.get("GATEWAY_AUTH") is None, "nothing was switched off"
+    assert not (tmp_path / "local-api-key").exists(), "nothing was started"

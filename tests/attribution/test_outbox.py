@@ -154,3 +154,5 @@ def test_depth_and_oldest_age(tmp_path: Path) -> None:
     outbox.put(make_trace("t-2"))
     assert outbox.depth() == 2
     assert 41 < outbox.oldest_age_seconds() < 60
+    depth, oldest = outbox.backlog()  # both from one scan, for the metrics
+    assert depth == 2 and 41 < oldest < 60

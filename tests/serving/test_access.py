@@ -1,0 +1,102 @@
+"""AccessControl above the HTTP/gRPC doors, on a real SQLite ledger with a fake clock: what each
+`Authorization` value gets, when a revocation bites, which limits apply, and what a refusal leaves.
+(The same behaviour through the running stack is tested in tests/test_access_stack.py.)"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlmodel import Session
+
+from gateway.config import AccessConfig
+from ledger.accounts import Accounts
+from ledger.api_keys import ApiKeys
+from ledger.database import open_database
+from ledger.models import Adapter
+from serving.access import AccessControl
+from serving.errors import InsufficientQuota, RateLimited, Unauthenticated
+
+PRICE = 1000  # base units per 1k tokens: a token costs 1
+
+
+class Clock:
+    now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture()
+def setup(tmp_path: Path) -> Iterator[tuple[AccessControl, str, Clock]]:
+    engine = open_database(f"sqlite:///{tmp_path / 'ledger.db'}")
+    with Session(engine) as session:
+        session.add(Adapter(name="priced", base_model="base", uri="file:///x", owner="0x" + "11" * 20,
+                            price_per_1k_tokens=str(PRICE), source="registered"))
+        session.commit()
+    Accounts(engine).create("acme")
+    Accounts(engine).credit("acme", 100, "c1")
+    key = ApiKeys(engine).create("acme").presented
+    clock = Clock()
+    config = AccessConfig(rate_requests_per_second=2, rate_tokens_per_minute=10_000, key_cache_seconds=1.0)
+    yield AccessControl(engine, config, clock), key, clock
+    engine.dispose()
+
+
+@pytest.mark.parametrize("header", [None, "", "Bearer", "Bearer   ", "Basic dXNlcjpwYXNz", "dgk-abc"])
+def test_a_missing_or_malformed_authorization_is_401_asking_for_a_key(setup, header) -> None:  # noqa: ANN001
+    access, _, _ = setup
+    with pytest.raises(Unauthenticated, match="No API key provided"):
+        access.authenticate(header)
+
+
+def test_a_valid_key_names_its_account_and_a_revocation_bites_after_the_cache_time(setup) -> None:  # noqa: ANN001
+    access, key, clock = setup
+    caller = access.authenticate(f"bearer {key}")  # the scheme is case-insensitive, as in HTTP
+    assert caller.account_id == "acme" and not caller.admin
+    assert (caller.limit.requests_per_second, caller.limit.tokens_per_minute) == (2, 10_000), "gateway defaults"
+    with pytest.raises(Unauthenticated, match="not valid"):
+        access.authenticate(f"Bearer {key}x")
+    ApiKeys(access.engine).revoke(caller.key_id)
+    assert access.authenticate(f"Bearer {key}") == caller, "cached for key_cache_seconds"
+    clock.now += 1.01
+    with pytest.raises(Unauthenticated, match="not valid"):
+        access.authenticate(f"Bearer {key}")
+
+
+def test_a_keys_own_limits_win_over_the_defaults(setup) -> None:  # noqa: ANN001
+    access, _, _ = setup
+    own = ApiKeys(access.engine).create("acme", requests_per_second=7, tokens_per_minute=99).presented
+    limit = access.authenticate(f"Bearer {own}").limit
+    assert (limit.requests_per_second, limit.tokens_per_minute) == (7, 99)
+
+
+def test_holds_cover_the_worst_case_and_a_refusal_keeps_nothing(setup) -> None:  # noqa: ANN001
+    access, key, clock = setup
+    caller = access.authenticate(f"Bearer {key}")
+    assert access.admit(caller, "free-1", None, 40, 500).held == 0, "the base model holds nothing"
+    admitted = access.admit(caller, "r-1", "priced", 10, 50)
+    assert admitted.held == 60 and Accounts(access.engine).balance("acme").available == 40
+    clock.now += 1  # the request bucket refills: the next refusal is for credit, not rate
+    with pytest.raises(InsufficientQuota, match="may cost 60 base units and account 'acme' has 40"):
+        access.admit(caller, "r-2", "priced", 10, 50)
+    assert Accounts(access.engine).balance("acme").held == 60, "the refused request holds nothing"
+    access.finish(admitted, 10, 20, billed=True)  # it used 30 tokens: only those stay held
+    assert Accounts(access.engine).balance("acme").held == 30
+    access.finish(access.admit(caller, "r-3", "priced", 5, 5), 5, 0, billed=False)  # no trace will bill it
+    assert Accounts(access.engine).balance("acme").held == 30
+    Accounts(access.engine).check("acme")
+
+
+def test_rate_limits_refuse_with_retry_after_and_an_oversized_request_without(setup) -> None:  # noqa: ANN001
+    access, key, _ = setup
+    caller = access.authenticate(f"Bearer {key}")
+    for i in range(2):  # the burst: 2 requests per second
+        access.admit(caller, f"free-{i}", None, 1, 1)
+    with pytest.raises(RateLimited) as limited:
+        access.admit(caller, "free-3", None, 1, 1)
+    assert limited.value.status == 429 and limited.value.headers["retry-after"] == "1"
+    with pytest.raises(RateLimited, match="more than the key's limit of 10000 tokens per minute") as too_big:
+        access.admit(caller, "big", None, 10, 10_000)
+    assert too_big.value.headers == {} and too_big.value.param == "max_tokens"
