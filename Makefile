@@ -65,7 +65,7 @@ test: install system-packages
 # Every LOADTEST_* variable of loadtests/locustfile.py and loadtests/ramp_shape.py can be set too.
 LOADTEST_HOST ?= http://127.0.0.1:8000
 LOADTEST_GRPC_TARGET ?= 127.0.0.1:9000
-LOADTEST_PEAK_USERS ?= 6
+LOADTEST_PEAK_USERS ?= 8
 LOADTEST_RAMP_SECONDS ?= 60
 LOADTEST_HOLD_SECONDS ?= 60
 LOADTEST_SPAWN_RATE ?= 2

@@ -17,10 +17,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
-from sqlalchemy import Connection, DateTime, Engine, String, bindparam, delete, insert, text
+import psycopg
+from sqlalchemy import Connection, Engine, String, bindparam, delete, insert, text
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
+from sqlmodel.sql.sqltypes import UTCDateTime
 
 from ledger.amounts import Amount, exact_sum
 from ledger.contribution_content import checksum_address
@@ -89,19 +92,20 @@ _SET_HELD = text("UPDATE requesteraccount SET held = :held WHERE id = :id").bind
     bindparam("held", type_=Amount()))
 _INSERT_HOLD = text("INSERT INTO balancehold (trace_id, account_id, amount, created_at) "
                     "VALUES (:trace_id, :account_id, :amount, :created_at)").bindparams(
-    bindparam("amount", type_=Amount()), bindparam("created_at", type_=DateTime(timezone=True)))
+    bindparam("amount", type_=Amount()), bindparam("created_at", type_=UTCDateTime()))
 
 
 # PostgreSQL: the check, the row lock, the new `held` and the hold row in one round trip (no row
-# comes back when the account is unknown or short: the slow path then says which).
-_HOLD_IN_ONE_STATEMENT = text(
-    "WITH taken AS (UPDATE requesteraccount SET held = held + :amount "
-    "WHERE id = :account_id AND balance - held >= :amount RETURNING balance, held), "
+# comes back when the account is unknown or short: the slow path then says which). Written in the
+# driver's parameter style: it runs on the pooled psycopg connection itself, which saves SQLAlchemy's
+# ~0.3 ms of statement handling per request (amounts go as Python ints: psycopg sends them exactly).
+_HOLD_IN_ONE_STATEMENT = (
+    "WITH taken AS (UPDATE requesteraccount SET held = held + %(amount)s "
+    "WHERE id = %(account_id)s AND balance - held >= %(amount)s RETURNING balance, held), "
     "inserted AS (INSERT INTO balancehold (trace_id, account_id, amount, created_at) "
-    "SELECT :trace_id, :account_id, :amount, :created_at FROM taken RETURNING trace_id) "
+    "SELECT %(trace_id)s, %(account_id)s, %(amount)s, %(created_at)s FROM taken RETURNING trace_id) "
     "SELECT taken.balance, taken.held FROM taken, inserted"
-).bindparams(bindparam("amount", type_=Amount()), bindparam("created_at", type_=DateTime(timezone=True))).columns(
-    balance=Amount(), held=Amount())
+)
 _READ_HOLD = text("SELECT account_id, amount FROM balancehold WHERE trace_id = :trace_id").columns(
     account_id=String(), amount=Amount())
 _SET_HOLD = text("UPDATE balancehold SET amount = :amount WHERE trace_id = :trace_id").bindparams(
@@ -126,7 +130,6 @@ def lock_account(session: Session, account_id: str) -> RequesterAccount:
 class Accounts:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")  # one statement = one transaction
 
     # ---- accounts -------------------------------------------------------------------------
     def create(self, account_id: str, deposit_address: str | None = None) -> RequesterAccount:
@@ -232,10 +235,9 @@ class Accounts:
         values = {"trace_id": trace_id, "account_id": account_id, "amount": amount, "created_at": utcnow()}
         try:
             if self.engine.dialect.name == "postgresql":  # exact NUMERIC arithmetic in SQL: one round trip
-                with self._autocommit.connect() as connection:
-                    taken = connection.execute(_HOLD_IN_ONE_STATEMENT, values).first()
+                taken = self._hold_in_one_statement(values)
                 if taken is not None:
-                    return AccountBalance(account_id, int(taken.balance), int(taken.held))
+                    return AccountBalance(account_id, int(taken[0]), int(taken[1]))
             with self.engine.begin() as connection:
                 balance, held = _locked_amounts(connection, account_id)  # SQLite, or the refusal's numbers
                 if amount > balance - held:
@@ -245,6 +247,24 @@ class Accounts:
         except IntegrityError:
             raise ValueError(f"request {trace_id!r} already holds credit") from None
         return AccountBalance(account_id, balance, held + amount)
+
+    def _hold_in_one_statement(self, values: dict[str, Any]) -> tuple[Any, Any] | None:
+        """PostgreSQL: (balance, held) after the hold, or None (unknown account or not enough credit)."""
+        pooled = self.engine.raw_connection()  # checked out like any connection (pre-ping included)
+        try:
+            driver = pooled.driver_connection
+            driver.autocommit = True  # one statement, one transaction
+            try:
+                return driver.execute(_HOLD_IN_ONE_STATEMENT, values).fetchone()
+            finally:
+                driver.autocommit = False
+        except psycopg.IntegrityError:
+            raise ValueError(f"request {values['trace_id']!r} already holds credit") from None
+        except psycopg.OperationalError:
+            pooled.invalidate()  # a broken connection does not go back to the pool
+            raise
+        finally:
+            pooled.close()
 
     def shrink_hold(self, trace_id: str, amount: int) -> None:
         """The request finished: keep only its actual cost held until the ledger posts it (never grows)."""

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, Column, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
+from sqlmodel.sql.sqltypes import UTCDateTime  # aware in, UTC out (SQLite keeps no zone): like plain `datetime` fields
 
 from ledger.amounts import Amount
 
@@ -115,7 +116,7 @@ class IngestedTrace(SQLModel, table=True):
     fee: int = Field(sa_column=Column(Amount, nullable=False))
     body: str = Field(sa_column=Column(Text, nullable=False))  # canonical JSON (attribution/trace_wire.py)
     entry_id: int = Field(sa_column=Column(BigInteger, ForeignKey("journalentry.id"), nullable=False, unique=True))
-    received_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    received_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
 
 
 class TraceConflict(SQLModel, table=True):
@@ -125,7 +126,7 @@ class TraceConflict(SQLModel, table=True):
     trace_id: str = Field(max_length=128, index=True)
     content_sha256: str = Field(max_length=64)
     body: str = Field(sa_column=Column(Text, nullable=False))
-    received_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    received_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
 
 
 class JournalEntry(SQLModel, table=True):
@@ -136,7 +137,7 @@ class JournalEntry(SQLModel, table=True):
     id: int | None = Field(default=None, sa_column=Column(BIG_ID, primary_key=True, autoincrement=True))
     kind: str = Field(max_length=32)
     ref: str = Field(max_length=128)
-    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
 
 
 class Posting(SQLModel, table=True):
@@ -172,8 +173,8 @@ class PayoutBatch(SQLModel, table=True):
     block_hash: str | None = Field(default=None, max_length=66)
     gas_used: int | None = None  # of the mined transaction, from its receipt
     reason: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
-    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
-    updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
 
 
 class PayoutLine(SQLModel, table=True):
@@ -194,8 +195,8 @@ class PayoutAttempt(SQLModel, table=True):
     max_fee_per_gas: int = Field(sa_column=Column(Amount, nullable=False))
     max_priority_fee_per_gas: int = Field(sa_column=Column(Amount, nullable=False))
     raw: str = Field(sa_column=Column(Text, nullable=False))
-    sent_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
-    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    sent_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
 
 
 class RequesterAccount(SQLModel, table=True):
@@ -210,7 +211,7 @@ class RequesterAccount(SQLModel, table=True):
     deposit_address: str | None = Field(default=None, max_length=42, unique=True)
     balance: int = Field(default=0, sa_column=Column(Amount, nullable=False))  # = sum of its postings
     held: int = Field(default=0, sa_column=Column(Amount, nullable=False))  # = sum of its holds
-    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
 
 
 class ApiKey(SQLModel, table=True):
@@ -223,8 +224,8 @@ class ApiKey(SQLModel, table=True):
     admin: bool = False
     requests_per_second: float | None = None  # None: the gateway's default limit
     tokens_per_minute: int | None = None
-    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
-    revoked_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    revoked_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
 
 
 class BalanceHold(SQLModel, table=True):
@@ -233,7 +234,7 @@ class BalanceHold(SQLModel, table=True):
     trace_id: str = Field(primary_key=True, max_length=128)
     account_id: str = Field(foreign_key="requesteraccount.id", index=True, max_length=48)
     amount: int = Field(sa_column=Column(Amount, nullable=False))
-    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
 
 
 class AdapterAccess(SQLModel, table=True):
@@ -250,7 +251,7 @@ class DepositScan(SQLModel, table=True):
     token: str = Field(primary_key=True, max_length=42)
     treasury: str = Field(primary_key=True, max_length=42)
     next_block: int
-    updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
 
 
 class Deposit(SQLModel, table=True):
@@ -269,4 +270,4 @@ class Deposit(SQLModel, table=True):
     tx_hash: str = Field(max_length=66)
     entry_id: int | None = Field(default=None, sa_column=Column(BigInteger, ForeignKey("journalentry.id"),
                                                                 nullable=True))
-    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))

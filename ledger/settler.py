@@ -181,7 +181,7 @@ class Settler:
             # Our nonce was consumed but none of our transactions holds it: another one took it.
             self._set(session, batch, PLANNED, nonce=None, tx_hash=None)
             return
-        waited = (datetime.now(UTC) - _aware(latest.sent_at)).total_seconds()
+        waited = (datetime.now(UTC) - latest.sent_at).total_seconds()
         if waited < self.config.stuck_after_seconds:
             return
         bump = 100 + self.config.fee_bump_percent
@@ -260,7 +260,3 @@ class Settler:
         session.add(batch)
         session.commit()
         session.refresh(batch)
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

@@ -1,4 +1,5 @@
-"""Locust load test of a running Datanet Gateway: OpenAI HTTP (streaming and not) and gRPC streaming.
+"""Locust load test of a running Datanet Gateway: OpenAI HTTP (completions streamed and not, chat streamed)
+and gRPC streaming.
 
 Run against `make up` with `make loadtest` (headless, ramp shape, CSV + HTML reports), or by hand:
 
@@ -9,6 +10,7 @@ Users (weights below):
 
 * `OpenAIStreamingUser`: streamed `/v1/completions` through the official `openai` SDK;
 * `OpenAIUser`:          the same, not streamed;
+* `OpenAIChatStreamingUser`: streamed `/v1/chat/completions` (the prompt as one user message);
 * `GrpcStreamingUser`:   `gateway.inference.v1.Inference/GenerateStream`.
 
 Entries in Locust's statistics (Type = the user's kind, Name = what is timed; see docs/load-testing.md):
@@ -19,7 +21,7 @@ Entries in Locust's statistics (Type = the user's kind, Name = what is timed; se
                     (streaming only), so its percentiles are over all gaps of all requests and show
                     stalls; a request of n text chunks adds n - 1 entries.
 
-with kinds `openai-stream`, `openai` and `grpc-stream`. Locust rounds times to integer milliseconds
+with kinds `openai-stream`, `openai`, `openai-chat-stream` and `grpc-stream`. Locust rounds times to integer milliseconds
 below 100 ms (2 significant digits above) before it computes percentiles.
 
 Each request picks its model at random: with probability LOADTEST_BASE_MODEL_FRACTION the base model,
@@ -43,6 +45,7 @@ Environment variables (all optional):
     LOADTEST_TIMEOUT_SECONDS       120               per-request timeout (HTTP and gRPC)
     LOADTEST_WEIGHT_OPENAI_STREAM  1                 weight of OpenAIStreamingUser (0 leaves it out)
     LOADTEST_WEIGHT_OPENAI         1                 weight of OpenAIUser
+    LOADTEST_WEIGHT_OPENAI_CHAT_STREAM 1             weight of OpenAIChatStreamingUser
     LOADTEST_WEIGHT_GRPC_STREAM    1                 weight of GrpcStreamingUser
 
 The HTTP host is Locust's `--host` (default http://127.0.0.1:8000, `make up`'s address). The ramp
@@ -128,6 +131,7 @@ class Settings:
     timeout_seconds: float
     weight_openai_stream: int
     weight_openai: int
+    weight_openai_chat_stream: int
     weight_grpc_stream: int
 
     @classmethod
@@ -146,6 +150,7 @@ class Settings:
             timeout_seconds=env_number("LOADTEST_TIMEOUT_SECONDS", 120.0, float, 0.001),
             weight_openai_stream=env_number("LOADTEST_WEIGHT_OPENAI_STREAM", 1, int, 0),
             weight_openai=env_number("LOADTEST_WEIGHT_OPENAI", 1, int, 0),
+            weight_openai_chat_stream=env_number("LOADTEST_WEIGHT_OPENAI_CHAT_STREAM", 1, int, 0),
             weight_grpc_stream=env_number("LOADTEST_WEIGHT_GRPC_STREAM", 1, int, 0),
         )
 
@@ -317,6 +322,12 @@ class OpenAIUserBase(GatewayUser):
                 "temperature": SETTINGS.temperature, "extra_body": {"ignore_eos": SETTINGS.ignore_eos}}
 
 
+def finished(finish_reason: str | None) -> None:
+    """Raise unless the stream ended with a final message (a finish reason other than `abort`)."""
+    if finish_reason is None or finish_reason == "abort":
+        raise IncompleteStream(f"the stream ended with finish_reason {finish_reason}")
+
+
 class OpenAIStreamingUser(OpenAIUserBase):
     """Streamed `/v1/completions`: entries `openai-stream` request, TTFT and ITL."""
 
@@ -333,8 +344,32 @@ class OpenAIStreamingUser(OpenAIUserBase):
                     for choice in chunk.choices:
                         timer.text(choice.text)
                         finish_reason = choice.finish_reason or finish_reason
-            if finish_reason is None or finish_reason == "abort":
-                raise IncompleteStream(f"the stream ended with finish_reason {finish_reason}")
+            finished(finish_reason)
+        except Exception as exc:
+            timer.done(exc)
+        else:
+            timer.done()
+
+
+class OpenAIChatStreamingUser(OpenAIUserBase):
+    """Streamed `/v1/chat/completions`: entries `openai-chat-stream` request, TTFT and ITL."""
+
+    weight = SETTINGS.weight_openai_chat_stream
+    kind = "openai-chat-stream"
+
+    @task
+    def stream_chat(self) -> None:
+        args = self.completion_args()
+        args["messages"] = [{"role": "user", "content": args.pop("prompt")}]
+        timer = StreamTimer(self.environment, self.kind)
+        try:
+            finish_reason = None
+            with self.client.chat.completions.create(stream=True, **args) as stream:
+                for chunk in stream:
+                    for choice in chunk.choices:
+                        timer.text(choice.delta.content or "")
+                        finish_reason = choice.finish_reason or finish_reason
+            finished(finish_reason)
         except Exception as exc:
             timer.done(exc)
         else:

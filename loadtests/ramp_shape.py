@@ -11,7 +11,7 @@ the test stops. Users start at LOADTEST_SPAWN_RATE per second within each step.
 
 Environment variables (all optional):
 
-    LOADTEST_PEAK_USERS     6     users at the peak
+    LOADTEST_PEAK_USERS     8     users at the peak
     LOADTEST_RAMP_SECONDS   60    duration of the ramp (0: start at the peak)
     LOADTEST_RAMP_STEPS     3     steps of the ramp (at most the peak)
     LOADTEST_HOLD_SECONDS   60    duration at the peak
@@ -42,7 +42,7 @@ class RampShape(LoadTestShape):
 
     def __init__(self) -> None:
         super().__init__()
-        self.peak_users = int(env_number("LOADTEST_PEAK_USERS", 6, int, 1))
+        self.peak_users = int(env_number("LOADTEST_PEAK_USERS", 8, int, 1))
         self.ramp_seconds = env_number("LOADTEST_RAMP_SECONDS", 60.0, float, 0.0)
         self.ramp_steps = min(int(env_number("LOADTEST_RAMP_STEPS", 3, int, 1)), self.peak_users)
         self.hold_seconds = env_number("LOADTEST_HOLD_SECONDS", 60.0, float, 0.0)

@@ -45,9 +45,10 @@ def test_a_key_is_printed_once_listed_without_its_secret_and_revoked(capsys: pyt
     assert code == 0 and created["key"].startswith("dgk-") and created["tokens_per_minute"] == 6000
     code, out, _ = run(capsys, tmp_path, "keys", "list", "--json")
     assert created["key"] not in out and created["key"].split("-", 2)[2] not in out
-    assert [k["id"] for k in json.loads(out)["keys"]] == [created["id"]]
+    [listed] = json.loads(out)["keys"]
+    assert listed["id"] == created["id"] and listed["created_at"].endswith("+00:00"), "times name their zone"
     code, out, _ = run(capsys, tmp_path, "keys", "revoke", created["id"], "--json")
-    assert code == 0 and json.loads(out)["revoked_at"]
+    assert code == 0 and json.loads(out)["revoked_at"].endswith("+00:00")
 
 
 @pytest.mark.parametrize(("args", "message"), [

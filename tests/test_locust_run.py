@@ -1,5 +1,5 @@
 """A short Locust run of loadtests/ against the session gateway, as `make loadtest` runs it (headless, the
-ramp shape, CSV and HTML reports): all three users run, nothing fails, every entry is measured.
+ramp shape, CSV and HTML reports): all four users run, nothing fails, every entry is measured.
 
 Locust runs in a subprocess: it monkey-patches the standard library with gevent on import, which must
 not happen inside pytest (so neither loadtests/locustfile.py nor ramp_shape.py is imported here).
@@ -22,16 +22,17 @@ pytestmark = pytest.mark.stack
 ROOT = Path(__file__).resolve().parents[1]
 LOCUST = Path(sys.executable).with_name("locust")
 RUN_TIMEOUT_SECONDS = 300  # the run itself is ~20 s; cold adapters load on first use
-RAMP = {  # 1, 2, then 3 users (one of each kind) over 3 s, held 12 s
-    "LOADTEST_PEAK_USERS": "3",
-    "LOADTEST_RAMP_SECONDS": "3",
-    "LOADTEST_RAMP_STEPS": "3",
+RAMP = {  # 2, then 4 users (one of each kind) over 2 s, held 12 s
+    "LOADTEST_PEAK_USERS": "4",
+    "LOADTEST_RAMP_SECONDS": "2",
+    "LOADTEST_RAMP_STEPS": "2",
     "LOADTEST_HOLD_SECONDS": "12",
-    "LOADTEST_SPAWN_RATE": "3",
+    "LOADTEST_SPAWN_RATE": "4",
 }
 EXPECTED_ENTRIES = [
     ("openai-stream", REQUEST), ("openai-stream", TTFT), ("openai-stream", ITL),
     ("openai", REQUEST),
+    ("openai-chat-stream", REQUEST), ("openai-chat-stream", TTFT), ("openai-chat-stream", ITL),
     ("grpc-stream", REQUEST), ("grpc-stream", TTFT), ("grpc-stream", ITL),
 ]
 
@@ -52,6 +53,6 @@ def test_a_short_ramp_of_every_user_has_no_failures(gateway: GatewayProcess, tmp
     assert not failed, f"failures: {failed}\n{(tmp_path / 'locust_failures.csv').read_text()}"
     missing = [key for key in EXPECTED_ENTRIES if key not in entries or entries[key].requests == 0]
     assert not missing, f"entries without requests: {missing}\n{render(summary(tmp_path))}"
-    for kind in ("openai-stream", "grpc-stream"):  # one TTFT per request (+1: a request cut short at the end)
+    for kind in ("openai-stream", "openai-chat-stream", "grpc-stream"):  # one TTFT per request (+1: a request cut short at the end)
         assert entries[(kind, TTFT)].requests <= entries[(kind, REQUEST)].requests + 1
     assert (tmp_path / "report.html").stat().st_size > 0

@@ -149,3 +149,27 @@ def test_an_inference_debits_its_requesters_account_and_frees_its_hold(journal) 
     assert journal.ingest([trace("t-4", None)])[0].status == "accepted"  # no requester: revenue pays
     accounts.check("acme")
     assert journal.totals().postings_sum == 0
+
+
+def test_holds_go_on_after_postgresql_drops_every_connection(postgres) -> None:  # noqa: ANN001
+    """The hold runs on the pooled driver connection: a connection the server closed is never used again."""
+    import uuid
+
+    import psycopg
+
+    url = postgres.create_database(f"t{uuid.uuid4().hex[:12]}")
+    engine = open_database(url)
+    accounts = Accounts(engine)
+    accounts.create("acme")
+    accounts.credit("acme", 10**24, "c1")  # beyond 64 bits: the driver sends exact numerics
+    assert accounts.hold("before", "acme", 10**23 + 7).available == 9 * 10**23 - 7
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as other:
+        ended = other.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                              "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()
+    assert ended[0] >= 1, "the pooled connection was ended by the server"
+    assert accounts.hold("after", "acme", 1).held == 10**23 + 8
+    with pytest.raises(ValueError, match="already holds"):
+        accounts.hold("after", "acme", 1)
+    assert accounts.hold("again", "acme", 1).held == 10**23 + 9, "the pool is usable after a refused hold"
+    accounts.check("acme")
+    engine.dispose()
