@@ -1,6 +1,6 @@
 """Summarize a Locust run of loadtests/locustfile.py from the `*_stats.csv` it wrote.
 
-Per user kind (Locust's "Type": openai-stream, openai, grpc-stream): requests, failures, requests/s
+Per user kind (Locust's "Type": openai-stream, openai, openai-chat-stream, grpc-stream): requests, failures, requests/s
 and latency p50/p90/p99 of the whole request, and for the streaming kinds TTFT and ITL p50/p90/p99.
 Times are milliseconds as Locust wrote them (integers below 100 ms, 2 significant digits above).
 
@@ -78,7 +78,8 @@ def milliseconds(value: float | None) -> str:
 
 
 def render(kinds: dict[str, dict[str, Entry]]) -> str:
-    header = (f"{'kind':<14} {'requests':>8} {'failures':>8} {'req/s':>7}  {'request p50/p90/p99 ms':>22}"
+    width = max([14, *map(len, kinds)])
+    header = (f"{'kind':<{width}} {'requests':>8} {'failures':>8} {'req/s':>7}  {'request p50/p90/p99 ms':>22}"
               f"  {'TTFT p50/p90/p99 ms':>20}  {'ITL p50/p90/p99 ms':>19}")
     lines = [header, "-" * len(header)]
     for kind, entries in kinds.items():
@@ -91,10 +92,10 @@ def render(kinds: dict[str, dict[str, Entry]]) -> str:
             return "/".join(milliseconds(v) for v in (entry.p50_ms, entry.p90_ms, entry.p99_ms))
 
         if request is None:  # e.g. "setup GET /v1/models", only when a user could not start
-            lines += [f"{kind:<14} {e.requests:>8} {e.failures:>8} {e.requests_per_second:>7.2f}  ({e.name})"
+            lines += [f"{kind:<{width}} {e.requests:>8} {e.failures:>8} {e.requests_per_second:>7.2f}  ({e.name})"
                       for e in entries.values()]
             continue
-        lines.append(f"{kind:<14} {request.requests:>8} {request.failures:>8} {request.requests_per_second:>7.2f}"
+        lines.append(f"{kind:<{width}} {request.requests:>8} {request.failures:>8} {request.requests_per_second:>7.2f}"
                      f"  {triple(REQUEST):>22}  {triple(TTFT):>20}  {triple(ITL):>19}")
     return "\n".join(lines)
 

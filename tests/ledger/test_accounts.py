@@ -86,6 +86,28 @@ def test_holds_reserve_shrink_and_release(accounts: Accounts) -> None:
     accounts.check("acme")
 
 
+def test_stale_holds_are_released_by_age(accounts: Accounts) -> None:
+    from datetime import UTC, datetime
+
+    from sqlmodel import Session, select
+
+    from ledger.models import BalanceHold
+
+    accounts.create("acme")
+    accounts.credit("acme", 1000, "c1")
+    before = datetime.now(UTC)
+    accounts.hold("r1", "acme", 300)
+    accounts.hold("r2", "acme", 200)
+    with Session(accounts.engine) as session:  # written by the hold's own statements, read by the ORM
+        stamps = [hold.created_at for hold in session.exec(select(BalanceHold)).all()]
+    assert all(before <= stamp <= datetime.now(UTC) for stamp in stamps), stamps
+    assert accounts.release_stale_holds(older_than_seconds=3600) == 0
+    assert accounts.balance("acme").held == 500
+    assert accounts.release_stale_holds(older_than_seconds=0) == 2
+    assert accounts.balance("acme").available == 1000
+    accounts.check("acme")
+
+
 def test_concurrent_holds_on_one_account_never_overdraw_it(accounts: Accounts) -> None:
     accounts.create("acme")
     accounts.credit("acme", 1000, "c1")
