@@ -149,7 +149,7 @@ def _hold_on_sqlite(driver: sqlite3.Connection, values: dict[str, Any], amount: 
         if amount > balance - held:
             raise InsufficientCredit(account_id, amount, balance - held)
         driver.execute(_INSERT_HOLD_SQL, values)
-        driver.execute(_SET_HELD_SQL, {"id": account_id, "held": str(held + amount)})
+        driver.execute(_SET_HELD_SQL, {"id": account_id, "held": str(held + amount)})  # TEXT, as Amount binds it
         driver.commit()
     except BaseException:
         driver.rollback()

@@ -304,6 +304,12 @@ class GatewayUser(User):
         return self.models.pick(), self.prompts.choice(PROMPTS)
 
 
+def finished(finish_reason: str | None) -> None:
+    """Raise unless the stream ended with a final message (a finish reason other than `abort`)."""
+    if finish_reason is None or finish_reason == "abort":
+        raise IncompleteStream(f"the stream ended with finish_reason {finish_reason}")
+
+
 class OpenAIUserBase(GatewayUser):
     abstract = True
 
@@ -321,11 +327,22 @@ class OpenAIUserBase(GatewayUser):
         return {"model": model, "prompt": prompt, "max_tokens": SETTINGS.max_tokens,
                 "temperature": SETTINGS.temperature, "extra_body": {"ignore_eos": SETTINGS.ignore_eos}}
 
-
-def finished(finish_reason: str | None) -> None:
-    """Raise unless the stream ended with a final message (a finish reason other than `abort`)."""
-    if finish_reason is None or finish_reason == "abort":
-        raise IncompleteStream(f"the stream ended with finish_reason {finish_reason}")
+    def timed_stream(self, open_stream: Callable[[], Any], text_of: Callable[[Any], str]) -> None:
+        """One streamed request through the SDK: TTFT and ITL from the text of its chunks' choices,
+        then the request entry (failed on an error or a stream without a final finish reason)."""
+        timer = StreamTimer(self.environment, self.kind)
+        try:
+            finish_reason = None
+            with open_stream() as stream:
+                for chunk in stream:
+                    for choice in chunk.choices:
+                        timer.text(text_of(choice))
+                        finish_reason = choice.finish_reason or finish_reason
+            finished(finish_reason)
+        except Exception as exc:
+            timer.done(exc)
+        else:
+            timer.done()
 
 
 class OpenAIStreamingUser(OpenAIUserBase):
@@ -336,19 +353,8 @@ class OpenAIStreamingUser(OpenAIUserBase):
 
     @task
     def stream_completion(self) -> None:
-        timer = StreamTimer(self.environment, self.kind)
-        try:
-            finish_reason = None
-            with self.client.completions.create(stream=True, **self.completion_args()) as stream:
-                for chunk in stream:
-                    for choice in chunk.choices:
-                        timer.text(choice.text)
-                        finish_reason = choice.finish_reason or finish_reason
-            finished(finish_reason)
-        except Exception as exc:
-            timer.done(exc)
-        else:
-            timer.done()
+        self.timed_stream(lambda: self.client.completions.create(stream=True, **self.completion_args()),
+                          lambda choice: choice.text)
 
 
 class OpenAIChatStreamingUser(OpenAIUserBase):
@@ -357,23 +363,15 @@ class OpenAIChatStreamingUser(OpenAIUserBase):
     weight = SETTINGS.weight_openai_chat_stream
     kind = "openai-chat-stream"
 
-    @task
-    def stream_chat(self) -> None:
+    def chat_args(self) -> dict[str, Any]:
         args = self.completion_args()
         args["messages"] = [{"role": "user", "content": args.pop("prompt")}]
-        timer = StreamTimer(self.environment, self.kind)
-        try:
-            finish_reason = None
-            with self.client.chat.completions.create(stream=True, **args) as stream:
-                for chunk in stream:
-                    for choice in chunk.choices:
-                        timer.text(choice.delta.content or "")
-                        finish_reason = choice.finish_reason or finish_reason
-            finished(finish_reason)
-        except Exception as exc:
-            timer.done(exc)
-        else:
-            timer.done()
+        return args
+
+    @task
+    def stream_chat(self) -> None:
+        self.timed_stream(lambda: self.client.chat.completions.create(stream=True, **self.chat_args()),
+                          lambda choice: choice.delta.content or "")
 
 
 class OpenAIUser(OpenAIUserBase):
