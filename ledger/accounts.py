@@ -88,7 +88,7 @@ class Credited:
 
 # The hold path's statements, built once. The first takes the account row's write lock (a row lock on
 # PostgreSQL, the database's write lock on SQLite) so concurrent holds on one account queue up. It
-# writes a non-key column: rewriting the key would make SQLite check every referencing table (0.2 ms)
+# writes a non-key column: rewriting the key would make SQLite check every referencing table
 # and make PostgreSQL block inserts of rows that reference the account.
 _LOCK_SQL = "UPDATE requesteraccount SET held = held WHERE id = :id"
 _READ_SQL = "SELECT balance, held FROM requesteraccount WHERE id = :id"
@@ -127,8 +127,8 @@ def _locked_amounts(connection: Connection, account_id: str) -> tuple[int, int]:
 def _driver_connection(engine: Engine) -> Iterator[Any]:
     """A pooled connection's own DB-API connection (checked out as usual, pre-ping included).
 
-    The hold runs on it: SQLAlchemy's handling of a statement costs about 0.1 ms, more than SQLite
-    takes to run one. A connection PostgreSQL broke is discarded, not returned to the pool."""
+    The hold runs on it: SQLAlchemy's handling of a statement costs more than SQLite takes to run
+    one. A connection PostgreSQL broke is discarded, not returned to the pool."""
     pooled = engine.raw_connection()
     try:
         yield pooled.driver_connection

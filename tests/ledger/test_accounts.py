@@ -76,6 +76,13 @@ def test_holds_reserve_shrink_and_release(accounts: Accounts) -> None:
     assert (refused.value.needed, refused.value.available) == (401, 400)
     with pytest.raises(ValueError, match="already holds"):
         accounts.hold("r1", "acme", 1)
+    with pytest.raises(UnknownAccount, match="no requester account 'ghost'"):
+        accounts.hold("r3", "ghost", 1)
+    with pytest.raises(ValueError, match="cannot be negative"):
+        accounts.hold("r4", "acme", -1)
+    assert accounts.balance("acme").held == 600, "refused holds reserve nothing"
+    accounts.hold("r3", "acme", 0)  # the ids of refused holds are free: nothing of them was stored
+    accounts.release("r3")
     accounts.shrink_hold("r1", 250)  # the request cost less than its worst case
     assert accounts.balance("acme").held == 250
     accounts.shrink_hold("r1", 900)  # a hold never grows
