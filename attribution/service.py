@@ -12,7 +12,15 @@ each document) is read from the ledger's database and cached for `lineage_ttl_se
 adapter trained on a newly published version is attributed without a restart. Adapters that are not
 registered, and the base model, have no lineage: their traces are entirely unattributed. One
 infini-gram engine is opened per distinct lineage and shared by every request of that lineage.
-With n > 1 choices the trace covers the first choice.
+With n > 1 choices every choice is attributed on its own (each continues the same prompt) and the
+trace holds them one after the other (`choice_tokens`).
+
+Billing does not depend on attribution succeeding. The response path first makes a `UsageRecord`
+durable (`record_usage`, attribution/usage_log.py), then submits it here. When attribution fails
+(after `ATTEMPTS` tries; a failed lineage read included) the trace is written anyway with every token
+unattributed, so the existing unattributed policy routes its share. Records left by a replica that
+died before their traces reached the outbox are attributed again by whichever process of the node
+recovers them (at start and every `RECOVER_SECONDS`), as `recovered` traces.
 
 With an outbox (attribution/outbox.py), every trace is also written there durably (fsync'd) on the
 worker thread, for the shipper to deliver to the ledger; the request path only reads `outbox_full()`.
@@ -21,6 +29,7 @@ worker thread, for the shipper to deliver to the ledger; the request path only r
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -34,10 +43,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attribution.attributor import Attributor
+from attribution.attributor import MAX_CONTEXT_TOKENS, Attributor
 from attribution.metrics import AttributionMetrics, attribution_metrics
-from attribution.outbox import Outbox
+from attribution.outbox import TRACE_SUFFIX, Outbox
 from attribution.trace import AttributionTrace, TokenAttribution
+from attribution.usage_log import UsageLog, UsageRecord, recover
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +55,20 @@ TRACES_MAX = 10_000
 OUTBOX_CHECK_SECONDS = 1.0
 ATTRIBUTORS_MAX = 32
 TRACE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+METHOD = "verbatim-span-v1"
+FALLBACK_METHOD = "unattributed-after-failure"  # attribution failed: every token unattributed
+ATTEMPTS = 2
+RETRY_DELAY_SECONDS = 0.5
+RECOVER_SECONDS = 10.0
+CLOSE_WAIT_SECONDS = 4.0
+
+
+def usage_record(trace_id: str, model: str, adapter: str | None, requester: str | None,
+                 prompt_ids: Sequence[int], choices: Sequence[Sequence[int]]) -> UsageRecord:
+    """The usage record of a response (the prompt kept only as far back as attribution reads)."""
+    return UsageRecord(trace_id=trace_id, model=model, adapter=adapter, requester=requester,
+                       prompt_tokens=len(prompt_ids), prompt_tail=tuple(prompt_ids[-MAX_CONTEXT_TOKENS:]),
+                       choices=tuple(tuple(choice) for choice in choices))
 
 
 def _hard_link(source: Path, target: Path) -> bool:
@@ -123,11 +147,16 @@ class AttributionService:
     """Runs attribution for finished generations and keeps their traces."""
 
     def __init__(self, lineages: LedgerLineages, *, trace_dir: Path | None = None, outbox: Outbox | None = None,
-                 workers: int = 1, traces_max: int = TRACES_MAX, metrics: AttributionMetrics | None = None) -> None:
+                 usage_log: UsageLog | None = None, workers: int = 1, traces_max: int = TRACES_MAX,
+                 metrics: AttributionMetrics | None = None, recover_seconds: float = RECOVER_SECONDS,
+                 delay_seconds: float = 0.0) -> None:
         self.lineages = lineages
         self.metrics = metrics or attribution_metrics()
         self.trace_dir = trace_dir
         self.outbox = outbox
+        self.usage_log = usage_log
+        self.delay_seconds = delay_seconds  # a test hook (GatewayConfig.attribution_delay_seconds)
+        self.recovered = 0
         self.traces_max = traces_max
         self._written: deque[Path] = deque()
         if trace_dir is not None:
@@ -137,6 +166,7 @@ class AttributionService:
         self._attributors_lock = threading.Lock()
         self._traces: OrderedDict[str, AttributionTrace] = OrderedDict()
         self._pending: dict[str, asyncio.Future[AttributionTrace]] = {}
+        self._work: set[concurrent.futures.Future[AttributionTrace]] = set()
         self.failures = 0
         self.outbox_failures = 0
         self._outbox_full = False
@@ -144,15 +174,28 @@ class AttributionService:
         if outbox is not None:
             self._outbox_full = outbox.is_full()
             threading.Thread(target=self._watch_outbox, name="outbox-watch", daemon=True).start()
+            if usage_log is not None:
+                threading.Thread(target=self._recover_periodically, args=(recover_seconds,), name="usage-recovery",
+                                 daemon=True).start()
 
-    def submit(self, trace_id: str, model: str, adapter: str | None, prompt_ids: Sequence[int],
-               completion_ids: Sequence[int], requester: str | None = None) -> asyncio.Future[AttributionTrace]:
+    async def record_usage(self, record: UsageRecord) -> None:
+        """Make the response's usage record durable (returns at once without a usage log)."""
+        if self.usage_log is not None:
+            await self.usage_log.durable(record)
+
+    def record_usage_later(self, record: UsageRecord) -> None:
+        """Queue the usage record of a response that did not complete (nobody waits for it)."""
+        if self.usage_log is not None:
+            self.usage_log.append(record)
+
+    def submit(self, record: UsageRecord) -> asyncio.Future[AttributionTrace]:
         """Start attributing a finished generation; the returned future resolves to its trace."""
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self._attribute, trace_id, model, adapter,
-                                      list(prompt_ids), list(completion_ids), requester)
-        self._pending[trace_id] = future
-        future.add_done_callback(lambda done: self._finish(trace_id, done))
+        work = self._executor.submit(self._attribute, record)
+        self._work.add(work)
+        work.add_done_callback(self._work.discard)
+        future = asyncio.wrap_future(work, loop=asyncio.get_running_loop())
+        self._pending[record.trace_id] = future
+        future.add_done_callback(lambda done: self._finish(record.trace_id, done))
         return future
 
     async def get(self, trace_id: str) -> AttributionTrace | None:
@@ -182,11 +225,17 @@ class AttributionService:
     def stats(self) -> dict[str, int]:
         return {"traces_kept": len(self._traces), "traces_pending": len(self._pending),
                 "attribution_failures_total": self.failures, "attribution_indexes_open": len(self._attributors),
-                "outbox_write_failures_total": self.outbox_failures}
+                "outbox_write_failures_total": self.outbox_failures, "usage_records_recovered_total": self.recovered,
+                "usage_records_unsettled": self.usage_log.unsettled() if self.usage_log is not None else 0}
 
-    def close(self) -> None:
+    def close(self, wait_seconds: float = CLOSE_WAIT_SECONDS) -> None:
+        """Stop: attributions already queued get `wait_seconds` to finish; whatever is left stays in the
+        usage log, for the next process on this node to recover."""
         self._closed.set()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown(wait=False, cancel_futures=False)
+        concurrent.futures.wait(list(self._work), timeout=wait_seconds)
+        if self.usage_log is not None:
+            self.usage_log.close()
         with self._attributors_lock:
             for attributor in self._attributors.values():
                 attributor.close()
@@ -202,32 +251,85 @@ class AttributionService:
         while len(self._traces) > self.traces_max:
             self._traces.popitem(last=False)
 
-    def _attribute(self, trace_id: str, model: str, adapter: str | None, prompt_ids: list[int],
-                   completion_ids: list[int], requester: str | None) -> AttributionTrace:
+    def _attribute(self, record: UsageRecord) -> AttributionTrace:
+        if self.delay_seconds:
+            self._closed.wait(self.delay_seconds)
         started = time.perf_counter()
-        lineage = self.lineages.lineage(adapter)
-        if lineage.index_dirs:
-            tokens = self._attributor(lineage.index_dirs).attribute(prompt_ids, completion_ids)
-        else:
-            tokens = [TokenAttribution.unattributed_token(t) for t in completion_ids]
-        trace = AttributionTrace(
-            trace_id=trace_id, model=model, adapter=adapter, requester=requester, prompt_tokens=len(prompt_ids),
-            completion_tokens=len(completion_ids), tokens=tuple(tokens), method="verbatim-span-v1",
-        )
+        trace = self._trace_of(record)
         self.metrics.observe(time.perf_counter() - started, trace.completion_tokens, trace.attributed_fraction)
         queued = self._queue_for_ledger(trace) if self.outbox is not None else None
-        if self.trace_dir is not None and TRACE_ID.match(trace_id):
+        if self.trace_dir is not None and TRACE_ID.match(record.trace_id):
             self._write(trace, queued)
         return trace
 
+    def _trace_of(self, record: UsageRecord, recovered: bool = False) -> AttributionTrace:
+        """The record's trace: attributed (tried `ATTEMPTS` times), else every token unattributed."""
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                return self._attributed(record, METHOD, recovered)
+            except Exception:
+                log.exception("attribution of %s failed (attempt %d of %d)", record.trace_id, attempt, ATTEMPTS)
+                if attempt < ATTEMPTS and not self._closed.wait(RETRY_DELAY_SECONDS):
+                    continue
+                break
+        self.failures += 1
+        return self._attributed(record, FALLBACK_METHOD, recovered)
+
+    def _attributed(self, record: UsageRecord, method: str, recovered: bool) -> AttributionTrace:
+        lineage = self.lineages.lineage(record.adapter) if method == METHOD else Lineage.empty()
+        tokens: list[TokenAttribution] = []
+        for choice in record.choices:
+            if lineage.index_dirs:
+                tokens += self._attributor(lineage.index_dirs).attribute(record.prompt_tail, choice)
+            else:
+                tokens += [TokenAttribution.unattributed_token(t) for t in choice]
+        return AttributionTrace(
+            trace_id=record.trace_id, model=record.model, adapter=record.adapter, requester=record.requester,
+            prompt_tokens=record.prompt_tokens, completion_tokens=len(tokens), tokens=tuple(tokens), method=method,
+            choice_tokens=tuple(len(choice) for choice in record.choices), recovered=recovered,
+        )
+
     def _queue_for_ledger(self, trace: AttributionTrace) -> Path | None:
-        """Write the trace to the outbox durably (its file); admitted requests are written even past the bound."""
+        """Write the trace to the outbox durably (its file); admitted requests are written even past the bound.
+
+        Once it is there, its usage record is settled. When it cannot be written, the record stays in
+        the usage log, and the next process on this node attributes it again.
+        """
         try:
-            return self.outbox.put(trace, admitted=True)  # type: ignore[union-attr]
+            path = self.outbox.put(trace, admitted=True)  # type: ignore[union-attr]
         except (OSError, ValueError):
             self.outbox_failures += 1
-            log.exception("trace %s could not be written to the outbox: it will not be billed", trace.trace_id)
+            log.exception("trace %s could not be written to the outbox; its usage record is kept", trace.trace_id)
             return None
+        if self.usage_log is not None:
+            self.usage_log.settle(trace.trace_id)
+        return path
+
+    # ---- records of dead replicas ----------------------------------------------------------
+    def _recover_periodically(self, every_seconds: float) -> None:
+        while True:
+            try:
+                self._executor.submit(self.recover_orphans).result()
+            except RuntimeError:  # the executor was shut down
+                return
+            except Exception:
+                log.exception("recovering usage records failed; retrying in %.0f s", every_seconds)
+            if self._closed.wait(every_seconds):
+                return
+
+    def recover_orphans(self) -> int:
+        """Attribute the records that dead processes of this node left, and queue their traces."""
+        found = recover(self.usage_log.directory, self._recover_one)  # type: ignore[union-attr]
+        if found:
+            log.warning("recovered %d usage records left by a process that stopped", found)
+        return found
+
+    def _recover_one(self, record: UsageRecord) -> None:
+        outbox: Outbox = self.outbox  # type: ignore[assignment]
+        if (outbox.directory / f"{record.trace_id}{TRACE_SUFFIX}").exists():
+            return  # its trace made it to the outbox before the crash
+        outbox.put(self._trace_of(record, recovered=True), admitted=True)
+        self.recovered += 1
 
     def _write(self, trace: AttributionTrace, queued: Path | None = None) -> None:
         """Publish the trace file atomically; drop this process's oldest beyond `traces_max` (worker thread).

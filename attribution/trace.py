@@ -4,7 +4,13 @@ Guarantees (checked in `__post_init__`, ValueError otherwise):
 - every weight is finite and >= 0, and so is every token's `unattributed` share;
 - per token, the contribution weights plus `unattributed` sum to 1 (within `SUM_TOLERANCE`);
 - a token lists each contribution id at most once;
-- `completion_tokens == len(tokens)`.
+- `completion_tokens == len(tokens)`;
+- with several choices (`n > 1`), `choice_tokens` gives each choice's token count, in order, and sums
+  to `completion_tokens`: `tokens` holds choice 0's tokens, then choice 1's, and so on.
+
+`recovered` marks a trace rebuilt from a durable usage record after its replica died or its first
+attribution failed to reach the outbox (attribution/usage_log.py); the ledger treats such a trace
+as a duplicate when it already holds the id, whatever its content, so a response is billed once.
 
 What a weight means: the share of that token credited to a contribution by the attribution method
 named in `method` (see attribution/policy.py). For the verbatim-span method it measures *overlap*
@@ -81,6 +87,8 @@ class AttributionTrace:
     completion_tokens: int
     tokens: tuple[TokenAttribution, ...]
     method: str
+    choice_tokens: tuple[int, ...] = ()  # per choice; () means one choice of `completion_tokens`
+    recovered: bool = False
 
     def __post_init__(self) -> None:
         if not self.trace_id:
@@ -93,6 +101,18 @@ class AttributionTrace:
             raise ValueError(f"completion_tokens is {self.completion_tokens} but there are {len(self.tokens)} tokens")
         if not all(isinstance(token, TokenAttribution) for token in self.tokens):
             raise ValueError("tokens must be TokenAttribution instances")
+        if self.choice_tokens:
+            if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in self.choice_tokens):
+                raise ValueError(f"choice_tokens must be non-negative ints, got {self.choice_tokens!r}")
+            if sum(self.choice_tokens) != self.completion_tokens:
+                raise ValueError(f"choice_tokens {list(self.choice_tokens)} do not sum to completion_tokens "
+                                 f"{self.completion_tokens}")
+            object.__setattr__(self, "choice_tokens", tuple(self.choice_tokens) if len(self.choice_tokens) > 1 else ())
+
+    @property
+    def choices(self) -> tuple[int, ...]:
+        """Each choice's completion token count (one choice unless `choice_tokens` says otherwise)."""
+        return self.choice_tokens or (self.completion_tokens,)
 
     @property
     def unattributed_fraction(self) -> float:
@@ -124,6 +144,9 @@ class AttributionTrace:
             "trace_id": self.trace_id, "model": self.model, "adapter": self.adapter, "requester": self.requester,
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
             "method": self.method, "tokens": [token.to_dict() for token in self.tokens],
+            # Only when set, so a one-choice trace keeps the content hash it always had.
+            **({"choice_tokens": list(self.choice_tokens)} if len(self.choice_tokens) > 1 else {}),
+            **({"recovered": True} if self.recovered else {}),
         }
 
     @classmethod
@@ -132,6 +155,7 @@ class AttributionTrace:
             trace_id=data["trace_id"], model=data["model"], adapter=data["adapter"], requester=data["requester"],
             prompt_tokens=data["prompt_tokens"], completion_tokens=data["completion_tokens"],
             tokens=tuple(TokenAttribution.from_dict(token) for token in data["tokens"]), method=data["method"],
+            choice_tokens=tuple(data.get("choice_tokens", ())), recovered=bool(data.get("recovered", False)),
         )
 
 

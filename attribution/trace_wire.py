@@ -41,6 +41,10 @@ def trace_to_pb(trace: AttributionTrace) -> ledger_pb2.AttributionTrace:
             for token in trace.tokens
         ],
     )
+    if trace.choice_tokens:
+        message.choice_tokens.extend(trace.choice_tokens)
+    if trace.recovered:
+        message.recovered = True
     if trace.adapter is not None:
         message.adapter = trace.adapter
     if trace.requester is not None:
@@ -60,4 +64,5 @@ def trace_from_pb(message: ledger_pb2.AttributionTrace) -> AttributionTrace:
                              weights=tuple((w.contribution_id, w.weight) for w in token.weights))
             for token in message.tokens
         ),
+        choice_tokens=tuple(message.choice_tokens), recovered=message.recovered,
     )

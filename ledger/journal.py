@@ -3,7 +3,9 @@
 Guarantees (checked in code and in tests, on SQLite and PostgreSQL):
 - ingest is idempotent on trace id: a repeat with the same content (SHA-256 of the canonical JSON)
   is answered `duplicate` with the original entry and posts nothing; the same id with different
-  content is answered `conflict`, recorded in `TraceConflict`, and the stored trace is kept;
+  content is answered `conflict`, recorded in `TraceConflict`, and the stored trace is kept; a
+  `recovered` trace (rebuilt by the gateway from its usage record) whose id is stored is a
+  `duplicate` whatever its content;
 - each accepted trace gets exactly one `JournalEntry(kind="inference", ref=trace id)` whose postings
   sum to zero (ledger/fee_split.py), written in the same transaction as the trace;
 - balances are sums of postings, computed exactly (ledger/amounts.py).
@@ -168,7 +170,7 @@ class Journal:
                 earlier = claimed.get(trace_id)
                 if known is not None or earlier is not None:
                     sha = known[0] if known is not None else earlier
-                    if sha == item.sha:
+                    if sha == item.sha or item.trace.recovered:  # a recovered copy never bills twice
                         results[position] = IngestResult(trace_id, "duplicate", known[1] if known else 0)
                     else:
                         conflicts.append({"trace_id": trace_id, "content_sha256": item.sha, "body": item.body,

@@ -9,7 +9,9 @@ from eth_account import Account
 
 from attribution.index_builder import build_index
 from attribution.outbox import Outbox
-from attribution.service import AttributionService, LedgerLineages, read_trace_file
+from attribution.service import FALLBACK_METHOD, AttributionService, LedgerLineages, read_trace_file, usage_record
+from attribution.trace import AttributionTrace, TokenAttribution
+from attribution.usage_log import UsageLog, UsageRecord
 from ledger.adapters import AdapterRegistry
 from ledger.contribution_content import content_id, normalize, sign_contribution
 from ledger.database import open_database
@@ -37,6 +39,11 @@ def ledger(tmp_path: Path, tokenizer_dir: Path) -> tuple[str, AdapterRegistry]:
     return url, AdapterRegistry(datanets.engine, datanets)
 
 
+def usage(trace_id: str, model: str, adapter: str | None, prompt: list[int], *choices: list[int],
+          requester: str | None = None) -> UsageRecord:
+    return usage_record(trace_id, model, adapter, requester, prompt, choices)
+
+
 def register(adapters: AdapterRegistry, name: str) -> None:
     adapters.register(name, uri="x", base_model="tiny", owner=BOB.address, price_per_1k_tokens=1,
                       lineage=adapters.resolve_lineage(["nature"]), source="trained")
@@ -48,7 +55,7 @@ async def test_regurgitation_is_credited_to_its_contributor(ledger, tokenize) ->
     service = AttributionService(LedgerLineages(url))
     try:
         ids = tokenize(TEXTS[0])
-        trace = await service.submit("cmpl-1", "nature-lora", "nature-lora", ids[:6], ids[6:])
+        trace = await service.submit(usage("cmpl-1", "nature-lora", "nature-lora", ids[:6], ids[6:]))
         assert trace.completion_tokens == len(ids) - 6 and trace.attributed_fraction > 0.8
         assert await service.get("cmpl-1") == trace
         summary = service.summary(trace, "nature-lora")
@@ -66,7 +73,7 @@ async def test_unregistered_adapters_and_the_base_model_are_unattributed(ledger,
     try:
         ids = tokenize(TEXTS[0])
         for adapter in (None, "not-registered"):
-            trace = await service.submit(f"cmpl-{adapter}", "m", adapter, ids[:6], ids[6:])
+            trace = await service.submit(usage(f"cmpl-{adapter}", "m", adapter, ids[:6], ids[6:]))
             assert trace.attributed_fraction == 0 and service.summary(trace, adapter)["contributors"] == []
     finally:
         service.close()
@@ -77,25 +84,25 @@ async def test_a_newly_registered_adapter_is_picked_up_after_the_cache_expires(l
     service = AttributionService(LedgerLineages(url, ttl_seconds=0.0))
     try:
         ids = tokenize(TEXTS[1])
-        before = await service.submit("cmpl-a", "late", "late", ids[:6], ids[6:])
+        before = await service.submit(usage("cmpl-a", "late", "late", ids[:6], ids[6:]))
         register(adapters, "late")
-        after = await service.submit("cmpl-b", "late", "late", ids[:6], ids[6:])
+        after = await service.submit(usage("cmpl-b", "late", "late", ids[:6], ids[6:]))
         assert before.attributed_fraction == 0 and after.attributed_fraction > 0.8
     finally:
         service.close()
 
 
-async def test_failures_are_counted_and_old_traces_are_dropped(ledger, tokenize) -> None:  # type: ignore[no-untyped-def]
+async def test_a_failed_attribution_still_gives_an_unattributed_trace_and_old_traces_are_dropped(ledger, tokenize) -> None:  # type: ignore[no-untyped-def]
     url, adapters = ledger
     register(adapters, "nature-lora")
     service = AttributionService(LedgerLineages(url), traces_max=2)
     try:
-        with pytest.raises(ValueError):
-            await service.submit("cmpl-bad", "m", "nature-lora", [1], [70000])  # not a token of this vocabulary
+        failed = await service.submit(usage("cmpl-bad", "m", "nature-lora", [1], [70000]))  # not in this vocabulary
         assert service.stats()["attribution_failures_total"] == 1
+        assert failed.method == FALLBACK_METHOD and failed.token_ids == [70000] and failed.attributed_fraction == 0
         ids = tokenize(TEXTS[0])
         for i in range(3):
-            await service.submit(f"cmpl-{i}", "m", None, ids[:4], ids[4:])
+            await service.submit(usage(f"cmpl-{i}", "m", None, ids[:4], ids[4:]))
         assert await service.get("cmpl-0") is None and await service.get("cmpl-2") is not None
         assert service.stats()["traces_kept"] == 2
     finally:
@@ -109,7 +116,7 @@ async def test_trace_files_let_another_process_answer_and_stay_bounded(ledger, t
     reader = AttributionService(LedgerLineages(url), trace_dir=traces)  # another replica on the node
     try:
         ids = tokenize(TEXTS[0])
-        written = [await writer.submit(f"cmpl-{i}", "m", None, ids[:4], ids[4:]) for i in range(3)]
+        written = [await writer.submit(usage(f"cmpl-{i}", "m", None, ids[:4], ids[4:])) for i in range(3)]
         assert await reader.get("cmpl-2") == written[2]
         assert await reader.get("cmpl-0") is None, "the writer keeps only its newest traces_max files"
         assert sorted(p.name for p in traces.iterdir()) == ["cmpl-1.json", "cmpl-2.json"]
@@ -126,7 +133,7 @@ async def test_a_queued_trace_is_written_once_and_published_by_a_hard_link(ledge
     service = AttributionService(LedgerLineages(url), trace_dir=tmp_path / "traces", outbox=outbox)
     try:
         ids = tokenize(TEXTS[0])
-        trace = await service.submit("cmpl-1", "nature-guide", "nature-guide", ids[:8], ids[8:])
+        trace = await service.submit(usage("cmpl-1", "nature-guide", "nature-guide", ids[:8], ids[8:]))
         [(trace_id, queued)] = outbox.pending(10)
         published = tmp_path / "traces" / "cmpl-1.json"
         assert trace_id == "cmpl-1" and outbox.read(queued) == trace
@@ -135,3 +142,91 @@ async def test_a_queued_trace_is_written_once_and_published_by_a_hard_link(ledge
         assert read_trace_file(tmp_path / "traces", "cmpl-1") == trace, "look-ups keep working"
     finally:
         service.close()
+
+
+async def test_a_failed_lineage_read_still_bills_the_response_unattributed(tmp_path: Path, tokenize) -> None:  # type: ignore[no-untyped-def]
+    """The ledger's database cannot be read (a lineage look-up fails): the trace still reaches the
+    outbox, every token unattributed, and the usage record is settled."""
+    outbox = Outbox(tmp_path / "outbox")
+    usage_log = UsageLog(tmp_path / "outbox" / "usage")
+    (tmp_path / "ledger.db").write_bytes(b"not a database" * 100)
+    broken = LedgerLineages(f"sqlite:///{tmp_path / 'ledger.db'}")
+    service = AttributionService(broken, outbox=outbox, usage_log=usage_log)
+    try:
+        ids = tokenize(TEXTS[0])
+        billed = usage("cmpl-x", "nature-lora", "nature-lora", ids[:6], ids[6:10], ids[10:12], requester="key_1")
+        await service.record_usage(billed)
+        trace = await service.submit(billed)
+        [(trace_id, path)] = outbox.pending(10)
+        assert trace_id == "cmpl-x" and outbox.read(path) == trace
+        assert trace.method == FALLBACK_METHOD and trace.attributed_fraction == 0
+        assert (trace.prompt_tokens, trace.completion_tokens, trace.choices) == (6, 6, (4, 2))
+        assert trace.requester == "key_1" and service.stats()["attribution_failures_total"] == 1
+        assert usage_log.unsettled() == 0 and list((tmp_path / "outbox" / "usage").glob("*.jsonl")) == []
+    finally:
+        service.close()
+
+
+async def test_every_choice_is_attributed(ledger, tokenize) -> None:  # type: ignore[no-untyped-def]
+    url, adapters = ledger
+    register(adapters, "nature-lora")
+    service = AttributionService(LedgerLineages(url))
+    try:
+        first, second = tokenize(TEXTS[0]), tokenize(TEXTS[1])
+        trace = await service.submit(usage("cmpl-n", "nature-lora", "nature-lora", [], first, second))
+        assert trace.choices == (len(first), len(second)) and trace.token_ids == first + second
+        summary = service.summary(trace, "nature-lora")
+        assert {c["address"] for c in summary["contributors"]} == {ALICE.address, BOB.address}, \
+            "choice 1 recites Bob's text: it is credited too"
+    finally:
+        service.close()
+
+
+WRITER = """
+import sys, time
+from attribution.service import usage_record
+from attribution.usage_log import UsageLog
+log = UsageLog(sys.argv[1])
+log.append(usage_record("cmpl-lost", "m", None, "key_1", [1, 2, 3], [[4, 5], [6]])).result()
+log.append(usage_record("cmpl-shipped", "m", None, "key_1", [1, 2, 3], [[4, 5]])).result()
+print("written", flush=True)
+time.sleep(60)
+"""
+
+
+async def test_records_of_a_killed_replica_are_attributed_again_by_the_next_process(tmp_path: Path, ledger) -> None:  # type: ignore[no-untyped-def]
+    import signal
+    import subprocess
+    import sys
+
+    url, _ = ledger
+    outbox = Outbox(tmp_path / "outbox")
+    usage_dir = tmp_path / "outbox" / "usage"
+    replica = subprocess.Popen([sys.executable, "-c", WRITER, str(usage_dir)], stdout=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert replica.stdout is not None and replica.stdout.readline().strip() == "written"
+    finally:
+        replica.send_signal(signal.SIGKILL)
+        replica.wait(10)
+    shipped = trace_of("cmpl-shipped")
+    outbox.put(shipped)  # this one's trace reached the outbox before the kill
+    service = AttributionService(LedgerLineages(url), outbox=outbox, usage_log=UsageLog(usage_dir),
+                                 recover_seconds=3600)
+    try:
+        assert service.recover_orphans() == 2
+        queued = {trace_id: outbox.read(path) for trace_id, path in outbox.pending(10)}
+        assert queued["cmpl-shipped"] == shipped, "a trace already in the outbox is not attributed again"
+        lost = queued["cmpl-lost"]
+        assert lost.recovered and (lost.prompt_tokens, lost.choices, lost.requester) == (3, (2, 1), "key_1")
+        assert service.stats()["usage_records_recovered_total"] == 1
+        assert list(usage_dir.glob("*.jsonl")) == [] and service.recover_orphans() == 0
+    finally:
+        service.close()
+
+
+def trace_of(trace_id: str) -> AttributionTrace:
+    return AttributionTrace(trace_id=trace_id, model="m", adapter=None, requester="key_1", prompt_tokens=3,
+                            completion_tokens=2, tokens=(TokenAttribution.unattributed_token(4),
+                                                         TokenAttribution.unattributed_token(5)),
+                            method="verbatim-span-v1")

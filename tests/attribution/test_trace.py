@@ -65,3 +65,20 @@ def test_token_id_and_trace_validation() -> None:
         AttributionTrace("", "m", None, None, 0, 0, (), "x")
     with pytest.raises(ValueError):
         AttributionTrace("t", "m", None, None, -1, 0, (), "x")
+
+
+def test_choices_and_the_recovered_mark_survive_json_and_the_wire() -> None:
+    from attribution.trace_wire import canonical_json, trace_from_pb, trace_to_pb
+
+    tokens = tuple(TokenAttribution.unattributed_token(t) for t in (1, 2, 3))
+    two = AttributionTrace(trace_id="t", model="m", adapter=None, requester=None, prompt_tokens=1,
+                           completion_tokens=3, tokens=tokens, method="x", choice_tokens=(2, 1), recovered=True)
+    assert AttributionTrace.from_dict(two.to_dict()) == two == trace_from_pb(trace_to_pb(two))
+    one = AttributionTrace(trace_id="t", model="m", adapter=None, requester=None, prompt_tokens=1,
+                           completion_tokens=3, tokens=tokens, method="x", choice_tokens=(3,))
+    assert one.choices == (3,) and one == trace_from_pb(trace_to_pb(one))
+    assert b"choice_tokens" not in canonical_json(one) and b"recovered" not in canonical_json(one), \
+        "a one-choice trace hashes as it always did"
+    with pytest.raises(ValueError, match="do not sum"):
+        AttributionTrace(trace_id="t", model="m", adapter=None, requester=None, prompt_tokens=1,
+                         completion_tokens=3, tokens=tokens, method="x", choice_tokens=(1, 1))

@@ -103,3 +103,38 @@ def test_balances_statements_and_totals_are_exact_beyond_64_bits(journal: Journa
     assert journal.account_balance("treasury") == totals.by_class["treasury"]
     with pytest.raises(ValueError, match="not an Ethereum address"):
         journal.balance("alice")
+
+
+def test_a_recovered_trace_of_a_stored_id_is_a_duplicate_whatever_its_content(journal: Journal) -> None:
+    """A replica died after its trace was shipped; the usage record was attributed again (differently):
+    the response stays billed once."""
+    first = trace("t-1", [token({CIDS[0]: 1.0})])
+    [accepted] = journal.ingest([first])
+    again = AttributionTrace(**{**first.__dict__, "tokens": (token({}, 1.0),), "recovered": True,
+                                "method": "unattributed-after-failure"})
+    [ack] = journal.ingest([again])
+    assert (ack.status, ack.entry_id) == ("duplicate", accepted.entry_id)
+    totals = journal.totals()
+    assert (totals.traces, totals.entries, totals.conflicts) == (1, 1, 0)
+    record = journal.trace("t-1")
+    assert record is not None and record.trace == first
+    # A recovered trace of an id the ledger never saw is billed like any other.
+    [new] = journal.ingest([AttributionTrace(**{**first.__dict__, "trace_id": "t-2", "recovered": True})])
+    assert new.status == "accepted" and journal.trace("t-2").trace.recovered  # type: ignore[union-attr]
+
+
+def test_every_choice_is_billed_and_credited(journal: Journal) -> None:
+    """n = 2: the fee covers the prompt once and both choices' tokens, as `usage` reports them."""
+    choice_0 = [token({CIDS[0]: 1.0}) for _ in range(3)]
+    choice_1 = [token({CIDS[2]: 1.0}) for _ in range(5)]
+    two = AttributionTrace(trace_id="t-n", model="river-guide", adapter="river-guide", requester=None,
+                           prompt_tokens=10, completion_tokens=8, tokens=tuple(choice_0 + choice_1),
+                           method="verbatim-span-v1", choice_tokens=(3, 5))
+    [ack] = journal.ingest([two])
+    assert ack.status == "accepted"
+    record = journal.trace("t-n")
+    assert record is not None and record.fee == PRICE * (10 + 3 + 5) // 1000
+    assert record.trace.choices == (3, 5)
+    credited = {s.account for s in record.entry.postings if s.role == "contributor"}
+    assert credited == {f"payable:{ALICE.address}", f"payable:{BOB.address}"}
+    assert sum(s.amount for s in record.entry.postings) == 0
