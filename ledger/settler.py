@@ -10,16 +10,24 @@ Each state is written to the database **before** the external action it allows: 
 transaction and its hash are stored before they are sent, so a crash at any point is resumed by
 `advance` without paying twice (the contract also refuses a settled batch id). Before sending, the
 settler looks for a receipt of every attempt it stored, so a transaction that was sent just before a
-crash is recognised. Nonces come from the database (the highest used + 1) checked against the
-chain's pending nonce. A batch counts as paid only `confirmations` blocks deep.
+crash is recognised. A stored transaction the node refuses as underpriced (signed before a crash,
+fees risen since) is signed again with the same nonce. Nonces come from the database (the highest
+used + 1) checked against the chain's pending nonce. A batch counts as paid only `confirmations`
+blocks deep.
+
+`SettlerConfig.pause_after` is a test hook (`GATEWAY_SETTLE_PAUSE_AFTER`, read by `gateway settle`
+only): once a batch's new state is committed, the settler says so on stderr and blocks until it is
+killed, so a test can SIGKILL a real process at that exact state boundary (tests/test_settler_crash.py).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NoReturn
 
 from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
@@ -32,6 +40,9 @@ from ledger.payouts import (CONFIRMED, PAID, PLANNED, SENT, SIGNED, UNFINISHED, 
                             move, plan_batches)
 
 MIN_REPLACEMENT_BUMP_PERCENT = 10  # nodes refuse a same-nonce replacement with a smaller fee increase
+FEE_TOO_LOW = ("less than block base fee", "transaction underpriced", "fee too low", "feetoolow")
+"""How nodes refuse a transaction whose fees are below what they accept now (anvil, geth, Nethermind).
+Not "replacement transaction underpriced": that one names another transaction holding the nonce."""
 
 
 @dataclass(frozen=True)
@@ -43,10 +54,13 @@ class SettlerConfig:
     fee_bump_percent: int = 25
     gas_margin_percent: int = 20
     poll_seconds: float = 0.5
+    pause_after: str | None = None  # test hook: block once a batch's state becomes this one (see the module doc)
 
     def __post_init__(self) -> None:
         if self.confirmations < 1:
             raise ValueError("confirmations must be >= 1")
+        if self.pause_after is not None and self.pause_after not in UNFINISHED:
+            raise ValueError(f"pause_after must be one of {', '.join(UNFINISHED)}")
         if self.fee_bump_percent < MIN_REPLACEMENT_BUMP_PERCENT:
             raise ValueError(f"fee_bump_percent must be >= {MIN_REPLACEMENT_BUMP_PERCENT} (nodes refuse less)")
 
@@ -84,6 +98,8 @@ class Settler:
                                settler=self.chain.settler_address, operator=self.chain.operator)
         for batch in batches:
             self.report(f"[settle] planned batch {batch.id[:10]}…: {batch.payee_count} payees, {batch.total} base units")
+        if batches and self.config.pause_after == PLANNED:
+            pause_forever(PLANNED, batches[0].id)
         return batches
 
     def unfinished(self) -> list[str]:
@@ -126,10 +142,14 @@ class Settler:
             batch = session.get(PayoutBatch, batch_id)
             if batch is None:
                 raise KeyError(batch_id)
+            before = batch.state
             step = {PLANNED: self._sign, SIGNED: self._send, SENT: self._watch, CONFIRMED: self._deepen}.get(batch.state)
             if step is not None:
                 step(session, batch)
-            return batch.state
+            state = batch.state
+        if state != before and state == self.config.pause_after:  # committed by the step, session closed
+            pause_forever(state, batch_id)
+        return state
 
     def _sign(self, session: Session, batch: PayoutBatch, nonce: int | None = None,
               fees: tuple[int, int] | None = None) -> None:
@@ -167,6 +187,16 @@ class Settler:
                         "signing again with a new nonce")
             self._set(session, batch, PLANNED, nonce=None, tx_hash=None)
             return
+        except ChainError as error:
+            reason = str(error).lower()
+            if "replacement" in reason or not any(text in reason for text in FEE_TOO_LOW):
+                raise
+            # Signed long ago (e.g. before a crash) and fees have risen since: the node would refuse it on
+            # every round. Re-sign with the same nonce, so at most one of the batch's attempts can be mined.
+            self.report(f"[settle] batch {batch.id[:10]}…: the node refuses {attempt.tx_hash} as underpriced; "
+                        f"re-signing nonce {batch.nonce} with current fees")
+            self._sign(session, batch, nonce=batch.nonce, fees=self._raised_fees(attempt))
+            return
         attempt.sent_at = utcnow()
         session.add(attempt)
         self._set(session, batch, SENT)
@@ -184,13 +214,16 @@ class Settler:
         waited = (datetime.now(UTC) - latest.sent_at).total_seconds()
         if waited < self.config.stuck_after_seconds:
             return
-        bump = 100 + self.config.fee_bump_percent
-        fees = (latest.max_fee_per_gas * bump // 100 + 1, latest.max_priority_fee_per_gas * bump // 100 + 1)
-        current_fee, current_priority = self.chain.fees()
-        fees = (max(fees[0], current_fee), max(fees[1], current_priority))
         self.report(f"[settle] batch {batch.id[:10]}… stuck for {waited:.0f} s: re-signing nonce {batch.nonce} "
                     f"with fees +{self.config.fee_bump_percent}%")
-        self._sign(session, batch, nonce=batch.nonce, fees=fees)
+        self._sign(session, batch, nonce=batch.nonce, fees=self._raised_fees(latest))
+
+    def _raised_fees(self, latest: PayoutAttempt) -> tuple[int, int]:
+        """Fees for a same-nonce replacement: `latest`'s raised by fee_bump_percent, and at least today's."""
+        bump = 100 + self.config.fee_bump_percent
+        current_fee, current_priority = self.chain.fees()
+        return (max(latest.max_fee_per_gas * bump // 100 + 1, current_fee),
+                max(latest.max_priority_fee_per_gas * bump // 100 + 1, current_priority))
 
     def _deepen(self, session: Session, batch: PayoutBatch) -> None:
         receipt = self.chain.receipt(batch.tx_hash or "")
@@ -260,3 +293,10 @@ class Settler:
         session.add(batch)
         session.commit()
         session.refresh(batch)
+
+
+def pause_forever(state: str, batch_id: str) -> NoReturn:
+    """The `pause_after` test hook: announce the boundary on stderr, then block until the process is killed."""
+    print(f"[settle] paused after {state} (batch {batch_id})", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(3600)
