@@ -13,8 +13,16 @@ Per request, in the engine replica, before the engine sees it:
 4. `finish`: the hold shrinks to the actual cost; the ledger deletes it when it posts the trace (which
    carries the key id, never the key), debiting the account by exactly that fee.
 
+Reads follow ownership (`may_read`, `check_read`, `require_admin`; used by every door):
+
+* a trace (`GET /v1/attributions/{id}`) is readable by the keys of the account whose key made the
+  request (the trace's `requester` key id, mapped to its account) and by admin keys; every other
+  key gets the very 404 of an unknown id, so whether a trace exists is not told;
+* operator views (`/stats`, `/metrics` on the API port) need an admin key: 403 `admin_key_required`
+  for any other key (401 without one).
+
 With auth off (`--no-auth`) every request is anonymous: no limits, no holds, the base `revenue`
-account pays as before.
+account pays as before, and every local client may read every trace, `/stats` and `/metrics`.
 """
 
 from __future__ import annotations
@@ -34,12 +42,14 @@ from ledger.adapters import parse_price
 from ledger.api_keys import ApiKeys
 from ledger.fee_split import fee_for
 from ledger.models import Adapter, AdapterAccess
-from serving.errors import InsufficientQuota, RateLimited, Unauthenticated
+from serving.errors import Forbidden, InsufficientQuota, RateLimited, TraceNotFound, Unauthenticated
 from serving.rate_limits import REASON_REQUEST_LARGER_THAN_TOKENS_PER_MINUTE, RateLimit, RateLimiter, retry_after_header
 
 MISSING_KEY = ("No API key provided: send `Authorization: Bearer <key>` (the local key of `make up` is in "
                "<state>/local-api-key).")
 INVALID_KEY = "The API key is not valid (unknown, malformed or revoked)."
+ADMIN_ONLY = "This is an operator view: it needs an admin key (`gateway keys create --admin`)."
+KEY_ACCOUNTS_MAX = 10_000  # key id -> account look-ups kept (a key never changes account)
 TERMS_SECONDS = 5.0  # prices and private-adapter lists are re-read this often
 
 
@@ -74,6 +84,7 @@ class AccessControl:
         self._default = RateLimit(config.rate_requests_per_second, config.rate_tokens_per_minute)
         self._callers: dict[str, tuple[float, Caller | None]] = {}
         self._terms: tuple[float, dict[str, int], dict[str, frozenset[str]]] | None = None
+        self._key_accounts: dict[str, str] = {}
         self._lock = threading.Lock()
 
     # ---- who ------------------------------------------------------------------------------
@@ -135,6 +146,45 @@ class AccessControl:
             with self._lock:
                 self._terms = terms
         return terms[1], terms[2]
+
+    # ---- who may read what -----------------------------------------------------------------
+    def may_read(self, caller: Caller | None, requester: str | None) -> bool:
+        """Whether `caller` may read a trace whose request was made by key id `requester`: any key of
+        that key's account, and admin keys. A trace without a requester (made with auth off) is for
+        admin keys only. With auth off, anyone may."""
+        if not self.enabled:
+            return True
+        if caller is None:
+            return False
+        if caller.admin or (requester is not None and requester == caller.key_id):
+            return True
+        return requester is not None and self.account_of(requester) == caller.account_id
+
+    def check_read(self, caller: Caller | None, trace_id: str, requester: str | None) -> None:
+        """TraceNotFound — the same error as for an id that does not exist — unless `may_read`."""
+        if not self.may_read(caller, requester):
+            raise TraceNotFound(trace_id)
+
+    def require_admin(self, caller: Caller | None) -> None:
+        """Operator views: Forbidden (403) unless the caller's key is an admin key (nothing with auth off)."""
+        if self.enabled and (caller is None or not caller.admin):
+            raise Forbidden(ADMIN_ONLY)
+
+    def account_of(self, key_id: str) -> str | None:
+        """The account of a key id (revoked keys included), or None for an unknown id. Cached: a key
+        never changes account."""
+        with self._lock:
+            account = self._key_accounts.get(key_id)
+        if account is not None:
+            return account
+        row = self.keys.get(key_id)
+        if row is None:
+            return None
+        with self._lock:
+            if len(self._key_accounts) >= KEY_ACCOUNTS_MAX:
+                self._key_accounts.clear()
+            self._key_accounts[key_id] = row.account_id
+        return row.account_id
 
     # ---- how much -------------------------------------------------------------------------
     def admit(self, caller: Caller | None, request_id: str, adapter: str | None, prompt_tokens: int,

@@ -85,15 +85,18 @@ class EngineReplica:
 
         from attribution.outbox import Outbox
         from attribution.service import AttributionService, LedgerLineages
+        from attribution.usage_log import UsageLog
         from ledger.config import LedgerConfig
         from ledger.database import database_url
 
         self.engine = Engine(self.config, self.engine_config, self.replica.adapters_per_replica)
         ledger = LedgerConfig()
         outbox = Outbox(self.config.outbox_dir, ledger.outbox_max_traces) if ledger.ship else None
+        usage_log = UsageLog(self.config.usage_dir) if outbox is not None and ledger.usage_records else None
         attribution = (
             AttributionService(LedgerLineages(database_url(self.config.state_dir)), trace_dir=self.config.trace_dir,
-                               outbox=outbox)
+                               outbox=outbox, usage_log=usage_log,
+                               delay_seconds=self.config.attribution_delay_seconds)
             if self.config.attribution else None
         )
         from gateway.config import AccessConfig
@@ -156,16 +159,25 @@ class EngineReplica:
         except ApiError as exc:
             return {**exc.to_body(), "status": exc.status}
 
-    async def check_key(self, authorization: str | None) -> dict[str, Any] | None:
-        """None when the key is accepted (or auth is off), else the error body and status."""
+    async def check_key(self, authorization: str | None,
+                        read: tuple[str, str | None] | None = None) -> dict[str, Any] | None:
+        """None when the key is accepted (or auth is off), else the error body and status. With `read`
+        = (trace id, the trace's requester key id): also whether this key may read that trace (the
+        unknown-trace 404 otherwise, see AccessControl.may_read)."""
         try:
-            self.service.authenticate(authorization)
+            caller = self.service.authenticate(authorization)
+            if read is not None and self.service.access is not None:
+                self.service.access.check_read(caller, *read)
         except ApiError as exc:
             return {**exc.to_body(), "status": exc.status}
         return None
 
-    async def stats(self) -> dict[str, Any]:
-        return {"replica": self.replica_id, **self.service.stats()}
+    async def stats(self, authorization: str | None = None) -> dict[str, Any]:
+        """This replica's counters for an admin key, or an error body (`{"error": …, "status": …}`)."""
+        try:
+            return {"replica": self.replica_id, **self.service.stats(self.service.authenticate(authorization))}
+        except ApiError as exc:
+            return {**exc.to_body(), "status": exc.status}
 
     async def handle(self, route: str, body: bytes, authorization: str | None = None) -> AsyncIterator[Any]:
         """Forwarded request: yields (status, headers) first, then response bytes."""
@@ -280,11 +292,13 @@ class Ingress:
     async def attribution(self, trace_id: str, request: Request) -> JSONResponse:
         from attribution.service import read_trace_file
 
-        refused = await self.engine.check_key.remote(request.headers.get("authorization"))
+        trace = read_trace_file(self.trace_dir, trace_id)
+        # One look-up on a replica: the key (401), then whether it may read this trace (the same 404
+        # as an unknown id otherwise); both rules live in serving/access.py.
+        refused = await self.engine.check_key.remote(request.headers.get("authorization"),
+                                                     None if trace is None else (trace_id, trace.requester))
         if refused is not None:
             return JSONResponse(refused, status_code=refused.pop("status"))
-
-        trace = read_trace_file(self.trace_dir, trace_id)
         if trace is None:
             error = TraceNotFound(trace_id)
             return JSONResponse(error.to_body(), status_code=error.status)

@@ -10,7 +10,8 @@
     ├── Overloaded               429 rate_limit_error / overloaded   (gRPC: RESOURCE_EXHAUSTED)
     ├── RateLimited              429 rate_limit_error / rate_limit_exceeded, with retry-after
     ├── EngineUnavailable        503 server_error / engine_unavailable
-    └── AccountingBacklog        503 server_error / outbox_full      (gRPC: UNAVAILABLE)
+    ├── AccountingBacklog        503 server_error / outbox_full      (gRPC: UNAVAILABLE)
+    └── UsageNotRecorded         503 server_error / usage_not_recorded (gRPC: UNAVAILABLE)
 """
 
 from __future__ import annotations
@@ -117,3 +118,11 @@ class AccountingBacklog(ApiError):
     status = 503
     type = "server_error"
     code = "outbox_full"
+
+
+class UsageNotRecorded(ApiError):
+    """The response's usage record could not be made durable, so the response is not completed."""
+
+    status = 503
+    type = "server_error"
+    code = "usage_not_recorded"

@@ -56,13 +56,17 @@ def build_app(service: OpenAIService) -> FastAPI:
         return Response(status_code=200)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        """This replica's Prometheus metrics (ours and vLLM's), also served on its own scrape port."""
+    async def metrics(request: Request) -> Response:
+        """This replica's Prometheus metrics (ours and vLLM's). On the API port they need an admin key
+        (their labels name every adapter, private ones too); Prometheus scrapes the replica's own
+        scrape port, which needs none."""
+        if service.access is not None:
+            service.access.require_admin(caller(request))
         return Response(await asyncio.to_thread(generate_latest), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/stats")
-    async def stats() -> JSONResponse:
-        return JSONResponse(service.stats())
+    async def stats(request: Request) -> JSONResponse:
+        return JSONResponse(service.stats(caller(request)))
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
@@ -92,8 +96,7 @@ def build_app(service: OpenAIService) -> FastAPI:
 
     @app.get("/v1/attributions/{trace_id}")
     async def attribution(trace_id: str, request: Request) -> JSONResponse:
-        caller(request)
-        return JSONResponse(await service.trace(trace_id))
+        return JSONResponse(await service.trace(trace_id, caller(request)))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

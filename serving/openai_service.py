@@ -2,6 +2,12 @@
 
 Everything that can be rejected is rejected before the first byte is sent, so a bad request gets a
 proper status code; an engine failure mid-stream ends the stream with an error event.
+
+A response that reaches its client is billed exactly once: its usage record (every choice's tokens)
+is durable before its last byte leaves (`bill`): the unary body, the stream's finishing chunk (so
+also its usage chunk and `[DONE]`), and on gRPC the final message. Attribution follows off the
+response path. A generation cut short (client gone, engine error) is billed for what it produced,
+without anyone waiting for its record.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from serving.engine import Engine, StepOutput
-from serving.errors import AccountingBacklog, ApiError, ModelNotFound, Overloaded, TraceNotFound
+from serving.errors import AccountingBacklog, ApiError, ModelNotFound, Overloaded, TraceNotFound, UsageNotRecorded
 from serving.metrics import RequestMetrics, request_metrics
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
@@ -98,8 +104,11 @@ class OpenAIService:
         ]
         return {"object": "list", "data": data}
 
-    def stats(self) -> dict[str, Any]:
-        """Live counters for operators and tests: requests in flight, adapters held, traces."""
+    def stats(self, caller: Caller | None = None) -> dict[str, Any]:
+        """Live counters for operators and tests: requests in flight, adapters held (private ones
+        too), traces. An admin key's view: Forbidden for any other key (auth on)."""
+        if self.access is not None:
+            self.access.require_admin(caller)
         return {
             "ongoing_requests": self.ongoing,
             "engine_unfinished_requests": self.engine.unfinished_requests(),
@@ -109,13 +118,36 @@ class OpenAIService:
             **(self.attribution.stats() if self.attribution else {}),
         }
 
-    # ---- attribution --------------------------------------------------------------------
-    def attribute(self, job: Prepared, completion_ids: list[int]) -> asyncio.Future[Any] | None:
-        """Start attributing a finished (or cut short) generation, off the response path."""
+    # ---- billing and attribution -----------------------------------------------------------
+    def _usage_record(self, job: Prepared, choices: list[list[int]]) -> Any:
+        from attribution.service import usage_record
+
+        return usage_record(job.request_id, job.model, job.adapter, job.requester, job.prompt_ids, choices)
+
+    async def bill(self, job: Prepared, choices: list[list[int]]) -> asyncio.Future[Any] | None:
+        """Make the usage record of a completed generation durable, then start its attribution.
+
+        Call it before the response's last byte; UsageNotRecorded when the record could not be written
+        (the response must then not complete; its attribution is started all the same)."""
         if self.attribution is None:
             return None
-        return self.attribution.submit(job.request_id, job.model, job.adapter, job.prompt_ids, completion_ids,
-                                       job.requester)
+        record = self._usage_record(job, choices)
+        try:
+            await self.attribution.record_usage(record)
+        except Exception as error:
+            log.error("usage record of %s could not be written: %s", job.request_id, error)
+            self.attribution.submit(record)
+            raise UsageNotRecorded("the gateway could not record this response's usage durably; it is not "
+                                   "completed (retry shortly)") from None
+        return self.attribution.submit(record)
+
+    def bill_cut_short(self, job: Prepared, choices: list[list[int]]) -> None:
+        """Bill a generation that ended early (client gone, engine error) for the tokens it produced."""
+        if self.attribution is None:
+            return
+        record = self._usage_record(job, choices)
+        self.attribution.record_usage_later(record)
+        self.attribution.submit(record)
 
     async def attribution_summary(self, job: Prepared, pending: asyncio.Future[Any] | None) -> dict[str, Any] | None:
         """The response's `attribution` object (waits for the trace); None when attribution failed."""
@@ -128,11 +160,14 @@ class OpenAIService:
             return None
         return self.attribution.summary(trace, job.adapter)  # type: ignore[union-attr]
 
-    async def trace(self, trace_id: str) -> dict[str, Any]:
-        """The whole per-token trace of a generation served by this replica."""
+    async def trace(self, trace_id: str, caller: Caller | None = None) -> dict[str, Any]:
+        """The whole per-token trace of a generation served by this replica, for the keys of the
+        account that made the request and admin keys; anyone else gets the unknown-trace 404."""
         trace = await self.attribution.get(trace_id) if self.attribution else None
         if trace is None:
             raise TraceNotFound(trace_id)
+        if self.access is not None:
+            self.access.check_read(caller, trace_id, trace.requester)
         return trace.to_dict()
 
     # ---- preparing ----------------------------------------------------------------------
@@ -244,17 +279,22 @@ class OpenAIService:
         texts = [""] * job.n
         finish: list[str | None] = [None] * job.n
         tokens = 0
-        first_choice_ids: list[int] = []
-        async with aclosing(self.steps(job)) as steps:
-            async for step in steps:
-                for delta in step.deltas:
-                    texts[delta.index] += delta.text
-                    tokens += len(delta.token_ids)
-                    if delta.index == 0:
-                        first_choice_ids += delta.token_ids
-                    if delta.finish_reason:
-                        finish[delta.index] = delta.finish_reason
-        pending = self.attribute(job, first_choice_ids)
+        choice_ids: list[list[int]] = [[] for _ in range(job.n)]
+        completed = False
+        try:
+            async with aclosing(self.steps(job)) as steps:
+                async for step in steps:
+                    for delta in step.deltas:
+                        texts[delta.index] += delta.text
+                        tokens += len(delta.token_ids)
+                        choice_ids[delta.index] += delta.token_ids
+                        if delta.finish_reason:
+                            finish[delta.index] = delta.finish_reason
+            completed = True
+        finally:
+            if not completed:
+                self.bill_cut_short(job, choice_ids)
+        pending = await self.bill(job, choice_ids)
         if chat:
             choices = [
                 {"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
@@ -280,8 +320,9 @@ class OpenAIService:
         kind = "chat.completion.chunk" if chat else "text_completion"
         head = {"id": job.request_id, "object": kind, "created": job.created, "model": job.model}
         tokens = 0
-        first_choice_ids: list[int] = []
+        choice_ids: list[list[int]] = [[] for _ in range(job.n)]
         pending: asyncio.Future[Any] | None = None
+        billed = False
         if chat:
             first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(job.n)]
@@ -292,8 +333,7 @@ class OpenAIService:
                     choices = []
                     for delta in step.deltas:
                         tokens += len(delta.token_ids)
-                        if delta.index == 0:
-                            first_choice_ids += delta.token_ids
+                        choice_ids[delta.index] += delta.token_ids
                         if chat:
                             body = {"content": delta.text} if delta.text else {}
                             choices.append({"index": delta.index, "delta": body, "logprobs": None,
@@ -301,15 +341,20 @@ class OpenAIService:
                         else:
                             choices.append({"index": delta.index, "text": delta.text, "logprobs": None,
                                             "finish_reason": delta.finish_reason})
+                    if step.finished:  # the finishing chunk leaves only once the usage is recorded
+                        billed = True
+                        pending = await self.bill(job, choice_ids)
                     yield sse({**head, "choices": choices})
-            pending = self.attribute(job, first_choice_ids)
+            if not billed:  # the engine ended without a finishing step
+                billed = True
+                pending = await self.bill(job, choice_ids)
         except ApiError as exc:
             yield sse(exc.to_body())
             yield DONE
             return
         finally:
-            if pending is None:  # cut short (client gone or error): the tokens sent are attributed too
-                self.attribute(job, first_choice_ids)
+            if not billed:  # cut short (client gone or error): the tokens sent are billed too
+                self.bill_cut_short(job, choice_ids)
         final: dict[str, Any] = {}
         if job.include_usage:
             final["usage"] = self._usage(job, tokens)

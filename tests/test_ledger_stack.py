@@ -30,9 +30,11 @@ SHIPPED_WITHIN_SECONDS = 60.0
 
 
 @pytest.fixture(autouse=True)
-def same_ledger(gateway: GatewayProcess, monkeypatch: pytest.MonkeyPatch) -> None:
-    """CLI commands ask the running stack's ledger, like a user in another terminal."""
+def same_ledger(gateway: GatewayProcess, ledger_service: LedgerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLI commands ask the running stack's ledger, like a user in another terminal (with its token: these
+    commands run outside the ledger's state directory)."""
     monkeypatch.setenv("GATEWAY_LEDGER_PORT", gateway.env["GATEWAY_LEDGER_PORT"])
+    monkeypatch.setenv("GATEWAY_LEDGER_TOKEN", ledger_service.token)
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str, expect: int = 0) -> dict:
@@ -88,6 +90,25 @@ def test_an_inference_is_billed_once_and_split_exactly(client: openai.OpenAI,
     after = cli(capsys, "ledger", "totals")
     assert after["traces"] >= before["traces"] + 1 and after["postings_sum"] == "0"
     assert after["unbalanced_entries"] == 0 and int(after["fees"]) >= int(before["fees"]) + fee
+
+
+def test_every_choice_of_n_is_billed_and_attributed(client: openai.OpenAI, capsys: pytest.CaptureFixture[str]) -> None:
+    """n = 3: `usage` counts every choice's tokens, and so do the trace, the fee and the attribution."""
+    raw = client.completions.with_raw_response.create(model=ADAPTER, prompt=PROMPT, max_tokens=24, n=3,
+                                                      temperature=0)
+    body = raw.parse()
+    assert len(body.choices) == 3
+    record = wait_for_trace(capsys, raw.headers["x-attribution-trace-id"])
+    trace = record["trace"]
+    assert (trace["prompt_tokens"], trace["completion_tokens"]) == (body.usage.prompt_tokens,
+                                                                    body.usage.completion_tokens)
+    assert len(trace["choice_tokens"]) == 3 and sum(trace["choice_tokens"]) == body.usage.completion_tokens
+    assert int(record["fee"]) == DEFAULT_PRICE_PER_1K_TOKENS * body.usage.total_tokens // 1000
+    start = 0
+    for count in trace["choice_tokens"]:  # each choice recites the passage: each is attributed
+        choice = trace["tokens"][start:start + count]
+        start += count
+        assert sum(1 - token["unattributed"] for token in choice) > 0.5 * count, trace["choice_tokens"]
 
 
 def test_cli_errors_are_one_line_with_their_exit_code(capsys: pytest.CaptureFixture[str],

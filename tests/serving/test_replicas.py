@@ -16,6 +16,7 @@ import pytest
 from gateway.inference.v1 import inference_pb2 as pb
 from gateway.inference.v1 import inference_pb2_grpc as pb_grpc
 
+from gateway.cli import main
 from gateway.launcher import GatewayProcess
 from tests.conftest import free_port
 
@@ -184,3 +185,102 @@ def test_each_replica_announces_its_own_scrape_endpoint(two_replicas: GatewayPro
                       if line.startswith("gateway_requests_total{") and 'status="200"' in line)
         assert path.stem == f"engine-{group['labels']['replica']}"
     assert served >= 4, "the replicas' counters add up to the requests they served"
+
+
+def cli(capsys: pytest.CaptureFixture[str], state: Path, *args: str) -> dict:
+    capsys.readouterr()
+    code = main(["--state-dir", str(state), *args, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+def account_key(capsys: pytest.CaptureFixture[str], state: Path, account: str) -> str:
+    """A new account (empty) and a key of it without --admin."""
+    cli(capsys, state, "accounts", "create", account)
+    return cli(capsys, state, "keys", "create", "--account", account)["key"]
+
+
+def as_key(key: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"} if key else {}
+
+
+def test_traces_through_the_ingress_are_read_by_their_account_and_admins_only(
+        capsys: pytest.CaptureFixture[str], two_replicas: GatewayProcess) -> None:
+    state = two_replicas.state_dir
+    member = account_key(capsys, state, "reader")
+    sibling = cli(capsys, state, "keys", "create", "--account", "reader")["key"]
+    outsider = account_key(capsys, state, "stranger")
+    made = httpx.post(f"{two_replicas.base_url}/v1/completions", headers=as_key(member), timeout=120,
+                      json={"model": "demo-adapter-046", "prompt": "The value", "max_tokens": 3})
+    assert made.status_code == 200, made.text
+    trace_id = made.headers["x-attribution-trace-id"]
+    url = f"{two_replicas.base_url}/v1/attributions/{trace_id}"
+    deadline = time.monotonic() + 30
+    while (mine := httpx.get(url, headers=as_key(member), timeout=30)).status_code == 404:
+        assert time.monotonic() < deadline, f"trace {trace_id} never appeared"
+        time.sleep(0.2)  # attribution finishes just after the response
+    assert mine.status_code == 200 and mine.json()["requester"] == f"key_{member.split('-')[1]}"
+    for reader in (sibling, two_replicas.api_key):  # the account's other key; the local admin key
+        assert httpx.get(url, headers=as_key(reader), timeout=30).json() == mine.json()
+    refused = httpx.get(url, headers=as_key(outsider), timeout=30)
+    fake = trace_id[:-8] + "zz000000"
+    unknown = httpx.get(url.replace(trace_id, fake), headers=as_key(outsider), timeout=30)
+    assert refused.status_code == unknown.status_code == 404
+    assert refused.content == unknown.content.replace(fake.encode(), trace_id.encode()), "as if it did not exist"
+    assert httpx.get(url, timeout=30).status_code == 401
+    stats = httpx.get(f"{two_replicas.base_url}/stats", headers=as_key(outsider), timeout=30)
+    assert stats.status_code == 404 and "demo-adapter" not in stats.text, "the ingress serves no /stats"
+
+
+def test_a_private_adapter_is_invisible_to_non_members_through_both_ingresses(
+        capsys: pytest.CaptureFixture[str], two_replicas: GatewayProcess) -> None:
+    from gateway.config import GatewayConfig
+    from gateway.ledger_access import open_registries
+
+    private, fake = "demo-adapter-030", "demo-adapter-999"  # the second exists nowhere
+    state = two_replicas.state_dir
+    config = GatewayConfig(state_dir=state)
+    registries = open_registries(config)  # this stack registers no demo adapters: register one in the store
+    registries.adapters.register(private, uri=f"{config.store_url}/{private}", base_model=config.served_model_name,
+                                 owner="0x" + "ab" * 20, price_per_1k_tokens=0, lineage=[], source="registered")
+    registries.engine.dispose()
+    member = account_key(capsys, state, "insider")
+    outsider = account_key(capsys, state, "outsider")
+    cli(capsys, state, "accounts", "share", "insider", private)
+    time.sleep(6)  # each replica re-reads private adapters every 5 s
+
+    def listed(key: str) -> list[str]:
+        return [m["id"] for m in httpx.get(f"{two_replicas.base_url}/v1/models", headers=as_key(key),
+                                           timeout=30).json()["data"]]
+
+    def ask(key: str, model: str) -> httpx.Response:
+        return httpx.post(f"{two_replicas.base_url}/v1/completions", headers=as_key(key), timeout=120,
+                          json={"model": model, "prompt": "The value", "max_tokens": 3})
+
+    for _ in range(3):  # whichever replica answers
+        assert private in listed(member) and private not in listed(outsider)
+    served = ask(member, private)
+    assert served.status_code == 200, served.text  # now a replica holds it
+    for _ in range(2):
+        refused, unknown = ask(outsider, private), ask(outsider, fake)
+        assert refused.status_code == unknown.status_code == 404
+        assert refused.content == unknown.content.replace(fake.encode(), private.encode())
+    with two_replicas.grpc_channel(outsider) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        assert private not in [m.id for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models]
+        errors = []
+        for model in (private, fake):
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Generate(pb.GenerateRequest(model=model, prompt="x", max_tokens=2), timeout=60)
+            errors.append(error.value)
+        assert errors[0].code() == errors[1].code() == grpc.StatusCode.NOT_FOUND
+        assert errors[0].details() == errors[1].details().replace(fake, private)
+    with two_replicas.grpc_channel(member) as channel:
+        assert private in [m.id for m in pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest()).models]
+    trace_url = f"{two_replicas.base_url}/v1/attributions/{served.headers['x-attribution-trace-id']}"
+    deadline = time.monotonic() + 30
+    while httpx.get(trace_url, headers=as_key(member), timeout=30).status_code == 404:
+        assert time.monotonic() < deadline, "the member's trace never appeared"
+        time.sleep(0.2)
+    assert httpx.get(trace_url, headers=as_key(outsider), timeout=30).status_code == 404
