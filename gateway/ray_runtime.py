@@ -1,0 +1,176 @@
+"""Start and stop the node-local Ray runtime of `gateway up`, with every Ray listener on loopback.
+
+Ray binds its servers (GCS, raylet and object manager, each worker's RPC server, the dashboard and
+runtime-env agents, the metrics servers of the autoscaler monitor and of the dashboard process) to
+the node's IP address. On Linux Ray takes the address of the interface that routes off the
+machine; `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` selects its single-machine mode, in which the node's
+IP is the loopback address. The dashboard's web UI is off unless asked for (then on loopback too).
+Loopback still lets any local user connect, so Ray's token authentication is on as well
+(`RAY_AUTH_MODE=token`) and its token file is kept readable by its owner only. The processes Ray
+starts inherit the environment set here, which also keeps torch's gloo listeners (vLLM's CPU
+process groups, in each engine process) on the loopback interface instead of on the address the
+host name resolves to. What no setting confines is listed in `UNCONFINED_LISTENERS`.
+
+The front doors (`GATEWAY_HOST`) are not Ray's: opening them to the network leaves Ray on loopback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.config import GatewayConfig
+
+LOOPBACK = "127.0.0.1"
+
+# Set (not defaulted) in this process, so every process Ray starts inherits them too.
+RAY_LOOPBACK_ENV: Mapping[str, str] = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # single-machine mode: the node's IP is loopback
+    "RAY_AUTH_MODE": "token",  # every Ray RPC needs the cluster's token
+}
+
+# torch's gloo binds the address the host name resolves to (often the host's own) unless told an
+# interface: the one holding 127.0.0.1 (`GLOO_SOCKET_IFNAME` set by the operator wins).
+GLOO_INTERFACE_ENV = "GLOO_SOCKET_IFNAME"
+
+
+@dataclass(frozen=True)
+class UnconfinedListener:
+    """A listener of the stack that no setting keeps on loopback, and what guards it instead."""
+
+    process: str  # a part of the command line (process title) of the processes that open it
+    reason: str
+    guard: str  # a gRPC method on it that Ray's token authentication refuses without the token
+
+
+# The one list of them: docs/security.md ("What listens where") names each, and
+# tests/test_listeners.py allows exactly these off loopback (one wildcard socket per process, which
+# must refuse a caller without Ray's token).
+UNCONFINED_LISTENERS: tuple[UnconfinedListener, ...] = (
+    UnconfinedListener(
+        process="ray::ServeReplica",
+        reason="Ray Serve starts an inter-deployment gRPC server in every replica and binds it to [::]:0 in "
+               "its code (ray/serve/_private/replica.py); Ray 2.60 has no setting for that address "
+               "(ray-project/ray#64544). Ray's token authentication guards it.",
+        guard="/ray.serve.ASGIService/HandleRequest",
+    ),
+)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1, or IPv4 loopback mapped into IPv6 (::ffff:127.0.0.1: how Ray's gRPC servers show)."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host == "localhost"
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+@dataclass(frozen=True)
+class RayNodeOptions:
+    """What `start_ray` needs; nothing here depends on where the front doors listen."""
+
+    num_cpus: int
+    log_to_driver: bool = False
+    dashboard: bool = False
+    logging_level: int = logging.WARNING
+
+    @classmethod
+    def for_gateway(cls, config: GatewayConfig) -> RayNodeOptions:
+        return cls(num_cpus=config.ray_num_cpus, log_to_driver=config.stream_worker_logs)
+
+    def init_arguments(self) -> dict[str, Any]:
+        """Keyword arguments of `ray.init` for a new node-local cluster on loopback."""
+        return {
+            "address": "local",
+            "num_cpus": self.num_cpus,
+            "include_dashboard": self.dashboard,
+            "dashboard_host": LOOPBACK,
+            "_node_ip_address": LOOPBACK,
+            "logging_level": self.logging_level,
+            "log_to_driver": self.log_to_driver,
+        }
+
+
+def loopback_interface() -> str:
+    """The name of the network interface that holds 127.0.0.1 ("lo" on Linux)."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == LOOPBACK for a in addresses):
+            return name
+    return "lo"
+
+
+def ray_token_file() -> Path | None:
+    """Where Ray reads its token (RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token); None when RAY_AUTH_TOKEN holds it."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    configured = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return Path(configured) if configured else Path.home() / ".ray" / "auth_token"
+
+
+def keep_ray_token_private() -> None:
+    """Create Ray's token file owner-only when missing (Ray would create it world-readable) and take
+    group/other access away from an existing one of ours."""
+    path = ray_token_file()
+    if path is None:
+        return
+    if not path.exists() and "RAY_AUTH_TOKEN_PATH" not in os.environ:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as out:
+            out.write(secrets.token_hex(32))
+        try:
+            os.link(staging, path)  # whole or not at all, and never over a token someone made meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            staging.unlink()
+    if path.exists():
+        info = path.stat()
+        if info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) & 0o077:
+            path.chmod(0o600)
+
+
+def start_ray(options: RayNodeOptions) -> Any:
+    """Start a new single-node Ray cluster on loopback with token auth; returns Ray's node object.
+
+    Fails closed: RuntimeError (and no cluster left running) when Ray would not be on loopback.
+    """
+    os.environ.update(RAY_LOOPBACK_ENV)  # for this process and every process Ray starts
+    os.environ.setdefault(GLOO_INTERFACE_ENV, loopback_interface())
+    keep_ray_token_private()
+    import ray
+    from ray._private import ray_constants
+    from ray._raylet import AuthenticationMode, Config, get_authentication_mode
+
+    # This process may have loaded Ray before the environment said so (`gateway up` imports it
+    # first): Ray read the cluster flag at import and caches its config (the auth mode) when loaded.
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    Config.initialize("")
+    if get_authentication_mode() != AuthenticationMode.TOKEN:
+        raise RuntimeError("Ray's token authentication did not turn on; not starting Ray")
+    ray.init(**options.init_arguments())
+    node = ray._private.worker._global_node
+    if not is_loopback(node.node_ip_address):
+        ray.shutdown()
+        raise RuntimeError(f"Ray chose node address {node.node_ip_address}, not loopback; stopped it")
+    return node
+
+
+def stop_ray() -> None:
+    """Stop the node-local cluster (and every process Ray started); nothing happens when none runs."""
+    import ray
+
+    ray.shutdown()

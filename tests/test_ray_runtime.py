@@ -1,0 +1,149 @@
+"""Ray as `gateway up` starts it (gateway/ray_runtime.py): on loopback whatever the front doors do, with
+token authentication that the environment cannot turn off, and its token file private."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from gateway.config import GatewayConfig
+from gateway.ray_runtime import LOOPBACK, RAY_LOOPBACK_ENV, RayNodeOptions, is_loopback, keep_ray_token_private
+from tests.test_listeners import codes_without_token, listeners_of, process_tree
+
+REPO = Path(__file__).resolve().parents[1]
+
+# `gateway up` imports Ray before it starts it; the engine's CPU process groups are torch gloo groups.
+NODE_SCRIPT = textwrap.dedent("""
+    import json, os, sys, tempfile
+    import ray
+    from gateway.config import GatewayConfig
+    from gateway.ray_runtime import RayNodeOptions, start_ray, stop_ray
+
+    node = start_ray(RayNodeOptions.for_gateway(GatewayConfig()))
+
+    @ray.remote(num_cpus=0)
+    class ProcessGroupOwner:
+        def start(self):
+            import torch.distributed as dist
+            store = os.path.join(tempfile.mkdtemp(), "store")
+            dist.init_process_group("gloo", init_method=f"file://{store}", world_size=1, rank=0)
+            return os.getpid()
+
+    owner = ProcessGroupOwner.remote()
+    pid = ray.get(owner.start.remote())
+    print(json.dumps({"node_ip": node.node_ip_address, "gloo_pid": pid}), flush=True)
+    sys.stdin.read()
+    stop_ray()
+""")
+
+
+def off_machine_address() -> str | None:
+    """An IPv4 address of this machine that is not loopback (None when it has none)."""
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not is_loopback(address.address):
+                return address.address
+    return None
+
+
+def host_name_resolving_off_loopback() -> list[str]:
+    """A command prefix that runs a program with a host name resolving to this machine's non-loopback
+    address (as on most servers, where gloo would then listen on it); [] when that is not possible."""
+    address = off_machine_address()
+    unshare = shutil.which("unshare")
+    if address is None or unshare is None:
+        return []
+    probe = subprocess.run([unshare, "--uts", "true"], capture_output=True)
+    if probe.returncode != 0:  # needs privileges
+        return []
+    return [unshare, "--uts", "sh", "-c", f'hostname {address} && exec "$@"', "sh"]
+
+
+def test_opening_the_front_doors_leaves_ray_on_loopback() -> None:
+    arguments = RayNodeOptions.for_gateway(GatewayConfig(host="0.0.0.0")).init_arguments()
+    assert arguments["_node_ip_address"] == LOOPBACK
+    assert arguments["dashboard_host"] == LOOPBACK
+    assert arguments["include_dashboard"] is False
+    assert arguments["address"] == "local"  # a new node-local cluster, never someone else's
+    assert "0.0.0.0" not in json.dumps(arguments, default=str)
+    assert RAY_LOOPBACK_ENV == {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+
+
+def test_a_node_started_with_the_network_settings_open_listens_on_loopback_only() -> None:
+    """A real Ray node started by the module with GATEWAY_HOST=0.0.0.0 and an environment asking Ray
+    for the opposite (cluster mode, auth off), under a host name that resolves off loopback."""
+    env = {key: value for key, value in os.environ.items() if key != "GLOO_SOCKET_IFNAME"}
+    env.update(GATEWAY_HOST="0.0.0.0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", RAY_AUTH_MODE="disabled",
+               PYTHONPATH=str(REPO))
+    prefix = host_name_resolving_off_loopback()
+    node = subprocess.Popen([*prefix, sys.executable, "-c", NODE_SCRIPT], cwd=REPO, env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert node.stdout is not None and node.stdin is not None
+        line = node.stdout.readline()
+        assert line, f"the Ray node did not start (exit code {node.poll()})"
+        started = json.loads(line)
+        processes = process_tree(node.pid)  # `unshare` and `sh` exec the interpreter: same pid
+        listeners = listeners_of(processes)
+        names = {process.name() for process in processes}
+        assert {"gcs_server", "raylet"} <= names, names
+        gloo = [listener for listener in listeners if listener.pid == started["gloo_pid"]]
+        assert gloo, "the process group opened no listener: the check would prove nothing"
+        exposed = [str(listener) for listener in listeners if not is_loopback(listener.ip)]
+        assert not exposed, "listening off loopback:\n" + "\n".join(exposed)
+        assert started["node_ip"] == LOOPBACK
+        gcs = [listener for listener in listeners if "gcs_server" in listener.command]
+        assert gcs and all(grpc.StatusCode.UNAUTHENTICATED in codes_without_token(listener.port)
+                           for listener in gcs), "the GCS answers without the cluster's token"
+    finally:
+        if node.stdin:
+            node.stdin.close()
+        try:
+            node.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(node.pid, 9)
+            node.wait()
+    assert node.returncode == 0
+
+
+@pytest.fixture()
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    return tmp_path
+
+
+def test_a_missing_token_is_created_readable_by_its_owner_only(home: Path) -> None:
+    keep_ray_token_private()
+    token = home / ".ray" / "auth_token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert len(bytes.fromhex(token.read_text())) == 32
+    assert [path.name for path in token.parent.iterdir()] == ["auth_token"]  # no staging file left
+
+
+def test_an_existing_token_loses_group_and_other_access_and_keeps_its_value(home: Path) -> None:
+    token = home / ".ray" / "auth_token"
+    token.parent.mkdir()
+    token.write_text("ab" * 32)
+    token.chmod(0o644)
+    keep_ray_token_private()
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert token.read_text() == "ab" * 32
+
+
+def test_a_token_given_in_the_environment_writes_no_file(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "cd" * 32)
+    keep_ray_token_private()
+    assert not (home / ".ray").exists()
