@@ -15,8 +15,9 @@ infini-gram engine is opened per distinct lineage and shared by every request of
 With n > 1 choices every choice is attributed on its own (each continues the same prompt) and the
 trace holds them one after the other (`choice_tokens`).
 
-Billing does not depend on attribution succeeding. The response path first makes a `UsageRecord`
-durable (`record_usage`, attribution/usage_log.py), then submits it here. When attribution fails
+Billing does not depend on attribution succeeding. The response path queues a `UsageRecord`
+(`record_usage`, attribution/usage_log.py) and submits it here, then waits for the record to be
+durable before the response's last byte. When attribution fails
 (after `ATTEMPTS` tries; a failed lineage read included) the trace is written anyway with every token
 unattributed, so the existing unattributed policy routes its share. Records left by a replica that
 died before their traces reached the outbox are attributed again by whichever process of the node
@@ -178,15 +179,9 @@ class AttributionService:
                 threading.Thread(target=self._recover_periodically, args=(recover_seconds,), name="usage-recovery",
                                  daemon=True).start()
 
-    async def record_usage(self, record: UsageRecord) -> None:
-        """Make the response's usage record durable (returns at once without a usage log)."""
-        if self.usage_log is not None:
-            await self.usage_log.durable(record)
-
-    def record_usage_later(self, record: UsageRecord) -> None:
-        """Queue the usage record of a response that did not complete (nobody waits for it)."""
-        if self.usage_log is not None:
-            self.usage_log.append(record)
+    def record_usage(self, record: UsageRecord) -> concurrent.futures.Future[None] | None:
+        """Queue the response's usage record; the future resolves once it is durable (None: no usage log)."""
+        return self.usage_log.append(record) if self.usage_log is not None else None
 
     def submit(self, record: UsageRecord) -> asyncio.Future[AttributionTrace]:
         """Start attributing a finished generation; the returned future resolves to its trace."""

@@ -16,7 +16,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -126,8 +126,8 @@ class _Window:
 class TraceShipper:
     """One daemon thread moving traces from an `Outbox` to the ledger at `target`."""
 
-    def __init__(self, outbox: Outbox, target: str, *, token: str | None = None, batch_size: int = 64,
-                 window: int = 4, poll_seconds: float = 0.2, backoff_initial: float = 0.5,
+    def __init__(self, outbox: Outbox, target: str, *, token: str | Callable[[], str] | None = None,
+                 batch_size: int = 64, window: int = 4, poll_seconds: float = 0.2, backoff_initial: float = 0.5,
                  backoff_max: float = 30.0) -> None:
         if batch_size < 1 or window < 1:
             raise ValueError(f"batch_size and window must be >= 1, got {batch_size} and {window}")
@@ -140,7 +140,7 @@ class TraceShipper:
         self.poll_seconds = poll_seconds
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._token = token  # or a function read before each stream: the token file may appear or change
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._stream: _IngestStream | None = None
@@ -201,7 +201,7 @@ class TraceShipper:
             self._stop.wait(self._next_backoff_seconds())
 
     def _ship_on_one_stream(self) -> None:
-        stream = _IngestStream(self.target, self._metadata)
+        stream = _IngestStream(self.target, self._call_metadata())
         self._stream = stream
         window = _Window()
         ready_at: float | None = None
@@ -231,6 +231,13 @@ class TraceShipper:
         finally:
             self._stream = None
             stream.close()
+
+    def _call_metadata(self) -> tuple[tuple[str, str], ...] | None:
+        try:
+            token = self._token() if callable(self._token) else self._token
+        except (LookupError, ValueError) as error:  # no token yet (ledger not started) or a damaged one
+            raise StreamBroken(str(error)) from None
+        return (("authorization", f"Bearer {token}"),) if token else None
 
     def _fill(self, stream: _IngestStream, window: _Window) -> bool:
         """Send the oldest traces not in flight, up to the window; True when more may be waiting."""

@@ -21,7 +21,6 @@ files are deleted. A record whose trace reached the ledger before the crash come
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import fcntl
 import json
@@ -104,10 +103,6 @@ class UsageLog:
             self._cond.notify()
         return done
 
-    async def durable(self, record: UsageRecord) -> None:
-        """Return once `record` is on disk (OSError when it could not be written)."""
-        await asyncio.wrap_future(self.append(record))
-
     def settle(self, trace_id: str) -> None:
         """The trace of `trace_id` is durably in the outbox: its record is no longer needed."""
         with self._cond:
@@ -158,7 +153,7 @@ class UsageLog:
                         self._queued.discard(record.trace_id)
                         self._settled_early.discard(record.trace_id)
                 for _, done in batch:
-                    done.set_exception(error)
+                    _resolve(done, error)
                 continue
             self.batches_written += 1
             with self._cond:
@@ -175,7 +170,16 @@ class UsageLog:
             if not ids:
                 path.unlink(missing_ok=True)
             for _, done in batch:
-                done.set_result(None)
+                _resolve(done)
+
+
+def _resolve(done: concurrent.futures.Future[None], error: BaseException | None = None) -> None:
+    """Settle a waiter's future (one its waiter cancelled is left as it is)."""
+    if done.set_running_or_notify_cancel():
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
 
 
 def _write_batch(path: Path, records: Sequence[UsageRecord]) -> None:

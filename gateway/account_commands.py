@@ -1,8 +1,10 @@
-"""`gateway accounts create|list|balance|credit` and `gateway keys create|list|revoke` (operator commands).
+"""`gateway accounts create|list|balance|credit|share` and `gateway keys bootstrap|create|list|revoke`.
 
 They work on the ledger's database of the state directory (or `DATABASE_URL`). Amounts are integer
 base units of the payout token, printed as strings in `--json`. A key's secret is printed once, by
-`keys create`, and never again.
+`keys create`, and never again. All but `accounts balance` and `keys bootstrap` need an admin key
+(gateway/admin_access.py); `keys bootstrap` creates the first one, the local admin key in
+`<state>/local-api-key`, as `gateway up` does at its first start.
 """
 
 from __future__ import annotations
@@ -126,6 +128,27 @@ def cmd_key_list(config: GatewayConfig, args: argparse.Namespace) -> None:
         or "no keys")
 
 
+def cmd_key_bootstrap(config: GatewayConfig, args: argparse.Namespace) -> None:
+    import sys
+
+    from gateway.admin_access import (LOCAL_ACCOUNT, create_local_key, describe_new_local_key, local_key_path,
+                                      local_key_problem)
+    from gateway.config import AccessConfig
+
+    path = local_key_path(config)
+    try:
+        key = create_local_key(config, AccessConfig().local_credit)
+    except FileExistsError:
+        if (problem := local_key_problem(config)) is not None:
+            raise CommandError(problem) from None
+        emit(args, {"created": False, "account": LOCAL_ACCOUNT, "path": str(path)},
+             lambda p: f"the local admin key is in {p['path']} (nothing created)")
+        return
+    payload = {"created": True, "id": key.key_id, "account": LOCAL_ACCOUNT, "credit": str(key.credit),
+               "path": str(path)}  # never the key: the file holds it
+    emit(args, payload, lambda _: describe_new_local_key(key, sys.stdout))
+
+
 def cmd_key_revoke(config: GatewayConfig, args: argparse.Namespace) -> None:
     from ledger.api_keys import ApiKeys
 
@@ -164,6 +187,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
     keys = commands.add_parser("keys", help="API keys of requester accounts")
     group = keys.add_subparsers(dest="keys_command", required=True)
+    _command(group, "bootstrap", "create the local admin key in <state>/local-api-key if it does not exist (as "
+             "`gateway up` does at first start); no admin key needed", cmd_key_bootstrap)
     create = _command(group, "create", "create a key (printed once)", cmd_key_create)
     create.add_argument("--account", required=True)
     create.add_argument("--name", default="", help="a label for people")
@@ -172,5 +197,5 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--tokens-per-minute", type=int, help="rate limit (default: the gateway's)")
     listing = _command(group, "list", "keys (ids, never secrets)", cmd_key_list)
     listing.add_argument("--account")
-    revoke = _command(group, "revoke", "revoke a key at once", cmd_key_revoke)
+    revoke = _command(group, "revoke", "revoke a key at once (never the last live admin key)", cmd_key_revoke)
     revoke.add_argument("key_id")

@@ -121,6 +121,9 @@ class GatewayConfig(BaseSettings):
     attribution: bool = Field(
         True, description="Attribute every inference (off only to measure its cost: no traces, so nothing is billed)."
     )
+    attribution_delay_seconds: float = Field(
+        0.0, ge=0, le=60, description="Fault-injection hook for tests: hold each attribution this long before it "
+        "starts, so that a crash lands while responses are delivered but not yet attributed. Keep 0.")
     demo_datanets: bool = Field(
         True, description="On first start, create the demo datanets and train an adapter on each (a few minutes)."
     )
@@ -142,6 +145,11 @@ class GatewayConfig(BaseSettings):
     def outbox_dir(self) -> Path:
         """Traces written durably when an inference completes, until the ledger acknowledges them."""
         return (self.state_dir / "outbox").resolve()
+
+    @property
+    def usage_dir(self) -> Path:
+        """Usage records of responses whose traces are not yet in the outbox (attribution/usage_log.py)."""
+        return self.outbox_dir / "usage"
 
     @property
     def cache_dir(self) -> Path:

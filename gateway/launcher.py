@@ -1,4 +1,8 @@
-"""Start and stop a `gateway up` process, as a user would (used by the tests and the benchmarks)."""
+"""Start and stop a `gateway up` process, as a user would (used by the tests and the benchmarks).
+
+Its output goes to a log file (owner-only, `<state>/gateway.log` by default). That is not a terminal,
+so `gateway up` never prints the local admin key there: it names `<state>/local-api-key` instead.
+"""
 
 from __future__ import annotations
 
@@ -117,7 +121,7 @@ class GatewayProcess:
         gateway = Path(sys.executable).with_name("gateway")
         log_path = self.log_path or self.state_dir / "gateway.log"
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "ab")
+        self._log = open_private_log(log_path)
         env = {**os.environ, **self.env}
         self.process = subprocess.Popen(
             [str(gateway), "--state-dir", str(self.state_dir), "up", "--http-port", str(self.http_port),
@@ -147,6 +151,11 @@ class GatewayProcess:
         interrupt_and_wait(self.process)
         self._log.close()
         return self.process.returncode
+
+
+def open_private_log(path: Path) -> Any:
+    """`path` opened for appending, created readable by its owner only."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
 
 
 def _with_bearer(details: Any, key: str) -> Any:

@@ -1,7 +1,9 @@
 """`gateway ledger serve|balance|statement|trace|totals`.
 
-`serve` runs the ledger service in this process until Ctrl-C/SIGTERM. The other commands ask the
-running service over gRPC (GATEWAY_LEDGER_ADDRESS, default 127.0.0.1:50051). Amounts are integer
+`serve` runs the ledger service in this process until Ctrl-C/SIGTERM; it owns the API token
+(`<state>/ledger-token`, generated at its first start, or GATEWAY_LEDGER_TOKEN). The other commands
+ask the running service over gRPC (GATEWAY_LEDGER_ADDRESS, default 127.0.0.1:50051) with that
+token, read from the state directory or the environment. Amounts are integer
 base units of the payout token, printed as decimal strings (they exceed what JSON numbers hold
 exactly).
 """
@@ -33,34 +35,42 @@ def cmd_serve(config: GatewayConfig, args: argparse.Namespace) -> None:
     from gateway.metrics_endpoint import serve_metrics
     from ledger.database import database_url, open_database
     from ledger.journal import Journal
+    from ledger.ledger_token import (TOKEN_ENV, LedgerTokenInvalid, configured_token, ensure_ledger_token,
+                                     token_path)
     from ledger.metrics import SettlementCollector
     from ledger.service import start_server
 
     ledger = LedgerConfig()
     host = args.host or ledger.host
     port = args.port or ledger.port
+    try:
+        token = ensure_ledger_token(config.state_dir)
+    except LedgerTokenInvalid as error:
+        raise CommandError(str(error)) from None
     url = database_url(config.state_dir)
     progress(f"[ledger] database {_redacted(url)} (migrating to the newest schema if needed)")
     journal = Journal(open_database(url), ledger.fee_split())
-    try:
-        server = start_server(journal, host, port, token=ledger.token_value())
-    except ValueError as error:
-        raise CommandError(str(error)) from None
-    REGISTRY.register(SettlementCollector(journal))
-    metrics = serve_metrics(host, ledger.metrics_port, state_dir=config.state_dir, target_name=f"ledger-{port}")
-    policy = journal.policy
-    progress(f"[ledger] listening on {host}:{port}; fee split contributors {policy.contributors_bps / 100:g}% "
-             f"/ adapter owner {policy.owner_bps / 100:g}% / treasury {policy.treasury_bps / 100:g}%; "
-             f"metrics at {metrics.url}; Ctrl-C stops")
+    server = start_server(journal, host, port, token=token)
+    metrics = None
     stopped = threading.Event()
-    threading.Thread(target=_release_stale_holds, args=(journal.engine, stopped), name="stale-holds",
-                     daemon=True).start()
-    try:
+    try:  # from here on a SIGTERM (KeyboardInterrupt) stops the server cleanly, also while starting
+        source = TOKEN_ENV if configured_token() is not None else f"the owner-only file {token_path(config.state_dir)}"
+        progress(f"[ledger] every call but health needs the API token of {source}")
+        REGISTRY.register(SettlementCollector(journal))
+        metrics = serve_metrics(host, ledger.metrics_port, state_dir=config.state_dir, target_name=f"ledger-{port}")
+        policy = journal.policy
+        progress(f"[ledger] listening on {host}:{port}; fee split contributors {policy.contributors_bps / 100:g}% "
+                 f"/ adapter owner {policy.owner_bps / 100:g}% / treasury {policy.treasury_bps / 100:g}%; "
+                 f"metrics at {metrics.url}; Ctrl-C stops")
+        threading.Thread(target=_release_stale_holds, args=(journal.engine, stopped), name="stale-holds",
+                         daemon=True).start()
         stopped.wait()
     except KeyboardInterrupt:
         progress("[ledger] stopping")
     finally:
-        metrics.close()
+        stopped.set()
+        if metrics is not None:
+            metrics.close()
         server.stop(grace=2.0).wait()
         journal.engine.dispose()
     progress("[ledger] stopped")
@@ -89,10 +99,14 @@ def _redacted(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def _call(method: str, request: Any) -> Any:
+def _call(config: GatewayConfig, method: str, request: Any) -> Any:
+    from ledger.ledger_token import LedgerTokenInvalid, LedgerTokenMissing, bearer_metadata, read_ledger_token
+
     ledger = LedgerConfig()
-    token = ledger.token_value()
-    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    try:
+        metadata = bearer_metadata(read_ledger_token(config.state_dir))
+    except (LedgerTokenMissing, LedgerTokenInvalid) as error:
+        raise CommandError(f"{error} (asking the ledger at {ledger.target})") from None
     with grpc.insecure_channel(ledger.target) as channel:
         stub = ledger_pb2_grpc.LedgerStub(channel)
         try:
@@ -102,8 +116,11 @@ def _call(method: str, request: Any) -> Any:
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise CommandError(f"the ledger service at {ledger.target} is not answering; start it with "
                                    "`gateway ledger serve` (or `make up`)", EXIT_FAILED) from None
-            exit_code = EXIT_BAD_INPUT if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-                                                   grpc.StatusCode.UNAUTHENTICATED) else EXIT_FAILED
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                raise CommandError(f"the ledger at {ledger.target} refused the token ({error.details()}): use the "
+                                   "state directory of that ledger, or set GATEWAY_LEDGER_TOKEN to its token") from None
+            exit_code = EXIT_BAD_INPUT if code in (grpc.StatusCode.INVALID_ARGUMENT,
+                                                   grpc.StatusCode.NOT_FOUND) else EXIT_FAILED
             raise CommandError(error.details() or code.name, exit_code) from None
 
 
@@ -113,11 +130,12 @@ def _balance_json(balance: ledger_pb2.Balance) -> dict[str, str]:
 
 def cmd_balance(config: GatewayConfig, args: argparse.Namespace) -> None:
     if args.address.startswith("0x") or args.address.startswith("0X"):
-        payload: dict[str, Any] = _balance_json(_call("GetBalance", ledger_pb2.GetBalanceRequest(address=args.address)))
+        request = ledger_pb2.GetBalanceRequest(address=args.address)
+        payload: dict[str, Any] = _balance_json(_call(config, "GetBalance", request))
         emit(args, payload, lambda p: f"{p['address']}: payable {p['payable']}, pending {p['pending']}, "
                                       f"paid {p['paid']} (base units)")
         return
-    balance = _call("GetBalance", ledger_pb2.GetBalanceRequest(account=args.address))
+    balance = _call(config, "GetBalance", ledger_pb2.GetBalanceRequest(account=args.address))
     emit(args, {"account": balance.subject, "amount": balance.amount},
          lambda p: f"{p['account']}: {p['amount']} (base units)")
 
@@ -125,8 +143,8 @@ def cmd_balance(config: GatewayConfig, args: argparse.Namespace) -> None:
 def cmd_statement(config: GatewayConfig, args: argparse.Namespace) -> None:
     if not 1 <= args.limit <= 10_000 or args.before < 0:
         raise CommandError("--limit must be in 1..10000 and --before a non-negative entry id")
-    statement = _call("GetStatement", ledger_pb2.GetStatementRequest(address=args.address, limit=args.limit,
-                                                                     before_entry_id=args.before))
+    statement = _call(config, "GetStatement", ledger_pb2.GetStatementRequest(
+        address=args.address, limit=args.limit, before_entry_id=args.before))
     lines = [{"entry_id": line.entry_id, "kind": line.kind, "ref": line.ref, "account": line.account,
               "role": line.role, "amount": line.amount, "created_at": line.created_at,
               **({"tx_hash": line.tx_hash or None, "traces": list(line.traces)} if line.kind.startswith("payout_")
@@ -147,7 +165,7 @@ def cmd_statement(config: GatewayConfig, args: argparse.Namespace) -> None:
 
 
 def cmd_trace(config: GatewayConfig, args: argparse.Namespace) -> None:
-    record = _call("GetTrace", ledger_pb2.GetTraceRequest(trace_id=args.trace_id))
+    record = _call(config, "GetTrace", ledger_pb2.GetTraceRequest(trace_id=args.trace_id))
     from attribution.trace_wire import trace_from_pb
 
     entry = record.entry
@@ -170,7 +188,7 @@ def cmd_trace(config: GatewayConfig, args: argparse.Namespace) -> None:
 
 
 def cmd_totals(config: GatewayConfig, args: argparse.Namespace) -> None:
-    totals = _call("GetTotals", ledger_pb2.GetTotalsRequest())
+    totals = _call(config, "GetTotals", ledger_pb2.GetTotalsRequest())
     payload = MessageToDict(totals, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     for field in ("traces", "entries", "postings", "conflicts", "completion_tokens", "attributed_tokens",
                   "unbalanced_entries"):

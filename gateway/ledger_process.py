@@ -1,7 +1,10 @@
 """Run `gateway ledger serve` as a child process: started by `gateway up`, and by tests that stop it.
 
-`ledger_answers` asks the standard gRPC health service, so a ledger someone else runs on the
-address (another `gateway up`, an operator's service) is used as it is and left alone.
+`ledger_answers` asks the standard gRPC health service (the one call the ledger answers without
+its token), so a ledger someone else runs on the address (another `gateway up`, an operator's
+service) is used as it is and left alone. Every other call needs the ledger's token: `token` is the
+one this child requires (its GATEWAY_LEDGER_TOKEN, else `<state>/ledger-token`, which it writes at
+its first start).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.launcher import open_private_log
 
 START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 15.0
@@ -47,10 +52,26 @@ class LedgerProcess:
     def target(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def token(self) -> str:
+        """The token its calls need (LedgerTokenMissing before its first start)."""
+        from ledger.ledger_token import TOKEN_ENV, check_token, read_ledger_token
+
+        if self.env.get(TOKEN_ENV):
+            return check_token(self.env[TOKEN_ENV], TOKEN_ENV)
+        return read_ledger_token(self.state_dir)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """gRPC call metadata with the token."""
+        from ledger.ledger_token import bearer_metadata
+
+        return bearer_metadata(self.token)
+
     def start(self, timeout: float = START_TIMEOUT_SECONDS) -> LedgerProcess:
         """Start it and wait until it answers; RuntimeError (with the log's tail) when it does not."""
         gateway = Path(sys.executable).with_name("gateway")
-        output = open(self.log_file, "ab") if self.log_file else None
+        output = open_private_log(self.log_file) if self.log_file else None
         try:
             self.process = subprocess.Popen(
                 [str(gateway), "--state-dir", str(self.state_dir), "ledger", "serve", "--host", self.host,

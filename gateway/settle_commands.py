@@ -36,7 +36,7 @@ def cmd_settle(config: GatewayConfig, args: argparse.Namespace) -> None:
                                                    for i, b in enumerate(p["batches"])]))
         return
     settler_config = SettlerConfig(confirmations=settle.confirmations, stuck_after_seconds=settle.stuck_after_seconds,
-                            fee_bump_percent=settle.fee_bump_percent)
+                                   fee_bump_percent=settle.fee_bump_percent, pause_after=settle.pause_after)
     with settlement_chain(config) as chain:
         views = Settler(engine, chain, policy, settler_config, report=progress).run_round()
     payload = {"batches": [view.to_json() for view in views]}

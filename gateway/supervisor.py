@@ -34,9 +34,6 @@ RAY_ENV_DEFAULTS = {
 }
 
 
-LOCAL_ACCOUNT = "local"
-
-
 class StopRequested(Exception):
     """Ctrl-C/SIGTERM arrived while the stack was still starting."""
 
@@ -74,39 +71,10 @@ def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> 
 
 
 def ensure_local_key(config: GatewayConfig) -> None:
-    """First start with auth on: an admin key of account `local` (credited once), printed once and
-    written to `<state>/local-api-key` readable by its owner only."""
-    from gateway.admin_access import LOCAL_KEY_FILE
-    from gateway.config import AccessConfig
-    from ledger.accounts import Accounts, UnknownAccount
-    from ledger.api_keys import ApiKeys
-    from ledger.database import database_url, open_database
+    """First start with auth on: the local admin key, in `<state>/local-api-key` (gateway/admin_access.py)."""
+    from gateway.admin_access import ensure_local_key as ensure
 
-    access = AccessConfig()
-    path = config.state_dir / LOCAL_KEY_FILE
-    if not access.auth:
-        print("[gateway] auth is OFF (--no-auth): any client on this machine may call the APIs unbilled", flush=True)
-        return
-    if path.exists():
-        print(f"[gateway] API keys required; the local admin key is in {path}", flush=True)
-        return
-    engine = open_database(database_url(config.state_dir))
-    try:
-        accounts = Accounts(engine)
-        try:
-            accounts.get(LOCAL_ACCOUNT)
-        except UnknownAccount:
-            accounts.create(LOCAL_ACCOUNT)
-        if access.local_credit:
-            accounts.credit(LOCAL_ACCOUNT, access.local_credit, "local-first-start")
-        new = ApiKeys(engine).create(LOCAL_ACCOUNT, name="local key of gateway up", admin=True)
-    finally:
-        engine.dispose()
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as out:
-        out.write(new.presented + "\n")
-    print(f"[gateway] created the local admin API key (account '{LOCAL_ACCOUNT}', {access.local_credit} base units "
-          f"of credit):\n  {new.presented}\n  saved to {path} (owner-only); it is not printed again", flush=True)
+    ensure(config)
 
 
 def forget_engine_targets(state_dir: Path) -> None:
@@ -261,13 +229,15 @@ def trace_shipping(config: GatewayConfig, ledger: LedgerConfig) -> Iterator[None
     from attribution.metrics import ShippingCollector
     from attribution.outbox import Outbox
     from attribution.shipper import TraceShipper
+    from ledger.ledger_token import read_ledger_token
 
     if not ledger.ship:
         print("[gateway] trace shipping is off (GATEWAY_LEDGER_SHIP=false): inferences are not billed", flush=True)
         yield
         return
     outbox = Outbox(config.outbox_dir, ledger.outbox_max_traces)
-    shipper = TraceShipper(outbox, ledger.target, token=ledger.token_value(), batch_size=ledger.ship_batch)
+    shipper = TraceShipper(outbox, ledger.target, token=lambda: read_ledger_token(config.state_dir),  # each stream
+                           batch_size=ledger.ship_batch)
     collector = ShippingCollector(shipper)
     REGISTRY.register(collector)
     shipper.start()
@@ -302,13 +272,9 @@ def _serve(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig,
     signal.signal(signal.SIGTERM, _on_signal)
 
     print("[gateway] starting Ray", flush=True)
-    ray.init(
-        address="local",
-        num_cpus=config.ray_num_cpus,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=config.stream_worker_logs,
-    )
+    from gateway.ray_runtime import RayNodeOptions, start_ray
+
+    start_ray(RayNodeOptions.for_gateway(config))  # every Ray listener on loopback, token auth on
     if not config.stream_worker_logs:
         # Ray's log monitor polls every log file ten times a second (~0.01 core when idle); the
         # logs stay in Ray's session directory.

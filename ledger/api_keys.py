@@ -2,7 +2,8 @@
 
 A key as a client sends it is `dgk-<id>-<secret>`: `id` (12 hex digits) finds the row, the secret's
 SHA-256 is compared in constant time, and a revoked key stops working at once for new look-ups.
-Only the id (`key_<id>`) ever appears in logs, metrics and traces.
+Only the id (`key_<id>`) ever appears in logs, metrics and traces. The last live admin key cannot be
+revoked (`LastAdminKey`): administration never switches off (gateway/admin_access.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlmodel import Session, select
 
 from ledger.models import ApiKey, RequesterAccount, utcnow
@@ -29,6 +30,20 @@ def key_id(hex_part: str) -> str:
 
 def secret_sha256(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+# A no-op write on every live admin key: row locks on PostgreSQL, the write lock on SQLite.
+_LOCK_LIVE_ADMIN_KEYS = text("UPDATE apikey SET admin = admin WHERE admin AND revoked_at IS NULL")
+
+
+class LastAdminKey(ValueError):
+    """Revoking this key would leave the ledger without a live admin key."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"{key} is the last live admin key: revoking it would leave no one able to administer "
+                         "this ledger; create another admin key first (`gateway keys create --account ACCOUNT "
+                         "--admin`), then revoke this one")
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -72,16 +87,35 @@ class ApiKeys:
             return session.get(ApiKey, key)
 
     def revoke(self, key: str) -> ApiKey:
-        """Revoke a key by id (idempotent: the first revocation time is kept)."""
+        """Revoke a key by id (idempotent: the first revocation time is kept).
+
+        LastAdminKey (nothing changed) when it is the last live admin key: without one, no
+        administrative command could run any more. Concurrent revocations are decided one at a time:
+        the first statement write-locks every live admin key row (the database's write lock on
+        SQLite), so two of them can never each see the other's key as the one left.
+        """
         with Session(self.engine) as session:
             row = session.get(ApiKey, key)
             if row is None:
                 raise ValueError(f"no API key {key!r}")
-            if row.revoked_at is None:
-                row.revoked_at = utcnow()
-                session.add(row)
-                session.commit()
-                session.refresh(row)
+            if row.revoked_at is not None:
+                return row
+            if row.admin:
+                session.execute(_LOCK_LIVE_ADMIN_KEYS)
+                session.refresh(row)  # as it is under the lock
+                if row.revoked_at is not None:  # revoked meanwhile: keep the first time
+                    session.commit()
+                    session.refresh(row)
+                    return row
+                live = set(session.exec(select(ApiKey.id).where(
+                    ApiKey.admin == True, ApiKey.revoked_at == None)).all())  # noqa: E711, E712
+                if live <= {key}:
+                    session.rollback()
+                    raise LastAdminKey(key)
+            row.revoked_at = utcnow()
+            session.add(row)
+            session.commit()
+            session.refresh(row)
             return row
 
     def verify(self, presented: str) -> ApiKey | None:

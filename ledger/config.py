@@ -38,8 +38,10 @@ class LedgerConfig(BaseSettings):
                               "(/metrics; a free port when taken or 0, announced in <state>/monitoring/targets/).")
     address: str | None = Field(None, description="Where the gateway ships traces and the CLI asks (host:port); "
                                 "default host:port above.")
-    token: SecretStr | None = Field(None, description="Shared token: required by the service when it binds a "
-                                    "non-loopback address, sent by the gateway and the CLI.")
+    token: SecretStr | None = Field(None, description="Bearer token of the ledger's API, required on every call "
+                                    "(health checks excepted). Unset: the ledger service generates one into "
+                                    "<state>/ledger-token (owner-only) and its clients read it from there "
+                                    "(ledger/ledger_token.py).")
     start: bool = Field(True, description="`gateway up` starts the ledger service unless one answers already.")
     contributors_bps: int = Field(7000, ge=0, le=10_000, description="Contributors' part of each fee (basis points).")
     owner_bps: int = Field(2000, ge=0, le=10_000, description="Adapter owner's part of each fee (basis points); "
@@ -51,6 +53,9 @@ class LedgerConfig(BaseSettings):
     ship_batch: PositiveInt = Field(64, description="Traces per message on the ingest stream.")
     ship: bool = Field(True, description="Queue every trace for the ledger (off only to measure shipping's cost: "
                        "inferences are then not billed).")
+    usage_records: bool = Field(True, description="Make each response's usage record durable before its last "
+                                "byte (off only to measure its cost: a replica that dies then loses the bills of "
+                                "responses whose attribution had not finished).")
 
     @model_validator(mode="after")
     def _split_fits(self) -> "LedgerConfig":
@@ -63,7 +68,9 @@ class LedgerConfig(BaseSettings):
         return self.address or f"{self.host}:{self.port}"
 
     def token_value(self) -> str | None:
-        return self.token.get_secret_value() if self.token is not None else None
+        """GATEWAY_LEDGER_TOKEN as set (None when unset or empty). Use `ledger.ledger_token.read_ledger_token`,
+        which checks it and falls back to the file."""
+        return (self.token.get_secret_value() or None) if self.token is not None else None
 
     def fee_split(self) -> FeeSplitPolicy:
         return FeeSplitPolicy(self.contributors_bps, self.owner_bps, self.unattributed)
@@ -85,6 +92,9 @@ class SettlementConfig(BaseSettings):
     token: str | None = Field(None, description="Payout token address on a remote chain (local: deployed).")
     settler: str | None = Field(None, description="PayoutSettler address on a remote chain (local: deployed).")
     local_funding: int = Field(10**24, ge=0, description="Tokens minted to the local settler when it is deployed.")
+    pause_after: Literal["planned", "signed", "sent", "confirmed"] | None = Field(
+        None, description="Test hook, off by default: `gateway settle` blocks (until killed) once a batch's state "
+        "becomes this one, so crash tests can SIGKILL it exactly there.")
 
 
 class DepositConfig(BaseSettings):

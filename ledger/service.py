@@ -1,9 +1,11 @@
 """The ledger's gRPC service (`gateway.ledger.v1.Ledger`): ingest of traces, balances and look-ups.
 
 A synchronous gRPC server over `Journal`: each `IngestRequest` is posted in one database
-transaction and answered with one ack per trace, in order. With a shared token configured, every
-call must carry ``authorization: Bearer <token>``; the service refuses to bind a non-loopback
-address without one. Standard health and reflection run on the same port.
+transaction and answered with one ack per trace, in order. Every call, on every address (loopback
+too), must carry ``authorization: Bearer <token>`` (`ledger/ledger_token.py`); a call without it, or
+with another token, is answered UNAUTHENTICATED before any servicer code runs, so it reads and
+writes nothing. Only the standard health check (`grpc.health.v1.Health`) answers without the token.
+Reflection runs on the same port, behind the token like the ledger's own calls.
 """
 
 from __future__ import annotations
@@ -143,7 +145,11 @@ def _checked(context: grpc.ServicerContext, call: Callable[[], Any]) -> Any:
 class TokenAuthInterceptor(grpc.ServerInterceptor):
     """Refuses calls without ``authorization: Bearer <token>`` (health checks pass without it)."""
 
+    OPEN_PREFIX = "/grpc.health.v1.Health/"
+
     def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("the ledger needs a token")
         self._expected = f"Bearer {token}".encode()
 
         def deny(_request: Any, context: grpc.ServicerContext) -> None:
@@ -152,7 +158,7 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         self._deny = deny
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
-        if details.method.startswith("/grpc.health.v1.Health/"):
+        if details.method.startswith(self.OPEN_PREFIX):
             return continuation(details)
         given = dict(details.invocation_metadata).get("authorization", "")
         if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
@@ -176,12 +182,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def start_server(journal: Journal, host: str, port: int, *, token: str | None = None,
-                 workers: int = 32) -> grpc.Server:
-    """Serve the ledger on host:port (started; call `.stop(grace)`); ValueError for an unsafe bind."""
-    if not is_loopback(host) and not token:
-        raise ValueError(f"refusing to serve the ledger on {host} without a token: set GATEWAY_LEDGER_TOKEN")
-    interceptors = [TokenAuthInterceptor(token)] if token else []
+def start_server(journal: Journal, host: str, port: int, *, token: str, workers: int = 32) -> grpc.Server:
+    """Serve the ledger on host:port, every call but health behind `token` (started; call `.stop(grace)`)."""
+    interceptors = [TokenAuthInterceptor(token)]  # ValueError without a token: there is no open mode
     # Each gateway keeps one long-lived Ingest stream (one worker thread) and pings it when idle.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ledger"),
                          interceptors=interceptors,

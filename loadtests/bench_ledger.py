@@ -95,7 +95,8 @@ def make_traces(count: int, contribution_ids: list[str], seed: int = 0) -> list[
     return traces
 
 
-def ingest_rate(target: str, traces: list[AttributionTrace]) -> tuple[float, int]:
+def ingest_rate(target: str, traces: list[AttributionTrace],
+                metadata: tuple[tuple[str, str], ...]) -> tuple[float, int]:
     """Seconds to have every trace acknowledged over one stream; the number accepted."""
     messages = [trace_to_pb(t) for t in traces]
     batches = [ledger_pb2.IngestRequest(traces=messages[i:i + BATCH]) for i in range(0, len(messages), BATCH)]
@@ -116,7 +117,7 @@ def ingest_rate(target: str, traces: list[AttributionTrace]) -> tuple[float, int
         stub = ledger_pb2_grpc.LedgerStub(channel)
         started = time.perf_counter()
         remaining_in_batch = 0
-        for ack in stub.Ingest(requests(), timeout=3600):
+        for ack in stub.Ingest(requests(), timeout=3600, metadata=metadata):
             if remaining_in_batch == 0:
                 remaining_in_batch = sent.get()
             remaining_in_batch -= 1
@@ -163,9 +164,10 @@ def bench_backend(name: str, url: str, state: Path, count: int) -> dict[str, flo
                            log_file=state / "ledger.log").start()
     try:
         log(f"{name}: ingesting {count} traces through `gateway ledger serve`")
-        seconds, accepted = ingest_rate(ledger.target, traces)
+        seconds, accepted = ingest_rate(ledger.target, traces, ledger.metadata)
         with grpc.insecure_channel(ledger.target) as channel:
-            totals = ledger_pb2_grpc.LedgerStub(channel).GetTotals(ledger_pb2.GetTotalsRequest(), timeout=60)
+            totals = ledger_pb2_grpc.LedgerStub(channel).GetTotals(ledger_pb2.GetTotalsRequest(), timeout=60,
+                                                                   metadata=ledger.metadata)
     finally:
         ledger.stop()
     assert accepted == count, f"{accepted} of {count} accepted"

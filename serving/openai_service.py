@@ -119,35 +119,36 @@ class OpenAIService:
         }
 
     # ---- billing and attribution -----------------------------------------------------------
-    def _usage_record(self, job: Prepared, choices: list[list[int]]) -> Any:
-        from attribution.service import usage_record
-
-        return usage_record(job.request_id, job.model, job.adapter, job.requester, job.prompt_ids, choices)
-
     async def bill(self, job: Prepared, choices: list[list[int]]) -> asyncio.Future[Any] | None:
-        """Make the usage record of a completed generation durable, then start its attribution.
+        """Make the usage record of a completed generation durable; its attribution starts at once too.
 
         Call it before the response's last byte; UsageNotRecorded when the record could not be written
-        (the response must then not complete; its attribution is started all the same)."""
-        if self.attribution is None:
+        (the response must then not complete). Both are under way before the first await, so a client
+        that leaves meanwhile cannot stop either."""
+        started = self._start_billing(job, choices)
+        if started is None:
             return None
-        record = self._usage_record(job, choices)
-        try:
-            await self.attribution.record_usage(record)
-        except Exception as error:
-            log.error("usage record of %s could not be written: %s", job.request_id, error)
-            self.attribution.submit(record)
-            raise UsageNotRecorded("the gateway could not record this response's usage durably; it is not "
-                                   "completed (retry shortly)") from None
-        return self.attribution.submit(record)
+        written, pending = started
+        if written is not None:
+            try:
+                await asyncio.shield(asyncio.wrap_future(written))
+            except Exception as error:
+                log.error("usage record of %s could not be written: %s", job.request_id, error)
+                raise UsageNotRecorded("the gateway could not record this response's usage durably; it is not "
+                                       "completed (retry shortly)") from None
+        return pending
 
     def bill_cut_short(self, job: Prepared, choices: list[list[int]]) -> None:
         """Bill a generation that ended early (client gone, engine error) for the tokens it produced."""
+        self._start_billing(job, choices)
+
+    def _start_billing(self, job: Prepared, choices: list[list[int]]) -> tuple[Any, asyncio.Future[Any]] | None:
         if self.attribution is None:
-            return
-        record = self._usage_record(job, choices)
-        self.attribution.record_usage_later(record)
-        self.attribution.submit(record)
+            return None
+        from attribution.service import usage_record
+
+        record = usage_record(job.request_id, job.model, job.adapter, job.requester, job.prompt_ids, choices)
+        return self.attribution.record_usage(record), self.attribution.submit(record)
 
     async def attribution_summary(self, job: Prepared, pending: asyncio.Future[Any] | None) -> dict[str, Any] | None:
         """The response's `attribution` object (waits for the trace); None when attribution failed."""

@@ -8,6 +8,14 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
+from tests.support.credentials import bootstrap_admin
+
+
+@pytest.fixture(autouse=True)
+def operator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The operator's local admin key in the state directory (what `gateway up` leaves at first start)."""
+    monkeypatch.delenv("GATEWAY_ADMIN_KEY", raising=False)
+    return bootstrap_admin(tmp_path)
 
 
 def run(capsys: pytest.CaptureFixture[str], state: Path, *args: str) -> tuple[int, str, str]:
@@ -33,7 +41,7 @@ def test_accounts_are_created_credited_once_per_reference_and_listed(capsys: pyt
     assert json.loads(out) == {"id": "acme", "deposit_address": None, "balance": str(10**30), "held": "0",
                                "available": str(10**30)}
     code, out, _ = run(capsys, tmp_path, "accounts", "list", "--json")
-    assert [a["id"] for a in json.loads(out)["accounts"]] == ["acme"]
+    assert [a["id"] for a in json.loads(out)["accounts"]] == ["acme", "local"]
 
 
 def test_a_key_is_printed_once_listed_without_its_secret_and_revoked(capsys: pytest.CaptureFixture[str],
@@ -43,7 +51,7 @@ def test_a_key_is_printed_once_listed_without_its_secret_and_revoked(capsys: pyt
                        "--tokens-per-minute", "6000", "--json")
     created = json.loads(out)
     assert code == 0 and created["key"].startswith("dgk-") and created["tokens_per_minute"] == 6000
-    code, out, _ = run(capsys, tmp_path, "keys", "list", "--json")
+    code, out, _ = run(capsys, tmp_path, "keys", "list", "--account", "acme", "--json")
     assert created["key"] not in out and created["key"].split("-", 2)[2] not in out
     [listed] = json.loads(out)["keys"]
     assert listed["id"] == created["id"] and listed["created_at"].endswith("+00:00"), "times name their zone"
@@ -73,24 +81,26 @@ def test_bad_input_gets_one_line_and_exit_2_and_changes_nothing(capsys: pytest.C
     assert json.loads(out)["balance"] == "7", "nothing stored is lost or changed"
 
 
-def test_admin_commands_need_an_admin_key_once_one_exists(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    run(capsys, tmp_path, "accounts", "create", "ops")  # a fresh ledger: set-up needs no key
-    admin = json.loads(run(capsys, tmp_path, "keys", "create", "--account", "ops", "--admin", "--json")[1])["key"]
-    for presented, reason in ((None, "needs an admin API key"), ("dgk-nonsense", "needs an admin API key")):
+def test_admin_commands_need_a_live_admin_key(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch, operator: str) -> None:
+    admin = json.loads(run(capsys, tmp_path, "keys", "create", "--account", "local", "--admin", "--json")[1])["key"]
+    (tmp_path / "local-api-key").unlink()  # from here on only what the environment presents counts
+    for presented in (None, "dgk-nonsense"):
         if presented:
             monkeypatch.setenv("GATEWAY_ADMIN_KEY", presented)
-        for args in (("accounts", "create", "acme"), ("keys", "create", "--account", "ops"),
-                     ("accounts", "credit", "ops", "5", "--ref", "r"), ("settle", "--dry-run")):
+        for args in (("accounts", "create", "acme"), ("keys", "create", "--account", "local"),
+                     ("accounts", "credit", "local", "5", "--ref", "r"), ("settle", "--dry-run")):
             code, out, err = run(capsys, tmp_path, *args)
-            assert (code, out) == (2, "") and reason in err, args
+            assert (code, out) == (2, "") and "needs an admin API key" in err, args
     monkeypatch.setenv("GATEWAY_ADMIN_KEY", admin)
-    user = json.loads(run(capsys, tmp_path, "keys", "create", "--account", "ops", "--json")[1])["key"]
+    user = json.loads(run(capsys, tmp_path, "keys", "create", "--account", "local", "--json")[1])["key"]
     assert run(capsys, tmp_path, "accounts", "create", "acme")[0] == 0
     monkeypatch.setenv("GATEWAY_ADMIN_KEY", user)
     code, _, err = run(capsys, tmp_path, "accounts", "create", "other")
     assert code == 2 and "is not an admin key" in err
     assert run(capsys, tmp_path, "accounts", "balance", "acme")[0] == 0, "reading a balance is not administration"
     monkeypatch.delenv("GATEWAY_ADMIN_KEY")
-    (tmp_path / "local-api-key").write_text(admin + "\n")  # what `gateway up` leaves for its operator
+    (tmp_path / "local-api-key").write_text(operator + "\n")  # the operator's own file works again
     assert run(capsys, tmp_path, "accounts", "create", "third")[0] == 0
+    code, out, _ = run(capsys, tmp_path, "accounts", "list", "--json")
+    assert [a["id"] for a in json.loads(out)["accounts"]] == ["acme", "local", "third"], "refused ones stored nothing"

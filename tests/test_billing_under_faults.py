@@ -228,6 +228,8 @@ def test_every_response_received_is_billed_exactly_once_through_kills(stack: Gat
             seen = (response.prompt_tokens, response.completion_tokens)
             assert (record.trace.prompt_tokens, record.trace.completion_tokens) == seen, response
             assert record.fee == PRICE * sum(seen) // 1000 > 0
+            assert len(record.trace.choices) == (2 if response.kind == "unary-chat-n2" else 1), \
+                "every choice is billed and attributed"
             fees += record.fee
             recovered += record.trace.recovered
         with Session(engine) as session:

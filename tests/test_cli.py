@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
+from tests.support.credentials import bootstrap_admin
 
 
 @pytest.fixture()
 def state(demo_state: Path, tmp_path: Path) -> Path:
-    """A state dir sharing the demo model, with an empty adapter store of its own."""
+    """A state dir sharing the demo model, with an empty adapter store of its own and its operator's admin key."""
     (tmp_path / "models").symlink_to(demo_state / "models")
+    bootstrap_admin(tmp_path)
     return tmp_path
 
 

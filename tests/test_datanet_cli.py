@@ -17,6 +17,7 @@ from attribution.index_reader import open_index
 from gateway.cli import main
 from ledger.contribution_content import content_id, normalize
 from tests.conftest import free_port
+from tests.support.credentials import bootstrap_admin
 
 ALICE = Account.from_key("0x" + "a1" * 32)
 BOB = Account.from_key("0x" + "b2" * 32)
@@ -33,6 +34,7 @@ def state(demo_state: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A state dir sharing the demo model (its tokenizer indexes the datanets), with its own ledger and chain."""
     state = tmp_path_factory.mktemp("cli-state")
     (state / "models").symlink_to(demo_state / "models")
+    bootstrap_admin(state)  # `adapter register` is administration
     return state
 
 

@@ -14,6 +14,14 @@ import pytest
 from gateway.cli import main
 from ledger.chain.anvil import ANVIL_DEV_KEYS
 from tests.conftest import free_port
+from tests.support.credentials import bootstrap_admin
+
+
+@pytest.fixture(autouse=True)
+def operator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gateway settle` is administration: the operator's local admin key is in the state directory."""
+    monkeypatch.delenv("GATEWAY_ADMIN_KEY", raising=False)
+    bootstrap_admin(tmp_path)
 
 
 def run(capsys: pytest.CaptureFixture[str], state: Path, *args: str) -> tuple[int, str, str]:

@@ -134,6 +134,7 @@ class AnvilNode:
             str(self.state_file),
             "--state-interval",
             str(self.state_interval_seconds),
+            "--quiet",  # no banner: it lists the dev accounts' private keys, and the log is a file (errors still show)
         ]
         if self.block_time is not None:
             command += ["--block-time", _format_seconds(self.block_time)]

@@ -1,4 +1,8 @@
-"""The ledger's gRPC service over a real server on loopback: ingest acks, look-ups, status codes, auth."""
+"""The ledger's gRPC service over a real server on loopback: ingest acks, look-ups, status codes, auth.
+
+The refusals of calls without the token by a real `gateway ledger serve` process are in
+test_service_auth.py.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +18,12 @@ from gateway.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from ledger.journal import Journal
 from ledger.service import start_server
 from tests.conftest import free_port
+from tests.support.credentials import ledger_channel
 from tests.ledger.conftest import CIDS, OWNER
 from tests.ledger.test_datanet_registry import ALICE
 
 Ack = ledger_pb2.IngestAck
+TOKEN = "test-ledger-token-0123456789"
 
 
 def make_trace(trace_id: str, weight: float = 1.0, tokens: int = 3) -> AttributionTrace:
@@ -29,8 +35,8 @@ def make_trace(trace_id: str, weight: float = 1.0, tokens: int = 3) -> Attributi
 @pytest.fixture()
 def ledger(journal: Journal) -> Iterator[tuple[ledger_pb2_grpc.LedgerStub, grpc.Channel]]:
     port = free_port()
-    server = start_server(journal, "127.0.0.1", port)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    server = start_server(journal, "127.0.0.1", port, token=TOKEN)
+    channel = ledger_channel(f"127.0.0.1:{port}", TOKEN)
     yield ledger_pb2_grpc.LedgerStub(channel), channel
     channel.close()
     server.stop(0).wait()
@@ -85,7 +91,7 @@ def test_look_ups_and_their_errors(ledger: tuple[ledger_pb2_grpc.LedgerStub, grp
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_a_token_is_required_when_configured_and_health_stays_open(journal: Journal) -> None:
+def test_every_call_needs_the_token_and_health_stays_open(journal: Journal) -> None:
     port = free_port()
     server = start_server(journal, "127.0.0.1", port, token="s3cret")
     try:
@@ -109,6 +115,9 @@ def test_a_token_is_required_when_configured_and_health_stays_open(journal: Jour
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_refuses_a_public_bind_without_a_token(journal: Journal) -> None:
-    with pytest.raises(ValueError, match="without a token"):
-        start_server(journal, "0.0.0.0", free_port())
+def test_there_is_no_server_without_a_token(journal: Journal) -> None:
+    port = free_port()
+    with pytest.raises(ValueError, match="needs a token"):
+        start_server(journal, "127.0.0.1", port, token="")
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError):
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)

@@ -20,16 +20,18 @@ from tests.ledger.test_service import make_trace
 TRACES = 300
 
 
-def totals(target: str) -> ledger_pb2.Totals:
-    with grpc.insecure_channel(target) as channel:
-        return ledger_pb2_grpc.LedgerStub(channel).GetTotals(ledger_pb2.GetTotalsRequest(), timeout=30)
+def totals(ledger: LedgerProcess) -> ledger_pb2.Totals:
+    with grpc.insecure_channel(ledger.target) as channel:
+        return ledger_pb2_grpc.LedgerStub(channel).GetTotals(ledger_pb2.GetTotalsRequest(), timeout=30,
+                                                             metadata=ledger.metadata)
 
 
 def test_every_trace_arrives_once_across_a_ledger_crash(journal: Journal, database_url: str, tmp_path: Path) -> None:
     ledger = LedgerProcess(tmp_path, "127.0.0.1", free_port(), env={"DATABASE_URL": database_url},
                            log_file=tmp_path / "ledger.log").start()
     outbox = Outbox(tmp_path / "outbox")
-    shipper = TraceShipper(outbox, ledger.target, batch_size=16, window=2, backoff_initial=0.05, backoff_max=0.5)
+    shipper = TraceShipper(outbox, ledger.target, token=ledger.token, batch_size=16, window=2, backoff_initial=0.05,
+                           backoff_max=0.5)
     try:
         for i in range(TRACES // 2):
             outbox.put(make_trace(f"t{i:04d}", weight=(i % 10) / 10))
@@ -46,7 +48,7 @@ def test_every_trace_arrives_once_across_a_ledger_crash(journal: Journal, databa
         stats = shipper.stats()
         assert stats["send_failures"] >= 1 and stats["conflicts"] == stats["rejected"] == 0
         assert stats["shipped"] + stats["duplicates"] == TRACES, stats  # duplicates: committed, ack lost
-        result = totals(ledger.target)
+        result = totals(ledger)
         assert (result.traces, result.entries, result.conflicts) == (TRACES, TRACES, 0)
         assert result.postings_sum == "0" and result.unbalanced_entries == 0
         assert int(result.by_class["revenue"]) == -int(result.fees) < 0
