@@ -56,27 +56,19 @@ class LocalBackend:
         except ApiError as exc:
             service.count_rejection(API, request.model, exc)
             raise with_proto_param(exc, request) from None
-        choice_ids: list[list[int]] = [[] for _ in range(job.n)]
-        billed = False
-        try:
-            async with aclosing(service.steps(job)) as steps:
-                async for step in steps:
-                    for delta in step.deltas:
-                        choice_ids[delta.index] += delta.token_ids
-                    message = step_to_pb(job.request_id, job.model, step)
-                    if step.finished:  # the final message leaves only once the usage is recorded
-                        billed = True
-                        pending = await service.bill(job, choice_ids)
-                        message.usage.CopyFrom(usage_pb(len(job.prompt_ids), sum(map(len, choice_ids))))
-                        message.attribution_trace_id = job.request_id
-                        if request.attribution:
-                            summary = await service.attribution_summary(job, pending)
-                            if summary is not None:
-                                message.attribution.CopyFrom(attribution_to_pb(summary))
-                    yield message
-        finally:
-            if not billed:  # cut short: the tokens produced are billed too
-                service.bill_cut_short(job, choice_ids)
+        completion_tokens = 0
+        async with aclosing(service.billed_steps(job)) as steps:
+            async for step, pending in steps:  # the final message waits for the usage record
+                completion_tokens += sum(len(delta.token_ids) for delta in step.deltas)
+                message = step_to_pb(job.request_id, job.model, step)
+                if step.finished:
+                    message.usage.CopyFrom(usage_pb(len(job.prompt_ids), completion_tokens))
+                    message.attribution_trace_id = job.request_id
+                    if request.attribution:
+                        summary = await service.attribution_summary(job, pending)
+                        if summary is not None:
+                            message.attribution.CopyFrom(attribution_to_pb(summary))
+                yield message
 
     async def list_models(self, authorization: str | None = None) -> pb.ListModelsResponse:
         caller = self.service.authenticate(authorization)

@@ -138,9 +138,26 @@ class OpenAIService:
                                        "completed (retry shortly)") from None
         return pending
 
-    def bill_cut_short(self, job: Prepared, choices: list[list[int]]) -> None:
-        """Bill a generation that ended early (client gone, engine error) for the tokens it produced."""
-        self._start_billing(job, choices)
+    async def billed_steps(self, job: Prepared) -> AsyncIterator[tuple[StepOutput, asyncio.Future[Any] | None]]:
+        """The engine steps of `job`, billed (every door sends its response from these).
+
+        The finishing step comes out only once the usage record is durable, with its attribution's
+        future; a generation that ends early (client gone, engine error) is billed for what it produced."""
+        choice_ids: list[list[int]] = [[] for _ in range(job.n)]
+        billed = False
+        try:
+            async with aclosing(self.steps(job)) as steps:
+                async for step in steps:
+                    for delta in step.deltas:
+                        choice_ids[delta.index] += delta.token_ids
+                    pending = None
+                    if step.finished:
+                        billed = True
+                        pending = await self.bill(job, choice_ids)
+                    yield step, pending
+        finally:
+            if not billed:
+                self._start_billing(job, choice_ids)
 
     def _start_billing(self, job: Prepared, choices: list[list[int]]) -> tuple[Any, asyncio.Future[Any]] | None:
         if self.attribution is None:
@@ -280,22 +297,15 @@ class OpenAIService:
         texts = [""] * job.n
         finish: list[str | None] = [None] * job.n
         tokens = 0
-        choice_ids: list[list[int]] = [[] for _ in range(job.n)]
-        completed = False
-        try:
-            async with aclosing(self.steps(job)) as steps:
-                async for step in steps:
-                    for delta in step.deltas:
-                        texts[delta.index] += delta.text
-                        tokens += len(delta.token_ids)
-                        choice_ids[delta.index] += delta.token_ids
-                        if delta.finish_reason:
-                            finish[delta.index] = delta.finish_reason
-            completed = True
-        finally:
-            if not completed:
-                self.bill_cut_short(job, choice_ids)
-        pending = await self.bill(job, choice_ids)
+        pending: asyncio.Future[Any] | None = None
+        async with aclosing(self.billed_steps(job)) as steps:
+            async for step, billed in steps:
+                pending = billed or pending
+                for delta in step.deltas:
+                    texts[delta.index] += delta.text
+                    tokens += len(delta.token_ids)
+                    if delta.finish_reason:
+                        finish[delta.index] = delta.finish_reason
         if chat:
             choices = [
                 {"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
@@ -321,20 +331,18 @@ class OpenAIService:
         kind = "chat.completion.chunk" if chat else "text_completion"
         head = {"id": job.request_id, "object": kind, "created": job.created, "model": job.model}
         tokens = 0
-        choice_ids: list[list[int]] = [[] for _ in range(job.n)]
         pending: asyncio.Future[Any] | None = None
-        billed = False
         if chat:
             first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(job.n)]
             yield sse({**head, "choices": first})
         try:
-            async with aclosing(self.steps(job)) as steps:
-                async for step in steps:
+            async with aclosing(self.billed_steps(job)) as steps:
+                async for step, billed in steps:  # the finishing chunk waits for the usage record
+                    pending = billed or pending
                     choices = []
                     for delta in step.deltas:
                         tokens += len(delta.token_ids)
-                        choice_ids[delta.index] += delta.token_ids
                         if chat:
                             body = {"content": delta.text} if delta.text else {}
                             choices.append({"index": delta.index, "delta": body, "logprobs": None,
@@ -342,20 +350,11 @@ class OpenAIService:
                         else:
                             choices.append({"index": delta.index, "text": delta.text, "logprobs": None,
                                             "finish_reason": delta.finish_reason})
-                    if step.finished:  # the finishing chunk leaves only once the usage is recorded
-                        billed = True
-                        pending = await self.bill(job, choice_ids)
                     yield sse({**head, "choices": choices})
-            if not billed:  # the engine ended without a finishing step
-                billed = True
-                pending = await self.bill(job, choice_ids)
         except ApiError as exc:
             yield sse(exc.to_body())
             yield DONE
             return
-        finally:
-            if not billed:  # cut short (client gone or error): the tokens sent are billed too
-                self.bill_cut_short(job, choice_ids)
         final: dict[str, Any] = {}
         if job.include_usage:
             final["usage"] = self._usage(job, tokens)

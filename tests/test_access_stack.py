@@ -22,19 +22,12 @@ from gateway.inference.v1 import inference_pb2_grpc as pb_grpc
 from gateway.launcher import GatewayProcess
 from gateway.ledger_process import LedgerProcess
 from ledger.adapters import DEFAULT_PRICE_PER_1K_TOKENS
+from tests.support.cli import cli
 
 pytestmark = pytest.mark.stack
 PRICED = "python-docs-notes-lora"  # a demo datanet adapter: priced, registered with lineage
 FREE = "demo-adapter-005"  # a load-test adapter: not registered, costs nothing
 CACHE_SECONDS = 1.0  # GATEWAY_KEY_CACHE_SECONDS default: how long a revocation may take to bite
-
-
-def cli(capsys: pytest.CaptureFixture[str], state: Path, *args: str) -> dict:
-    capsys.readouterr()
-    code = main(["--state-dir", str(state), *args, "--json"])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return json.loads(out)
 
 
 def new_key(capsys: pytest.CaptureFixture[str], state: Path, account: str, credit: int = 0, **limits: str) -> str:

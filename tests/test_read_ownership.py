@@ -10,7 +10,6 @@ or name of the same length.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from pathlib import Path
@@ -20,23 +19,15 @@ import httpx
 import openai
 import pytest
 
-from gateway.cli import main
 from gateway.inference.v1 import inference_pb2 as pb
 from gateway.inference.v1 import inference_pb2_grpc as pb_grpc
 from gateway.launcher import GatewayProcess
+from tests.support.cli import cli
 
 pytestmark = pytest.mark.stack
 FREE = "demo-adapter-005"  # not registered: costs nothing, so empty accounts may use it
 OWNER = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
 KEY_CACHE_SECONDS = 1.0  # GATEWAY_KEY_CACHE_SECONDS default
-
-
-def cli(capsys: pytest.CaptureFixture[str], state: Path, *args: str) -> dict:
-    capsys.readouterr()
-    code = main(["--state-dir", str(state), *args, "--json"])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return json.loads(out)
 
 
 def unique(prefix: str) -> str:

@@ -17,7 +17,6 @@ SHA-256 hashes of API key secrets.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import time
@@ -33,6 +32,7 @@ from gateway.ledger_process import LedgerProcess
 from ledger.chain.anvil import ANVIL_DEV_KEYS, ANVIL_DEV_MNEMONIC
 from ledger.chain.config import ChainConfig
 from ledger.ledger_token import TOKEN_FILE
+from tests.support.cli import cli
 
 pytestmark = pytest.mark.stack
 
@@ -87,14 +87,6 @@ def variants(secret: str) -> list[bytes]:
     if re.fullmatch(r"[0-9a-fA-F]{64}", body):
         forms |= {body.lower().encode(), body.upper().encode(), bytes.fromhex(body)}
     return sorted(forms)
-
-
-def cli(capsys: pytest.CaptureFixture[str], state: Path, *args: str) -> dict:
-    capsys.readouterr()
-    code = main(["--state-dir", str(state), *args, "--json"])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return json.loads(out)
 
 
 def test_no_secret_is_in_any_file_but_its_own(capsys: pytest.CaptureFixture[str], gateway: GatewayProcess,

@@ -29,23 +29,19 @@ from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
 
 from ledger.accounts import Accounts
-from ledger.adapters import AdapterRegistry
 from ledger.api_keys import ApiKeys
 from ledger.chain.anvil import ANVIL_DEV_KEYS, AnvilNode
 from ledger.chain.client import ChainClient
 from ledger.chain.settlement import PayoutSettler, PayoutToken, ensure_settlement
-from ledger.config import DatanetConfig
 from ledger.database import open_database
-from ledger.datanets import DatanetRegistry
 from ledger.fee_split import FeeSplitPolicy
 from ledger.journal import Journal
 from ledger.models import JournalEntry, PayoutAttempt, PayoutBatch
 from ledger.payouts import CONFIRMED, PAID, PLANNED, SENT, SIGNED
 from tests.conftest import free_port
-from tests.ledger.conftest import OWNER, PRICE
-from tests.ledger.test_datanet_registry import ALICE, BOB, TEXTS, signed
+from tests.ledger.conftest import OWNER, rivers_ledger
+from tests.ledger.test_datanet_registry import ALICE, BOB
 from tests.ledger.test_settler_anvil import earn, rpc
-from tests.support.memory_anchor import MemoryAnchor, listing_index
 
 GATEWAY = Path(sys.executable).with_name("gateway")  # .venv/bin/gateway beside the tests' interpreter
 PAYEES = (ALICE.address, BOB.address, OWNER.address)
@@ -102,20 +98,6 @@ class Setup:
     env: dict[str, str]
 
 
-def make_ledger(url: str, work: Path) -> Engine:
-    """Datanet 'rivers' (Alice: 2 texts, Bob: 1) and adapter 'river-guide' owned by OWNER, as tests/ledger do."""
-    engine = open_database(url)
-    registry = DatanetRegistry(engine, DatanetConfig())
-    datanet = registry.create("rivers")
-    registry.contribute("rivers", [signed(ALICE, datanet.id, TEXTS[0]), signed(ALICE, datanet.id, TEXTS[1]),
-                                   signed(BOB, datanet.id, TEXTS[2])])
-    registry.publish("rivers", listing_index, MemoryAnchor(), work)
-    adapters = AdapterRegistry(engine, registry)
-    adapters.register("river-guide", uri="file:///x", base_model="tiny", owner=OWNER.address,
-                      price_per_1k_tokens=PRICE, lineage=adapters.resolve_lineage(["rivers"]), source="trained")
-    return engine
-
-
 @pytest.fixture()
 def setup(request: pytest.FixtureRequest, anvil: AnvilNode, tmp_path: Path) -> Iterator[Setup]:
     scenario: Scenario = request.param
@@ -127,7 +109,7 @@ def setup(request: pytest.FixtureRequest, anvil: AnvilNode, tmp_path: Path) -> I
         env["DATABASE_URL"] = url
     else:
         url = f"sqlite:///{state / 'ledger.db'}"  # the state directory's own ledger, as the CLI opens it
-    engine = make_ledger(url, tmp_path)
+    engine = rivers_ledger(url, tmp_path)
     journal = Journal(engine, FeeSplitPolicy(contributors_bps=7000, owner_bps=2000))
     earn(journal, "t-1")
     Accounts(engine).create("ops")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from eth_account import Account
+from sqlalchemy import Engine
 
 from ledger.chain.anvil import ANVIL_DEV_KEYS, AnvilNode
 from ledger.chain.client import ChainClient
@@ -48,17 +49,23 @@ PRICE = 10**22  # base units per 1k tokens: every fee below exceeds 64 bits
 CIDS = [content_id(normalize(text)) for text in TEXTS]
 
 
-@pytest.fixture()
-def journal(database_url: str, tmp_path: Path) -> Iterator[Journal]:
+def rivers_ledger(url: str, work: Path) -> Engine:
     """A ledger with datanet 'rivers' v1 (Alice: 2 texts, Bob: 1) and adapter 'river-guide' (owner OWNER)."""
-    engine = open_database(database_url)
+    engine = open_database(url)
     registry = DatanetRegistry(engine, DatanetConfig())
     datanet = registry.create("rivers")
     registry.contribute("rivers", [signed(ALICE, datanet.id, TEXTS[0]), signed(ALICE, datanet.id, TEXTS[1]),
                                    signed(BOB, datanet.id, TEXTS[2])])
-    registry.publish("rivers", listing_index, MemoryAnchor(), tmp_path)
+    registry.publish("rivers", listing_index, MemoryAnchor(), work)
     adapters = AdapterRegistry(engine, registry)
     adapters.register("river-guide", uri="file:///x", base_model="tiny", owner=OWNER.address,
                       price_per_1k_tokens=PRICE, lineage=adapters.resolve_lineage(["rivers"]), source="trained")
+    return engine
+
+
+@pytest.fixture()
+def journal(database_url: str, tmp_path: Path) -> Iterator[Journal]:
+    """A ledger with datanet 'rivers' v1 (Alice: 2 texts, Bob: 1) and adapter 'river-guide' (owner OWNER)."""
+    engine = rivers_ledger(database_url, tmp_path)
     yield Journal(engine, FeeSplitPolicy(contributors_bps=7000, owner_bps=2000))
     engine.dispose()  # close its connections now (PostgreSQL would warn when they are garbage-collected)

@@ -16,9 +16,9 @@ import pytest
 from gateway.inference.v1 import inference_pb2 as pb
 from gateway.inference.v1 import inference_pb2_grpc as pb_grpc
 
-from gateway.cli import main
 from gateway.launcher import GatewayProcess
 from tests.conftest import free_port
+from tests.support.cli import cli
 
 REPLICA_HEADER = "x-gateway-replica"
 
@@ -185,14 +185,6 @@ def test_each_replica_announces_its_own_scrape_endpoint(two_replicas: GatewayPro
                       if line.startswith("gateway_requests_total{") and 'status="200"' in line)
         assert path.stem == f"engine-{group['labels']['replica']}"
     assert served >= 4, "the replicas' counters add up to the requests they served"
-
-
-def cli(capsys: pytest.CaptureFixture[str], state: Path, *args: str) -> dict:
-    capsys.readouterr()
-    code = main(["--state-dir", str(state), *args, "--json"])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return json.loads(out)
 
 
 def account_key(capsys: pytest.CaptureFixture[str], state: Path, account: str) -> str:
