@@ -167,7 +167,8 @@ class AttributionService:
         self._attributors_lock = threading.Lock()
         self._traces: OrderedDict[str, AttributionTrace] = OrderedDict()
         self._pending: dict[str, asyncio.Future[AttributionTrace]] = {}
-        self._work: set[concurrent.futures.Future[AttributionTrace]] = set()
+        self._work: set[concurrent.futures.Future[AttributionTrace]] = set()  # queued or running, for close()
+        self._work_lock = threading.Lock()
         self.failures = 0
         self.outbox_failures = 0
         self._outbox_full = False
@@ -186,9 +187,14 @@ class AttributionService:
     def submit(self, record: UsageRecord) -> asyncio.Future[AttributionTrace]:
         """Start attributing a finished generation; the returned future resolves to its trace."""
         work = self._executor.submit(self._attribute, record)
-        self._work.add(work)
-        work.add_done_callback(self._work.discard)
-        future = asyncio.wrap_future(work, loop=asyncio.get_running_loop())
+        with self._work_lock:
+            self._work.add(work)
+        work.add_done_callback(self._forget_work)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a response generator finalized outside the loop: nobody awaits this one
+            return work  # type: ignore[return-value]
+        future = asyncio.wrap_future(work, loop=loop)
         self._pending[record.trace_id] = future
         future.add_done_callback(lambda done: self._finish(record.trace_id, done))
         return future
@@ -228,7 +234,9 @@ class AttributionService:
         usage log, for the next process on this node to recover."""
         self._closed.set()
         self._executor.shutdown(wait=False, cancel_futures=False)
-        concurrent.futures.wait(list(self._work), timeout=wait_seconds)
+        with self._work_lock:
+            queued = list(self._work)
+        concurrent.futures.wait(queued, timeout=wait_seconds)
         if self.usage_log is not None:
             self.usage_log.close()
         with self._attributors_lock:
@@ -237,6 +245,10 @@ class AttributionService:
             self._attributors.clear()
 
     # ---- internals ---------------------------------------------------------------------
+    def _forget_work(self, work: concurrent.futures.Future[AttributionTrace]) -> None:
+        with self._work_lock:
+            self._work.discard(work)
+
     def _finish(self, trace_id: str, done: asyncio.Future[AttributionTrace]) -> None:
         self._pending.pop(trace_id, None)
         if done.cancelled() or done.exception() is not None:

@@ -23,6 +23,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from attribution.service import usage_record
 from serving.engine import Engine, StepOutput
 from serving.errors import AccountingBacklog, ApiError, ModelNotFound, Overloaded, TraceNotFound, UsageNotRecorded
 from serving.metrics import RequestMetrics, request_metrics
@@ -162,8 +163,6 @@ class OpenAIService:
     def _start_billing(self, job: Prepared, choices: list[list[int]]) -> tuple[Any, asyncio.Future[Any]] | None:
         if self.attribution is None:
             return None
-        from attribution.service import usage_record
-
         record = usage_record(job.request_id, job.model, job.adapter, job.requester, job.prompt_ids, choices)
         return self.attribution.record_usage(record), self.attribution.submit(record)
 
