@@ -95,7 +95,7 @@ def test_an_inference_is_billed_once_and_split_exactly(client: openai.OpenAI,
 def test_every_choice_of_n_is_billed_and_attributed(client: openai.OpenAI, capsys: pytest.CaptureFixture[str]) -> None:
     """n = 3: `usage` counts every choice's tokens, and so do the trace, the fee and the attribution."""
     raw = client.completions.with_raw_response.create(model=ADAPTER, prompt=PROMPT, max_tokens=24, n=3,
-                                                      temperature=0)
+                                                      temperature=0.1)  # vLLM refuses n > 1 with greedy sampling
     body = raw.parse()
     assert len(body.choices) == 3
     record = wait_for_trace(capsys, raw.headers["x-attribution-trace-id"])
@@ -105,7 +105,7 @@ def test_every_choice_of_n_is_billed_and_attributed(client: openai.OpenAI, capsy
     assert len(trace["choice_tokens"]) == 3 and sum(trace["choice_tokens"]) == body.usage.completion_tokens
     assert int(record["fee"]) == DEFAULT_PRICE_PER_1K_TOKENS * body.usage.total_tokens // 1000
     start = 0
-    for count in trace["choice_tokens"]:  # each choice recites the passage: each is attributed
+    for count in trace["choice_tokens"]:  # each choice (nearly greedy) recites the passage: each is attributed
         choice = trace["tokens"][start:start + count]
         start += count
         assert sum(1 - token["unattributed"] for token in choice) > 0.5 * count, trace["choice_tokens"]
