@@ -57,6 +57,7 @@ def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> 
 
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    check_front_doors_free(config)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     forget_engine_targets(config.state_dir)
     ensure_demo_assets(config)
@@ -68,6 +69,22 @@ def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> 
             ensure_demo_datanets(config, registry, lambda line: print(line, flush=True))
         with ledger_service(config, ledger) as watch_ledger:
             _serve(config, engine, replica, watch_ledger, background_work(config, ledger))
+
+
+def check_front_doors_free(config: GatewayConfig) -> None:
+    """CommandError (exit 2) when the HTTP or gRPC port is taken, before anything starts."""
+    import socket
+
+    from gateway.cli_output import CommandError
+
+    for name, port in (("HTTP", config.http_port), ("gRPC", config.grpc_port)):
+        with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind it
+            try:
+                probe.bind((config.host, port))
+            except OSError as error:
+                raise CommandError(f"the {name} port {config.host}:{port} is not free ({error.strerror}); stop "
+                                   f"what uses it or choose another port") from None
 
 
 def ensure_local_key(config: GatewayConfig) -> None:

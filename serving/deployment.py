@@ -119,7 +119,7 @@ class EngineReplica:
                 access_log=False, timeout_keep_alive=30,
             )
         )
-        self._server_task = asyncio.create_task(server.serve())
+        self._server_task = asyncio.create_task(_serve_until_exit(server))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + HTTP_START_TIMEOUT_SECONDS
         while not server.started:
@@ -255,6 +255,15 @@ class EngineReplica:
             self.service.attribution.close()
         if self._loop is not None:
             self._loop.stop()
+
+
+async def _serve_until_exit(server: Any) -> None:
+    """uvicorn's `serve`, whose `sys.exit` on a failed bind would take the replica's event loop down
+    with it (the replica would then hang in its start); it ends this task with an error instead."""
+    try:
+        await server.serve()
+    except SystemExit as exited:
+        raise RuntimeError(f"the HTTP server stopped (exit {exited.code}); is its port in use?") from None
 
 
 def model_field(body: bytes) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,16 +12,11 @@ import pytest
 
 from gateway.launcher import GatewayProcess
 from gateway.ledger_process import LedgerProcess
+from tests.support.ports import free_port
 from tests.support.postgres import PostgresServer
 
 ADAPTERS_PER_REPLICA = 40  # below the 60 demo adapters, so the replica's LRU evicts during the tests
 MAX_ONGOING_REQUESTS = 40  # above every test's concurrency but the overload test's
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,12 +20,11 @@ from ledger.fee_split import FeeSplitPolicy
 from ledger.journal import Journal
 from tests.ledger.test_datanet_registry import ALICE, BOB, TEXTS, signed
 from tests.support.memory_anchor import MemoryAnchor, listing_index
+from tests.support.ports import free_port
 
 
 def free_local_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port()
 
 
 @pytest.fixture(scope="session")
