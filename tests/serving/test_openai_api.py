@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -368,9 +369,13 @@ def test_adapter_removed_from_store_is_404(gateway: GatewayProcess, client: open
 
 # ---- disconnects ----------------------------------------------------------------------------
 def test_client_disconnect_mid_stream_frees_the_engine_slot(gateway: GatewayProcess) -> None:
-    body = {"model": "demo-adapter-030", "prompt": PROMPT, "max_tokens": 900, "stream": True,
+    body = {"model": "demo-adapter-030", "prompt": PROMPT, "max_tokens": 1000, "stream": True,
             "ignore_eos": True}
-    with httpx.stream("POST", headers=gateway.headers, url=f"{gateway.base_url}/v1/completions", json=body, timeout=60) as response:
+    # A small receive buffer makes the server wait for this slow reader, as a real one would; with the
+    # kernel's default buffers the whole stream fits in them and may end before /stats is read.
+    slow_reader = httpx.HTTPTransport(socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)])
+    with httpx.Client(transport=slow_reader, timeout=60) as reader, reader.stream(
+            "POST", headers=gateway.headers, url=f"{gateway.base_url}/v1/completions", json=body) as response:
         lines = response.iter_lines()
         received = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in received)
