@@ -164,6 +164,8 @@ class Settler:
             if batch.nonce is None:  # never sent: nothing of it can be mined, so its amounts go back
                 self._void(session, batch, f"the settler contract would refuse it: {error}")
                 return
+            if self._found_receipt(session, batch) or self.chain.is_settled(batch.id):
+                return  # an earlier attempt was mined while we re-signed: watching confirms it
             raise
         gas = estimate * (100 + self.config.gas_margin_percent) // 100
         raw, tx_hash = self.chain.sign(batch.id, batch.manifest_hash, lines, nonce=nonce, gas=gas, max_fee=max_fee,
@@ -207,9 +209,10 @@ class Settler:
             return
         latest = session.get(PayoutAttempt, batch.tx_hash)
         assert latest is not None and latest.sent_at is not None
-        if self.chain.mined_nonce() > (batch.nonce or 0) and not self._found_receipt(session, batch):
-            # Our nonce was consumed but none of our transactions holds it: another one took it.
-            self._set(session, batch, PLANNED, nonce=None, tx_hash=None)
+        if self.chain.mined_nonce() > (batch.nonce or 0):
+            # Our nonce was consumed: by one of our attempts (mined since the check above), or by another transaction.
+            if not self._found_receipt(session, batch):
+                self._set(session, batch, PLANNED, nonce=None, tx_hash=None)
             return
         waited = (datetime.now(UTC) - latest.sent_at).total_seconds()
         if waited < self.config.stuck_after_seconds:

@@ -49,6 +49,28 @@ class CrashingChain:
             raise Crash
 
 
+class LaggingNode:
+    """The real SettlementChain seen through a node that is behind: the first `hidden` receipt reads (and, while
+    `stale_nonce`, the mined nonce) do not show the block that already holds the transaction."""
+
+    def __init__(self, chain: SettlementChain, hidden: int, stale_nonce: bool) -> None:
+        self._chain = chain
+        self.hidden = hidden
+        self.stale_nonce = stale_nonce
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._chain, name)
+
+    def receipt(self, tx_hash: str) -> object:
+        if self.hidden > 0:
+            self.hidden -= 1
+            return None
+        return self._chain.receipt(tx_hash)
+
+    def mined_nonce(self) -> int:
+        return 0 if self.stale_nonce else self._chain.mined_nonce()
+
+
 @pytest.fixture()
 def chain(anvil_node: AnvilNode, tmp_path: Path) -> SettlementChain:
     """A fresh token and a funded settler on the session's anvil (automine on)."""
@@ -145,6 +167,22 @@ def test_a_reorg_that_drops_the_payout_block_sends_the_batch_back(journal: Journ
     assert chain.receipt(batch.tx_hash or "") is None or chain.receipt(batch.tx_hash or "").block_number != mined
     assert make().advance(batch.id) == SENT, "the receipt left with its block"
     step_until(journal, make, batch.id, PAID, limit=40)
+    assert_paid_exactly_once(journal, chain)
+
+
+@pytest.mark.parametrize("stale_nonce", [False, True], ids=["receipt-late", "receipt-and-nonce-late"])
+def test_a_transaction_mined_while_judged_stuck_is_confirmed_not_replaced(journal: Journal, chain: SettlementChain,
+                                                                           stale_nonce: bool) -> None:
+    """The node shows the mined block only after the settler has started to treat the transaction as stuck."""
+    earn(journal, "t-1")
+    [batch] = settler(journal, chain).plan()
+    step_until(journal, lambda: settler(journal, chain, stuck_after_seconds=3600), batch.id, SENT)
+    lagging = LaggingNode(chain, hidden=1, stale_nonce=stale_nonce)
+    assert settler(journal, lagging, stuck_after_seconds=0.0).advance(batch.id) == "confirmed"
+    with Session(journal.engine) as session:
+        attempts = session.exec(select(PayoutAttempt).where(PayoutAttempt.batch_id == batch.id)).all()
+    assert len(attempts) == 1, "nothing was re-signed for a mined transaction"
+    step_until(journal, lambda: settler(journal, chain), batch.id, PAID)
     assert_paid_exactly_once(journal, chain)
 
 
