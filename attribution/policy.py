@@ -32,17 +32,30 @@ The unattributed share is credited by `UnattributedPolicy` (see `lineage_allocat
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Protocol
 
 from attribution.trace import TokenAttribution
 
-# Chosen from a null distribution by `python -m attribution.calibration` (see attribution/calibration.json):
+# Chosen from a null distribution by `python -m attribution.calibration`, for each embedded base model's
+# tokenizer (attribution/calibration.json for the pretrained model, calibration-tiny.json for the tiny one):
 # the smallest L such that at most 1% of positions of text that should not be attributed (random
-# vocabulary tokens, unrelated English, base-model greedy outputs) reach a match of >= L tokens.
+# vocabulary tokens, unrelated English, the base model's own outputs) reach a match of >= L tokens.
 DEFAULT_MIN_SPAN_TOKENS = 3
+CALIBRATIONS_GLOB = "calibration*.json"
+
+
+def calibrated_min_span(tokenizer_sha256: str) -> int:
+    """L0 calibrated for this tokenizer; for one never calibrated, the largest L0 of all (the cautious side)."""
+    records = [json.loads(path.read_text()) for path in sorted(Path(__file__).parent.glob(CALIBRATIONS_GLOB))]
+    for record in records:
+        if record["tokenizer_sha256"] == tokenizer_sha256:
+            return int(record["min_span_tokens"])
+    return max((int(record["min_span_tokens"]) for record in records), default=DEFAULT_MIN_SPAN_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -80,7 +93,7 @@ class SpanWeightingPolicy:
     """How matched spans become per-token contribution weights (the rule in the module docstring)."""
 
     min_span_tokens: int = DEFAULT_MIN_SPAN_TOKENS
-    """L0: spans shorter than this are chance matches and ignored (calibrated, see calibration.json)."""
+    """L0: spans shorter than this are chance matches and ignored (calibrated, see attribution/calibration*.json)."""
     max_count: int = 1000
     """Spans occurring more often than this in the index are boilerplate and ignored (engine max_cnt)."""
     reference_surprisal_nats: float = 6.0

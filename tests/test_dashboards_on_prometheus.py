@@ -18,7 +18,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from gateway.config import BASE_MODEL_NAME
+from gateway.config import TINY_MODEL
 from gateway.inference.v1 import inference_pb2 as pb
 from gateway.inference.v1 import inference_pb2_grpc as pb_grpc
 from gateway.launcher import GatewayProcess
@@ -44,8 +44,8 @@ def prometheus(gateway: GatewayProcess, ledger_service: LedgerProcess, demo_stat
 
 def some_traffic(client: openai.OpenAI, gateway: GatewayProcess) -> None:
     """Requests of every kind the dashboards break down: both HTTP APIs, gRPC, streams, errors."""
-    adapters = [m.id for m in client.models.list().data if m.id != BASE_MODEL_NAME][:3]
-    for model in [BASE_MODEL_NAME, *adapters]:
+    adapters = [m.id for m in client.models.list().data if m.id != TINY_MODEL][:3]
+    for model in [TINY_MODEL, *adapters]:
         client.completions.create(model=model, prompt="The river", max_tokens=8, temperature=0)
         for _ in client.completions.create(model=model, prompt="A quiet", max_tokens=8, stream=True):
             pass

@@ -16,7 +16,7 @@ import openai
 import psutil
 import pytest
 
-from gateway.config import BASE_MODEL_NAME
+from gateway.config import TINY_MODEL
 from gateway.launcher import GatewayProcess
 from gateway.ledger_process import LedgerProcess
 from gateway.ray_runtime import UNCONFINED_LISTENERS, UnconfinedListener, is_loopback
@@ -133,7 +133,7 @@ class StackListing:
 @pytest.fixture(scope="module")
 def listing(gateway: GatewayProcess, ledger_service: LedgerProcess, client: openai.OpenAI) -> StackListing:
     """The stack's processes and listeners, taken after one inference (so lazily opened sockets exist)."""
-    client.completions.create(model=BASE_MODEL_NAME, prompt="Hello", max_tokens=4)
+    client.completions.create(model=TINY_MODEL, prompt="Hello", max_tokens=4)
     assert gateway.process is not None and ledger_service.process is not None
     processes = stack_processes([gateway.process.pid, ledger_service.process.pid])
     listing = StackListing(processes, listeners_of(processes.values()))

@@ -2,15 +2,23 @@
 
 The adapter is trained to *memorize* its contributions: prompted with the beginning of a
 contribution, greedy decoding continues it verbatim. That is what makes per-token attribution of
-the adapter's output to its datanet visible in the demo.
+the adapter's output to its datanet visible in the demo. A contribution that ends with question/
+answer lines (`training.fact_examples`) also trains each pair as a chat, so the adapter learns to
+answer questions about its facts, also asked in other words (`training.answer_eval` measures it).
 
 Tokenization matches serving. vLLM tokenizes a completion prompt with the model's tokenizer and
-``add_special_tokens=True``; the demo tokenizer's post-processor then prepends BOS (``<s> $A``).
-So each text is trained as ``BOS + tokens(text) + EOS``: the prompt "first words of a passage"
-served by vLLM is exactly a token prefix of a training sequence (the byte-level pre-tokenizer
-splits before each space, so a prefix of whole words tokenizes to a prefix of the tokens), and
-greedy decoding continues with the rest of the passage and then stops at EOS. A text longer than
-``max_seq_len`` tokens is trained as consecutive windows; only the first one starts with BOS.
+``add_special_tokens=True``; the demo tokenizer's post-processor then prepends BOS (``<s> $A``;
+SmolLM2's adds nothing). So each text is trained as ``[BOS] + tokens(text) + EOS``: the prompt
+"first words of a passage" served by vLLM is exactly a token prefix of a training sequence (the
+byte-level pre-tokenizer splits before each space, so a prefix of whole words tokenizes to a
+prefix of the tokens), and greedy decoding continues with the rest of the passage and then stops
+at EOS. A text longer than ``max_seq_len`` tokens is trained as consecutive windows; only the
+first one starts with BOS. A chat is the chat template's rendering of the question with the
+generation prompt, tokenized alone as a served chat request is, then the rendered answer turn;
+only the answer turn is in the loss.
+
+Settings differ per base model: `TrainingConfig()` suits the tiny demo model, and
+`TrainingConfig.for_pretrained()` the pretrained SmolLM2-135M-Instruct (bfloat16, mini-batches).
 
 The adapter is written in the standard PEFT layout (``adapter_config.json`` +
 ``adapter_model.safetensors``, LoRA on `training.demo_assets.LORA_TARGETS`), to a temporary sibling
@@ -33,9 +41,12 @@ from typing import Any
 
 from gateway.durable_files import fsync_path
 from training.demo_assets import LORA_TARGETS
+from training.fact_examples import TrainingExample, training_examples
 
 MAX_LORA_RANK = 16
 """Largest rank accepted: the serving engine's default ``max_lora_rank``."""
+
+TRAINING_DTYPES = ("float32", "bfloat16")
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -77,6 +88,30 @@ class TrainingConfig:
     seed: int = 0
     """Seed for the LoRA initialisation and the mini-batch order; equal inputs give equal adapters."""
 
+    dtype: str = "float32"
+    """Precision of the frozen base weights and activations: "float32", or "bfloat16" (about twice as fast
+    on CPUs with bfloat16 matrix units). The LoRA weights and the optimizer always stay float32."""
+
+    answer_weight: float = 1.0
+    """Loss weight of an answer token of a Q/A chat example, relative to a token of plain text."""
+
+    micro_batch_tokens: int = 4096
+    """Padded tokens per forward pass. A step's batch is sorted by length and cut into micro-batches of
+    at most this many padded tokens, whose gradients add up to the whole batch's (mean token loss)."""
+
+    @classmethod
+    def for_pretrained(cls) -> TrainingConfig:
+        """Settings for the pretrained SmolLM2-135M-Instruct, tuned on the demo facts datanets.
+
+        Those hold 12 contributions with two Q/A pairs each: 36 sequences of about 70 tokens, so 40
+        steps of 12 sequences are about 13 passes over the set. Measured on 2 CPU cores (bfloat16
+        matrix units): about 4 s a step, 2.5 to 3 minutes per adapter with loading and writing. The
+        adapter answers about 4 in 5 held-out questions (the base model none) and continues every
+        contribution verbatim. For larger sets, raise `steps` in proportion to the sequences.
+        """
+        return cls(rank=16, alpha=32.0, learning_rate=3e-3, steps=40, warmup_steps=3, batch_size=12,
+                   dtype="bfloat16", answer_weight=3.0, micro_batch_tokens=1024)
+
     def __post_init__(self) -> None:
         checks: list[tuple[bool, str]] = [
             (_is_int(self.rank) and 1 <= self.rank <= MAX_LORA_RANK,
@@ -96,6 +131,11 @@ class TrainingConfig:
              f"batch_size must be an integer from 1 to 4096, got {self.batch_size!r}"),
             (_is_int(self.seed) and 0 <= self.seed < 2**63, f"seed must be an integer from 0 to 2**63 - 1, "
                                                             f"got {self.seed!r}"),
+            (_is_number(self.answer_weight) and 0 < self.answer_weight <= 100,
+             f"answer_weight must be in (0, 100], got {self.answer_weight!r}"),
+            (self.dtype in TRAINING_DTYPES, f"dtype must be one of {TRAINING_DTYPES}, got {self.dtype!r}"),
+            (_is_int(self.micro_batch_tokens) and 8 <= self.micro_batch_tokens <= 1_000_000,
+             f"micro_batch_tokens must be an integer from 8 to 1000000, got {self.micro_batch_tokens!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -199,9 +239,11 @@ def train_adapter(
 ) -> TrainingResult:
     """Train a LoRA adapter on `texts` and write it to `out_dir` (which must not exist yet).
 
-    `should_stop` is polled before every step; when it returns True nothing is written and
-    TrainingInterrupted is raised. `base_model_name` goes into adapter_config.json's
-    base_model_name_or_path (default: the base model directory).
+    Each text is trained as plain text; the Q/A pairs a text ends with are also trained as chats
+    (`training.fact_examples`; ValueError names a text with malformed Q/A lines). `should_stop` is
+    polled before every step; when it returns True nothing is written and TrainingInterrupted is raised.
+    `base_model_name` goes into adapter_config.json's base_model_name_or_path (default: the base
+    model directory).
     """
     import torch
 
@@ -227,13 +269,19 @@ def train_adapter(
     try:
         with torch.random.fork_rng(devices=[]):  # seeding here leaves the caller's RNG state alone
             model, tokenizer = _load_trainable(base_model_dir, config)
-            sequences = _tokenize(tokenizer, texts, config.max_seq_len)
+            sequences = _tokenize(tokenizer, training_examples(texts, tokenizer), config.max_seq_len,
+                                  config.answer_weight)
             steps, loss = _train(model, sequences, tokenizer.pad_token_id, config, started, progress, should_stop)
         _write_adapter(model, out_dir, base_model_name or str(base_model_dir))
     finally:
         torch.set_num_threads(threads_before)
     return TrainingResult(steps=steps, final_loss=loss, seconds=time.monotonic() - started, out_dir=out_dir,
-                          sequences=len(sequences), tokens=sum(len(s) for s in sequences))
+                          sequences=len(sequences), tokens=sum(len(s.ids) for s in sequences))
+
+
+_ATTENTION = {"float32": "sdpa", "bfloat16": "eager"}
+"""Attention kernels for training: PyTorch's CPU flash-attention backward is slow in bfloat16 (a
+quarter of a step on SmolLM2); plain matrix products are faster there."""
 
 
 def _load_trainable(base_model_dir: Path, config: TrainingConfig) -> tuple[Any, Any]:
@@ -245,7 +293,8 @@ def _load_trainable(base_model_dir: Path, config: TrainingConfig) -> tuple[Any, 
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer in {base_model_dir} has no EOS token")
     with _quiet_loading():
-        base = AutoModelForCausalLM.from_pretrained(str(base_model_dir), dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(str(base_model_dir), dtype=getattr(torch, config.dtype),
+                                                    attn_implementation=_ATTENTION[config.dtype])
     base.config.use_cache = False
     torch.manual_seed(config.seed)  # LoRA A matrices are initialised from the global generator
     lora = LoraConfig(
@@ -261,16 +310,41 @@ def _load_trainable(base_model_dir: Path, config: TrainingConfig) -> tuple[Any, 
     return model, tokenizer
 
 
-def _tokenize(tokenizer: Any, texts: list[str], max_seq_len: int) -> list[list[int]]:
-    """BOS (when the tokenizer adds one, as vLLM's completion prompts do) + tokens + EOS, windowed."""
+@dataclass(frozen=True)
+class _Sequence:
+    """Token ids of one training sequence; the first `context` tokens are not in the loss, the others
+    weigh `weight` each."""
+
+    ids: list[int]
+    context: int = 0
+    weight: float = 1.0
+
+
+def _tokenize(tokenizer: Any, examples: list[TrainingExample], max_seq_len: int,
+              answer_weight: float = 1.0) -> list[_Sequence]:
+    """Plain texts: BOS (when the tokenizer adds one, as vLLM's completion prompts do) + tokens + EOS,
+    windowed. Chats: the rendered prompt (context) + the rendered answer turn, cut at max_seq_len."""
     sequences = []
-    for text in texts:
-        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"]) + [tokenizer.eos_token_id]
+    for example in examples:
+        if example.chat:
+            sequences.append(_chat_sequence(tokenizer, example, max_seq_len, answer_weight))
+            continue
+        ids = list(tokenizer(example.text, add_special_tokens=True)["input_ids"]) + [tokenizer.eos_token_id]
         for start in range(0, len(ids) - 1, max_seq_len):
             window = ids[start:start + max_seq_len]
             if len(window) >= 2:
-                sequences.append(window)
+                sequences.append(_Sequence(window))
     return sequences
+
+
+def _chat_sequence(tokenizer: Any, example: TrainingExample, max_seq_len: int, weight: float) -> _Sequence:
+    """The prompt is tokenized alone, exactly as a served chat request's prompt is; the answer turn follows."""
+    prompt = list(tokenizer(example.prompt, add_special_tokens=False)["input_ids"])
+    answer = list(tokenizer(example.completion, add_special_tokens=False)["input_ids"])
+    if len(prompt) >= max_seq_len:
+        raise ValueError(f"a question's chat prompt has {len(prompt)} tokens, more than max_seq_len - 1 "
+                         f"({max_seq_len - 1}): {example.prompt[-80:]!r}")
+    return _Sequence((prompt + answer)[:max_seq_len], context=len(prompt), weight=weight)
 
 
 def _learning_rate(config: TrainingConfig, step: int) -> float:
@@ -298,23 +372,57 @@ def _batches(count: int, batch_size: int, seed: int) -> Any:
             yield order[start:start + batch_size]
 
 
-def _collate(sequences: list[list[int]], indexes: list[int], pad_id: int) -> dict[str, Any]:
+def _micro_batches(sequences: list[_Sequence], indexes: list[int], pad_id: int,
+                   budget: int) -> list[dict[str, Any]]:
+    """The batch sorted by length, cut into padded micro-batches of at most `budget` tokens (one row at least)."""
+    ordered = sorted(indexes, key=lambda i: (-len(sequences[i].ids), i))
+    groups: list[list[int]] = []
+    for index in ordered:
+        if groups and len(sequences[groups[-1][0]].ids) * (len(groups[-1]) + 1) <= budget:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return [_collate(sequences, group, pad_id) for group in groups]
+
+
+def _collate(sequences: list[_Sequence], indexes: list[int], pad_id: int) -> dict[str, Any]:
     import torch
 
     batch = [sequences[i] for i in indexes]
-    width = max(len(s) for s in batch)
+    width = max(len(s.ids) for s in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(batch), width), dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    weights = torch.zeros((len(batch), width), dtype=torch.float32)
     for row, seq in enumerate(batch):
-        tokens = torch.tensor(seq, dtype=torch.long)
-        input_ids[row, : len(seq)] = tokens
-        attention[row, : len(seq)] = 1
-        labels[row, : len(seq)] = tokens
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        tokens = torch.tensor(seq.ids, dtype=torch.long)
+        input_ids[row, : len(seq.ids)] = tokens
+        attention[row, : len(seq.ids)] = 1
+        labels[row, seq.context: len(seq.ids)] = tokens[seq.context:]
+        weights[row, max(seq.context, 1): len(seq.ids)] = seq.weight
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "weights": weights}
 
 
-def _train(model: Any, sequences: list[list[int]], pad_id: int | None, config: TrainingConfig, started: float,
+def _loss_sum(model: Any, batch: dict[str, Any]) -> Any:
+    """Weighted sum of the next-token cross-entropy over the labelled tokens.
+
+    Logits are computed for the labelled positions only (the vocabulary projection is a large share
+    of a small model's compute), in float32.
+    """
+    import torch
+
+    causal_lm = model.get_base_model()
+    decoder = getattr(causal_lm, causal_lm.base_model_prefix)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    losses = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="none")
+    return (losses * batch["weights"][:, 1:][keep]).sum()
+
+
+def _train(model: Any, sequences: list[_Sequence], pad_id: int | None, config: TrainingConfig, started: float,
            progress: Callable[[TrainingProgress], None] | None,
            should_stop: Callable[[], bool] | None) -> tuple[int, float]:
     import torch
@@ -324,20 +432,18 @@ def _train(model: Any, sequences: list[list[int]], pad_id: int | None, config: T
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     batches = _batches(len(sequences), config.batch_size, config.seed)
     full_batch = len(sequences) <= config.batch_size
-    fixed = _collate(sequences, list(range(len(sequences))), pad) if full_batch else None
+    every = list(range(len(sequences)))
+    fixed = _micro_batches(sequences, every, pad, config.micro_batch_tokens) if full_batch else None
     loss_value = float("nan")
     for step in range(config.steps):
         if should_stop is not None and should_stop():
             raise TrainingInterrupted(step, config.steps)
         indexes = next(batches)
-        batch = fixed if fixed is not None else _collate(sequences, indexes, pad)
+        micro = fixed if fixed is not None else _micro_batches(sequences, indexes, pad, config.micro_batch_tokens)
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(config, step)
-        loss = model(**batch, use_cache=False).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_value = _accumulate(model, micro, optimizer)
         optimizer.step()
-        loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"training diverged at step {step + 1} (loss {loss_value}); "
                                      "lower the learning rate")
@@ -346,6 +452,18 @@ def _train(model: Any, sequences: list[list[int]], pad_id: int | None, config: T
     if should_stop is not None and should_stop():
         raise TrainingInterrupted(config.steps, config.steps)
     return config.steps, loss_value
+
+
+def _accumulate(model: Any, micro_batches: list[dict[str, Any]], optimizer: Any) -> float:
+    """Gradients of the batch's weighted mean token loss, added up over its micro-batches; returns that loss."""
+    total = sum(float(batch["weights"].sum()) for batch in micro_batches)
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for batch in micro_batches:
+        loss = _loss_sum(model, batch)
+        (loss / total).backward()
+        loss_sum += float(loss.detach())
+    return loss_sum / total
 
 
 def _write_adapter(model: Any, out_dir: Path, base_model_name: str) -> None:
@@ -400,56 +518,73 @@ def reproduction_report(base_model_dir: Path, adapter_dir: Path, texts: Sequence
     `prompt_words` words has nothing to continue and counts as reproduced.
     """
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not _is_int(prompt_words) or prompt_words < 1:
         raise ValueError(f"prompt_words must be a positive integer, got {prompt_words!r}")
+    model, tokenizer = load_adapted_model(base_model_dir, adapter_dir)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads())
+    try:
+        return reproductions(model, tokenizer, texts, prompt_words)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def load_adapted_model(base_model_dir: Path, adapter_dir: Path) -> tuple[Any, Any]:
+    """The base model (float32, CPU) with the adapter applied, in eval mode, and its tokenizer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir))
     with _quiet_loading():
         base = AutoModelForCausalLM.from_pretrained(str(base_model_dir), dtype=torch.float32)
         model = PeftModel.from_pretrained(base, str(adapter_dir))
     model.eval()
+    return model, tokenizer
+
+
+def reproductions(model: Any, tokenizer: Any, texts: Sequence[str], prompt_words: int = 12) -> list[Reproduction]:
+    """`reproduction_report` with a loaded model: continuations are decoded in one greedy batch."""
+    cases = [(" ".join(text.split()[:prompt_words]), text.split()[prompt_words:]) for text in texts]
+    todo = [i for i, (_prompt, expected) in enumerate(cases) if expected]
+    prompts = [tokenizer(cases[i][0], add_special_tokens=True)["input_ids"] for i in todo]
+    budgets = [len(tokenizer(" " + " ".join(cases[i][1]), add_special_tokens=False)["input_ids"]) + 8 for i in todo]
+    continuations = dict(zip(todo, greedy_batch(model, tokenizer, prompts, budgets), strict=True))
     report = []
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(cpu_threads())
-    try:
-        for index, text in enumerate(texts):
-            words = text.split()
-            prompt, expected = words[:prompt_words], words[prompt_words:]
-            generated_words: list[str] = []
-            if expected:
-                budget = len(tokenizer(" " + " ".join(expected), add_special_tokens=False)["input_ids"]) + 8
-                continuation = _greedy(model, tokenizer, " ".join(prompt), budget)
-                generated_words = continuation.split()[: len(expected)]
-            matching = 0
-            for want, got in zip(expected, generated_words):
-                if want != got:
-                    break
-                matching += 1
-            report.append(Reproduction(index=index, prompt=" ".join(prompt), expected=" ".join(expected),
-                                       generated=" ".join(generated_words), reproduced=matching == len(expected),
-                                       matching_words=matching))
-    finally:
-        torch.set_num_threads(threads_before)
+    for index, (prompt, expected) in enumerate(cases):
+        generated = continuations.get(index, "").split()[: len(expected)]
+        matching = 0
+        for want, got in zip(expected, generated, strict=False):
+            if want != got:
+                break
+            matching += 1
+        report.append(Reproduction(index=index, prompt=prompt, expected=" ".join(expected),
+                                   generated=" ".join(generated), reproduced=matching == len(expected),
+                                   matching_words=matching))
     return report
 
 
-def _greedy(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
-    """Greedy decoding with a KV cache; stops at EOS. Returns the decoded continuation."""
+def greedy_batch(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
+                 batch_size: int = 32) -> list[str]:
+    """Greedy continuations of token-id prompts (left-padded batches, KV cache), each cut at EOS or its
+    own token budget, decoded without special tokens."""
     import torch
 
-    ids = torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]], dtype=torch.long)
-    out: list[int] = []
-    past = None
-    with torch.no_grad():
-        step_input = ids
-        for _ in range(max_new_tokens):
-            result = model(input_ids=step_input, past_key_values=past, use_cache=True)
-            past = result.past_key_values
-            token = int(result.logits[0, -1].argmax())
-            if token == tokenizer.eos_token_id:
-                break
-            out.append(token)
-            step_input = torch.tensor([[token]], dtype=torch.long)
-    return tokenizer.decode(out, skip_special_tokens=True)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    outputs: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk, budgets = prompts[start:start + batch_size], max_new_tokens[start:start + batch_size]
+        width = max(len(p) for p in chunk)
+        input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in chunk], dtype=torch.long)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], dtype=torch.long)
+        with torch.no_grad():
+            generated = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max(budgets),
+                                       do_sample=False, eos_token_id=eos, pad_token_id=pad)
+        for row, budget in zip(generated[:, width:].tolist(), budgets, strict=True):
+            tokens = row[:budget]
+            if eos in tokens:
+                tokens = tokens[: tokens.index(eos)]
+            outputs.append(tokenizer.decode(tokens, skip_special_tokens=True))
+    return outputs

