@@ -88,6 +88,19 @@ def english_sequences(encode: Any, count: int, length: int = SEQUENCE_TOKENS, se
 
 def base_model_sequences(model_dir: Path, prompts: Sequence[str], new_tokens: int = BASE_MODEL_NEW_TOKENS) -> list[list[int]]:
     """Greedy continuations (token ids, prompt excluded) by the base model alone."""
+    return _greedy_outputs(model_dir, lambda tokenizer, prompt: tokenizer(prompt, add_special_tokens=True)["input_ids"],
+                           prompts, new_tokens)
+
+
+def chat_answers(model_dir: Path, questions: Sequence[str], new_tokens: int = BASE_MODEL_NEW_TOKENS) -> list[list[int]]:
+    """Greedy chat answers (token ids, the rendered question excluded) by the base model alone."""
+    return _greedy_outputs(model_dir, lambda tokenizer, question: tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"], questions, new_tokens)
+
+
+def _greedy_outputs(model_dir: Path, encode: Any, prompts: Sequence[str], new_tokens: int) -> list[list[int]]:
+    """For each prompt, encoded by `encode(tokenizer, prompt)`, the generated token ids, EOS dropped."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -97,30 +110,10 @@ def base_model_sequences(model_dir: Path, prompts: Sequence[str], new_tokens: in
     outputs = []
     with torch.no_grad():
         for prompt in prompts:
-            ids = torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]], dtype=torch.long)
+            ids = torch.tensor([list(encode(tokenizer, prompt))], dtype=torch.long)
             generated = model.generate(ids, max_new_tokens=new_tokens, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id)
-            completion = [int(token) for token in generated[0, ids.shape[1]:] if int(token) != tokenizer.eos_token_id]
-            outputs.append(completion)
-    return outputs
-
-
-def chat_answers(model_dir: Path, questions: Sequence[str], new_tokens: int = BASE_MODEL_NEW_TOKENS) -> list[list[int]]:
-    """Greedy chat answers (token ids, the rendered question excluded) by the base model alone."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model.eval()
-    outputs = []
-    with torch.no_grad():
-        for question in questions:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                                return_tensors="pt", return_dict=True)["input_ids"]
-            generated = model.generate(ids, max_new_tokens=new_tokens, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-            outputs.append([int(t) for t in generated[0, ids.shape[1]:] if int(t) not in tokenizer.all_special_ids])
+                                       pad_token_id=tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id)
+            outputs.append([int(token) for token in generated[0, ids.shape[1]:] if int(token) != tokenizer.eos_token_id])
     return outputs
 
 

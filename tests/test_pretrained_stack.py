@@ -10,12 +10,15 @@ who wrote the fact.
 Thresholds: an adapter answers at least ADAPTER_AT_LEAST of its datanet's held-out questions
 correctly, the base model at most BASE_AT_MOST (a correct answer holds every keyword of the
 question); at least ATTRIBUTED_AT_LEAST of the adapter's correct answers name the fact's
-contributor first.
+contributor first; the first start's own evaluation (Hugging Face, printed to the log) meets the
+same bars. Verbatim reproduction of the contributions is printed there too, but is not a bar: an
+adapter that answers in chat need not recite its passages.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,7 +73,11 @@ def test_the_first_start_installs_the_model_and_reports_what_each_adapter_learne
     log = (real_gateway.state_dir / "gateway.log").read_text()
     assert "[model] pretrained model ready in" in log
     for facts in DEMO_FACT_DATANETS:
-        assert f"'{demo_adapter_name(facts.datanet)}': held-out answers correct: base " in log, log[-3000:]
+        line = re.search(rf"'{demo_adapter_name(facts.datanet)}': held-out answers correct: base ([0-9.]+), adapter "
+                         r"([0-9.]+) \(\d+ questions\); reproduced verbatim ([0-9.]+)", log)
+        assert line is not None, log[-3000:]
+        base, adapter, reproduced = map(float, line.groups())
+        assert base <= BASE_AT_MOST and adapter >= ADAPTER_AT_LEAST and 0 <= reproduced <= 1, line[0]
     models = [m.id for m in real_client.models.list().data]
     assert models[0] == PRETRAINED_MODEL
     assert {demo_adapter_name(f.datanet) for f in DEMO_FACT_DATANETS} <= set(models)
