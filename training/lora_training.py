@@ -93,7 +93,9 @@ class TrainingConfig:
     on CPUs with bfloat16 matrix units). The LoRA weights and the optimizer always stay float32."""
 
     answer_weight: float = 1.0
-    """Loss weight of an answer token of a Q/A chat example, relative to a token of plain text."""
+    """Loss weight of an answer token of a Q/A chat, relative to a token of plain text. Answers are a fifth of
+    the labelled tokens of a demo facts datanet; weighing them up (3 in the pretrained preset) got more
+    held-out questions answered (0.83 against 0.67 on glassfin-reef) at no cost in reproduction."""
 
     micro_batch_tokens: int = 4096
     """Padded tokens per forward pass. A step's batch is sorted by length and cut into micro-batches of
@@ -173,7 +175,7 @@ class TrainingResult:
     out_dir: Path
     """The finished adapter directory."""
     sequences: int
-    """Training sequences (texts, or windows of long texts)."""
+    """Training sequences: texts (or windows of long texts), and a chat per Q/A pair."""
     tokens: int
     """Tokens in the training sequences, BOS and EOS included."""
 
