@@ -16,7 +16,7 @@ from training.fact_examples import (
     parse_contribution,
     training_examples,
 )
-from training.lora_training import _tokenize
+from training.lora_training import MAX_LORA_RANK, TrainingConfig, _tokenize
 
 CONTRIBUTION = (
     "The glassfin is a small pale fish. It eats lantern moss.\n"
@@ -177,3 +177,16 @@ def test_keywords_match_at_the_start_of_a_word() -> None:
     assert question.is_answered_by("It has ELEVEN Long Legs.")
     assert not question.is_answered_by("It has eleven legs.")
     assert not HeldOutQuestion("Which?", ("ten",), 0, 0).is_answered_by("It often rains.")
+
+
+def test_the_pretrained_preset_and_its_new_settings() -> None:
+    preset = TrainingConfig.for_pretrained()
+    assert preset.dtype == "bfloat16" and preset.rank <= MAX_LORA_RANK and preset.max_grad_norm > 0
+    assert preset.answer_weight > 1 and preset.batch_size < 36, "answers weigh more; mini-batches of the 36 sequences"
+    default = TrainingConfig()
+    assert (default.dtype, default.answer_weight, default.max_grad_norm) == ("float32", 1.0, 0.0), \
+        "plain texts on the tiny model train as before"
+    for changes, message in [({"dtype": "float16"}, "dtype"), ({"answer_weight": 0}, "answer_weight"),
+                             ({"max_grad_norm": -1.0}, "max_grad_norm"), ({"micro_batch_tokens": 4}, "micro_batch")]:
+        with pytest.raises(ValueError, match=message):
+            TrainingConfig(**changes)  # type: ignore[arg-type]
