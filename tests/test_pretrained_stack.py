@@ -11,8 +11,8 @@ Thresholds: an adapter answers at least ADAPTER_AT_LEAST of its datanet's held-o
 correctly, the base model at most BASE_AT_MOST (a correct answer holds every keyword of the
 question); at least ATTRIBUTED_AT_LEAST of the adapter's correct answers name the fact's
 contributor first; the first start's own evaluation (Hugging Face, printed to the log) meets the
-same bars. Verbatim reproduction of the contributions is printed there too, but is not a bar: an
-adapter that answers in chat need not recite its passages.
+same bars, and its adapters continue at least REPRODUCED_AT_LEAST of their contributions verbatim
+from the first words (both reach 1.0 on a quiet machine: `loadtests/bench_fact_adapters.py`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from training.demo_facts import DEMO_FACT_DATANETS, FactDatanet, HeldOutQuestion
 ADAPTER_AT_LEAST = 0.6
 BASE_AT_MOST = 0.2
 ATTRIBUTED_AT_LEAST = 0.7
+REPRODUCED_AT_LEAST = 0.75
 FIRST_START_SECONDS = 1500.0  # install + two trainings + their evaluation + engine start, on 2 busy cores
 
 
@@ -77,7 +78,7 @@ def test_the_first_start_installs_the_model_and_reports_what_each_adapter_learne
                          r"([0-9.]+) \(\d+ questions\); reproduced verbatim ([0-9.]+)", log)
         assert line is not None, log[-3000:]
         base, adapter, reproduced = map(float, line.groups())
-        assert base <= BASE_AT_MOST and adapter >= ADAPTER_AT_LEAST and 0 <= reproduced <= 1, line[0]
+        assert base <= BASE_AT_MOST and adapter >= ADAPTER_AT_LEAST and reproduced >= REPRODUCED_AT_LEAST, line[0]
     models = [m.id for m in real_client.models.list().data]
     assert models[0] == PRETRAINED_MODEL
     assert {demo_adapter_name(f.datanet) for f in DEMO_FACT_DATANETS} <= set(models)
