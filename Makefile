@@ -10,10 +10,14 @@ NODE_STAMP := node_modules/.installed
 # does not need them; with them present `from transformers import LlamaConfig` fails).
 BROKEN_EXTRAS := torchvision torchaudio torchcodec
 
-# gRPC stubs are generated from proto/ (never committed, never edited), next to the package they
-# belong to: proto/gateway/<api>/v1/*.proto -> gateway/<api>/v1/*_pb2*.py(i).
+# gRPC stubs are generated from proto/ (never committed, never edited) into the package `wire`, which
+# holds nothing else: proto/wire/<api>/v1/*.proto -> wire/<api>/v1/*_pb2*.py(i), each folder given an
+# empty __init__.py. The protos keep `package gateway.<api>.v1;`, the names of the gRPC methods on the wire.
 PROTOS := $(shell find proto -name '*.proto')
-STUBS := gateway/inference/v1/inference_pb2.py gateway/ledger/v1/ledger_pb2.py
+STUBS := wire/inference/v1/inference_pb2.py wire/ledger/v1/ledger_pb2.py
+# The stubs are generated before the project's editable install, which maps only the packages that
+# exist then (wire/ included): the generator (grpcio-tools) is installed into the venv first.
+PROTOC_STAMP := $(VENV)/.protoc-installed
 
 # The tests start their own PostgreSQL server (tests/support/postgres.py) from Debian's package.
 PG_SERVER := $(firstword $(wildcard /usr/lib/postgresql/*/bin/postgres))
@@ -28,12 +32,17 @@ install: $(STAMP) $(NODE_STAMP) $(STUBS)
 
 stubs: $(STUBS)
 
-$(STUBS) &: $(PROTOS) $(STAMP)
+$(STUBS) &: $(PROTOS) $(PROTOC_STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	find wire -name __pycache__ -prune -o -type d -exec touch {}/__init__.py ';'
 
-$(STAMP): pyproject.toml constraints.txt
+$(PROTOC_STAMP): constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip==25.3
+	$(PIP) install --quiet -c constraints.txt grpcio-tools
+	@touch $(PROTOC_STAMP)
+
+$(STAMP): pyproject.toml constraints.txt | $(STUBS)
 	$(PIP) install --quiet -c constraints.txt torch==2.13.0
 	$(PIP) install --quiet -c constraints.txt -e '.[cpu,dev]'
 	$(PIP) uninstall --quiet --yes $(BROKEN_EXTRAS) || true
@@ -98,4 +107,4 @@ prometheus: system-packages
 		--storage.tsdb.path=.gateway/prometheus
 
 clean:
-	rm -rf $(VENV) node_modules .gateway gateway/inference gateway/ledger
+	rm -rf $(VENV) node_modules .gateway wire

@@ -30,7 +30,7 @@ from attribution.index_builder import (
     validate_index_path,
 )
 from attribution.policy import MatchedSpan, SpanWeightingPolicy, calibrated_min_span
-from attribution.trace import TokenAttribution
+from ledger.client.trace import TokenAttribution
 
 MAX_CONTEXT_TOKENS = 512
 

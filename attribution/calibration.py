@@ -30,6 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attribution.attributor import Attributor
+from attribution.index_builder import build_index, tokenizer_sha256
+from training.demo_assets import english_corpus, ensure_base_model
+from training.demo_facts import DEMO_FACT_DATANETS
+from training.demo_passages import DEMO_DATANETS
+from training.pretrained_model import install_pretrained_model
+
 RANDOM_SEED = 20261125
 SEQUENCE_TOKENS = 100
 PROMPT_WORDS = 12
@@ -74,8 +81,6 @@ def random_sequences(vocab_size: int, first_id: int, count: int, length: int = S
 
 
 def english_sequences(encode: Any, count: int, length: int = SEQUENCE_TOKENS, seed: int = RANDOM_SEED) -> list[list[int]]:
-    from training.demo_assets import english_corpus
-
     topics = english_corpus()
     rng = random.Random(seed + 1)
     sequences = []
@@ -135,18 +140,12 @@ def _documents(texts: Iterable[str]) -> list[tuple[str, str]]:
 
 def tiny_subject(model_dir: Path) -> Subject:
     """The tiny random model and the recitation datanets it is tested with (built if absent)."""
-    from training.demo_assets import ensure_base_model
-    from training.demo_passages import DEMO_DATANETS
-
     texts = [text for datanet in DEMO_DATANETS for text in (*datanet.texts, *datanet.decoys)]
     return Subject("datanet-tiny-llama", ensure_base_model(model_dir), _documents(texts), [])
 
 
 def pretrained_subject(model_dir: Path) -> Subject:
     """The pretrained model and its fact datanets; its answers to the held-out questions are null text too."""
-    from training.demo_facts import DEMO_FACT_DATANETS
-    from training.pretrained_model import install_pretrained_model
-
     installed = install_pretrained_model(model_dir, report=lambda line: print(f"[model] {line}", flush=True))
     texts = [text for facts in DEMO_FACT_DATANETS for text in (*facts.datanet.texts, *facts.datanet.decoys)]
     questions = [q.question for facts in DEMO_FACT_DATANETS for q in facts.questions]
@@ -155,9 +154,6 @@ def pretrained_subject(model_dir: Path) -> Subject:
 
 def calibrate(work_dir: Path, subject: Subject, rate: float, sequences_per_source: int = 24) -> dict[str, Any]:
     from tokenizers import Tokenizer
-
-    from attribution.attributor import Attributor
-    from attribution.index_builder import build_index, tokenizer_sha256
 
     build_index(subject.documents, subject.model_dir, work_dir / "idx")
     tokenizer = Tokenizer.from_file(str(subject.model_dir / "tokenizer.json"))

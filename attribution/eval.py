@@ -30,7 +30,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from attribution.trace import TokenAttribution
+from attribution.attributor import Attributor
+from attribution.calibration import base_model_sequences
+from attribution.index_builder import build_index
+from ledger.client.trace import TokenAttribution
+from training.demo_assets import ensure_base_model
+from training.demo_passages import DEMO_DATANETS
+from training.lora_training import reproduction_report, train_adapter
 
 PROMPT_WORDS = 12
 
@@ -71,13 +77,6 @@ def _mean(values: Sequence[float]) -> float:
 def evaluate(work_dir: Path, model_dir: Path | None = None, passages: int | None = None,
              datanet_index: int = 0) -> EvalReport:
     from tokenizers import Tokenizer
-
-    from attribution.attributor import Attributor
-    from attribution.calibration import base_model_sequences
-    from attribution.index_builder import build_index
-    from training.demo_assets import ensure_base_model
-    from training.demo_passages import DEMO_DATANETS
-    from training.lora_training import reproduction_report, train_adapter
 
     datanet = DEMO_DATANETS[datanet_index]
     model_dir = ensure_base_model(model_dir or work_dir / "model")

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.durable_files import fsync_path, write_durably
+from statedir.durable_files import fsync_path, write_durably
 
 FORMAT = "datanet-gateway/attribution-index"
 FORMAT_VERSION = 1

@@ -25,9 +25,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from attribution.trace import AttributionTrace
-from attribution.trace_wire import canonical_json
-from gateway.durable_files import fsync_path, write_durably
+from ledger.client.trace import AttributionTrace
+from ledger.client.trace_wire import canonical_json
+from statedir.durable_files import fsync_path, write_durably
 
 log = logging.getLogger("attribution.outbox")
 

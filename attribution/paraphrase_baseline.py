@@ -23,6 +23,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from attribution.attributor import Attributor
+from attribution.index_builder import build_index
+from statedir.layout import StateLayout
+from training.demo_facts import GLASSFIN_REEF
+from training.fact_examples import parse_contribution
+from training.pretrained_model import PRETRAINED_MODEL_NAME, install_pretrained_model
+
 # One paraphrase per trained answer of GLASSFIN_REEF, in contribution order (two per contribution).
 PARAPHRASES = (
     "Its food is the moss of the lantern kind.",
@@ -64,11 +71,6 @@ class RegimeFigures:
 def measure(model_dir: Path, work_dir: Path) -> dict[str, RegimeFigures]:
     from tokenizers import Tokenizer
 
-    from attribution.attributor import Attributor
-    from attribution.index_builder import build_index
-    from training.demo_facts import GLASSFIN_REEF
-    from training.fact_examples import parse_contribution
-
     datanet = GLASSFIN_REEF.datanet
     owner = {_cid(p.text): p.contributor_index for p in datanet.passages}
     build_index([(_cid(p.text), p.text) for p in datanet.passages] + [(_cid(t), t) for t in datanet.decoys],
@@ -109,10 +111,8 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from training.pretrained_model import install_pretrained_model
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=Path(".gateway/models/smollm2-135m-instruct"),
+    parser.add_argument("--model-dir", type=Path, default=StateLayout(Path(".gateway")).model(PRETRAINED_MODEL_NAME),
                         help="the pretrained model (installed there if absent)")
     args = parser.parse_args(argv)
     model_dir = install_pretrained_model(args.model_dir, report=lambda line: print(f"[model] {line}")).path

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
-from attribution.trace import TokenAttribution
+from ledger.client.trace import TokenAttribution
 
 # Chosen from a null distribution by `python -m attribution.calibration`, for each embedded base model's
 # tokenizer (attribution/calibration.json for the pretrained model, calibration-tiny.json for the tiny one):

@@ -47,8 +47,8 @@ from typing import Any
 from attribution.attributor import MAX_CONTEXT_TOKENS, Attributor
 from attribution.metrics import AttributionMetrics, attribution_metrics
 from attribution.outbox import TRACE_SUFFIX, Outbox
-from attribution.trace import AttributionTrace, TokenAttribution
 from attribution.usage_log import UsageLog, UsageRecord, recover
+from ledger.client.trace import AttributionTrace, TokenAttribution
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,12 @@ class LedgerLineages:
         return cached[1] if cached else self.lineage(adapter)
 
     def _read(self, adapter: str) -> Lineage:
+        # deferred: the database and the registry (SQLAlchemy, eth-account: ~1.5 s) are the engine replica's only;
+        # the ingress replicas import this module too (through serving.openai_service)
         from sqlmodel import Session
 
-        from ledger.adapters import lineage_contents
-        from ledger.database import open_database
+        from registry.adapters import lineage_contents
+        from storage.database import open_database
 
         if self._engine is None:
             self._engine = open_database(self.database_url)
@@ -156,7 +158,7 @@ class AttributionService:
         self.trace_dir = trace_dir
         self.outbox = outbox
         self.usage_log = usage_log
-        self.delay_seconds = delay_seconds  # a test hook (GatewayConfig.attribution_delay_seconds)
+        self.delay_seconds = delay_seconds  # a test hook (ServingConfig.attribution_delay_seconds)
         self.recovered = 0
         self.traces_max = traces_max
         self._written: deque[Path] = deque()

@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from attribution.outbox import CorruptTrace, Outbox
-from attribution.trace_wire import trace_to_pb
-from gateway.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from ledger.client.trace_wire import trace_to_pb
+from wire.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 log = logging.getLogger("attribution.shipper")
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.durable_files import fsync_path, write_durably
+from statedir.durable_files import fsync_path, write_durably
 
 log = logging.getLogger("attribution.usage_log")
 

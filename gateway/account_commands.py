@@ -10,20 +10,24 @@ base units of the payout token, printed as strings in `--json`. A key's secret i
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from gateway.admin_access import require_admin
+from gateway.admin_access import (LOCAL_ACCOUNT, create_local_key, describe_new_local_key, local_key_problem,
+                                  require_admin)
 from gateway.cli_output import CommandError, emit, json_flag
 from gateway.config import GatewayConfig
+from ledger.accounts.accounts import Accounts
+from ledger.accounts.api_keys import ApiKeys
+from serving.config import AccessConfig
+from storage.database import database_url, open_database
 
 
 @contextmanager
 def _ledger(config: GatewayConfig, *, admin: bool = True) -> Iterator[Any]:
     """The ledger's database; with `admin`, only for a caller holding an admin key (gateway/admin_access.py)."""
-    from ledger.database import database_url, open_database
-
     engine = open_database(database_url(config.state_dir))
     try:
         if admin:
@@ -54,16 +58,12 @@ def _key_json(key: Any) -> dict[str, Any]:
 
 
 def cmd_account_create(config: GatewayConfig, args: argparse.Namespace) -> None:
-    from ledger.accounts import Accounts
-
     with _ledger(config) as engine:
         account = Accounts(engine).create(args.account, args.deposit_address)
     emit(args, _account_json(account), lambda p: f"account {p['id']} created (balance 0)")
 
 
 def cmd_account_list(config: GatewayConfig, args: argparse.Namespace) -> None:
-    from ledger.accounts import Accounts
-
     with _ledger(config) as engine:
         accounts = [_account_json(a) for a in Accounts(engine).list()]
     emit(args, {"accounts": accounts}, lambda p: "\n".join(
@@ -72,8 +72,6 @@ def cmd_account_list(config: GatewayConfig, args: argparse.Namespace) -> None:
 
 
 def cmd_account_balance(config: GatewayConfig, args: argparse.Namespace) -> None:
-    from ledger.accounts import Accounts
-
     with _ledger(config, admin=False) as engine:
         payload = _account_json(Accounts(engine).get(args.account))
     emit(args, payload, lambda p: f"{p['id']}: available {p['available']} (balance {p['balance']}, "
@@ -81,8 +79,6 @@ def cmd_account_balance(config: GatewayConfig, args: argparse.Namespace) -> None
 
 
 def cmd_account_credit(config: GatewayConfig, args: argparse.Namespace) -> None:
-    from ledger.accounts import Accounts
-
     with _ledger(config) as engine:
         accounts = Accounts(engine)
         credited = accounts.credit(args.account, args.amount, args.ref)
@@ -94,8 +90,6 @@ def cmd_account_credit(config: GatewayConfig, args: argparse.Namespace) -> None:
 
 
 def cmd_account_share(config: GatewayConfig, args: argparse.Namespace) -> None:
-    from ledger.accounts import Accounts
-
     with _ledger(config) as engine:
         accounts = Accounts(engine)
         change = accounts.unshare_adapter if args.remove else accounts.share_adapter
@@ -106,8 +100,6 @@ def cmd_account_share(config: GatewayConfig, args: argparse.Namespace) -> None:
 
 
 def cmd_key_create(config: GatewayConfig, args: argparse.Namespace) -> None:
-    from ledger.api_keys import ApiKeys
-
     with _ledger(config) as engine:
         new = ApiKeys(engine).create(args.account, name=args.name, admin=args.admin,
                                      requests_per_second=args.requests_per_second,
@@ -118,8 +110,6 @@ def cmd_key_create(config: GatewayConfig, args: argparse.Namespace) -> None:
 
 
 def cmd_key_list(config: GatewayConfig, args: argparse.Namespace) -> None:
-    from ledger.api_keys import ApiKeys
-
     with _ledger(config) as engine:
         keys = [_key_json(k) for k in ApiKeys(engine).list(args.account)]
     emit(args, {"keys": keys}, lambda p: "\n".join(
@@ -129,13 +119,7 @@ def cmd_key_list(config: GatewayConfig, args: argparse.Namespace) -> None:
 
 
 def cmd_key_bootstrap(config: GatewayConfig, args: argparse.Namespace) -> None:
-    import sys
-
-    from gateway.admin_access import (LOCAL_ACCOUNT, create_local_key, describe_new_local_key, local_key_path,
-                                      local_key_problem)
-    from gateway.config import AccessConfig
-
-    path = local_key_path(config)
+    path = config.layout.local_api_key
     try:
         key = create_local_key(config, AccessConfig().local_credit)
     except FileExistsError:
@@ -150,8 +134,6 @@ def cmd_key_bootstrap(config: GatewayConfig, args: argparse.Namespace) -> None:
 
 
 def cmd_key_revoke(config: GatewayConfig, args: argparse.Namespace) -> None:
-    from ledger.api_keys import ApiKeys
-
     with _ledger(config) as engine:
         key = ApiKeys(engine).revoke(args.key_id)
     emit(args, _key_json(key), lambda p: f"key {p['id']} revoked at {p['revoked_at']}")

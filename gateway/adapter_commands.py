@@ -15,10 +15,14 @@ from gateway.adapter_lifecycle import (
     store_and_register,
     train_and_register,
 )
+from gateway.admin_access import require_admin_of
 from gateway.cli_output import EXIT_INTERRUPTED, CommandError, emit, json_flag, progress
 from gateway.config import GatewayConfig
+from gateway.contributor_key import load_private_key
 from gateway.ledger_access import open_registries
-from ledger.adapters import DEFAULT_PRICE_PER_1K_TOKENS, AdapterRecord, parse_price
+from registry.adapters import DEFAULT_PRICE_PER_1K_TOKENS, AdapterRecord, parse_price
+from registry.contribution_content import address_of_key
+from training.lora_training import TrainingInterrupted
 
 
 def _payload(record: AdapterRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -34,9 +38,6 @@ def _human(p: dict[str, Any]) -> str:
 def _owner(args: argparse.Namespace) -> str:
     if args.owner:
         return args.owner
-    from gateway.datanet_commands import load_private_key
-    from ledger.contribution_content import address_of_key
-
     try:
         return address_of_key(load_private_key(None))
     except CommandError:
@@ -44,8 +45,6 @@ def _owner(args: argparse.Namespace) -> str:
 
 
 def cmd_train(config: GatewayConfig, args: argparse.Namespace) -> None:
-    from training.lora_training import TrainingInterrupted
-
     registries = open_registries(config)
     check_new_name(config, registries, args.adapter)
     price = parse_price(args.price_per_1k_tokens)
@@ -81,8 +80,6 @@ def cmd_train(config: GatewayConfig, args: argparse.Namespace) -> None:
 
 
 def cmd_register(config: GatewayConfig, args: argparse.Namespace) -> None:
-    from gateway.admin_access import require_admin_of
-
     require_admin_of(config)
     registries = open_registries(config)
     check_new_name(config, registries, args.adapter)

@@ -16,14 +16,15 @@ from pathlib import Path
 
 from sqlmodel import Session, select
 
-from gateway.config import EngineConfig, GatewayConfig
+from gateway.config import GatewayConfig
 from gateway.ledger_access import Registries
-from ledger.adapters import AdapterRecord
-from ledger.contribution_content import checksum_address
-from ledger.errors import AlreadyExists, InvalidInput
-from ledger.datanets import in_version
-from ledger.models import Contribution, Datanet, DatanetVersion
+from registry.adapters import AdapterRecord
+from registry.contribution_content import checksum_address
+from registry.datanets import in_version
+from registry.errors import AlreadyExists, InvalidInput
+from registry.models import Contribution, Datanet, DatanetVersion
 from serving.adapter_store import AdapterStore, BaseModelShape, check_adapter_dir, validate_name
+from serving.config import EngineConfig
 from serving.errors import ApiError
 from training.lora_training import TrainingConfig, TrainingProgress, train_adapter
 
@@ -117,7 +118,7 @@ def train_and_register(config: GatewayConfig, registries: Registries, name: str,
     training = training_config(texts, steps, training_preset(config))
     if progress is not None:
         progress(TrainingProgress(0, training.steps, float("nan"), 0.0))
-    scratch = config.state_dir / "tmp"
+    scratch = config.layout.tmp
     scratch.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="train-", dir=scratch))
     try:

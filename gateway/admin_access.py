@@ -11,7 +11,7 @@ its first start with auth on) and `gateway keys bootstrap` both call `create_loc
 creates the account `local`, credits it once, creates an admin key for it and writes the key to
 `<state>/local-api-key` (created with O_EXCL, mode 0600: never over an existing file). The key is
 shown once, and only on a terminal (`describe_new_local_key`); logs get the file's path. The last
-live admin key cannot be revoked (`ledger.api_keys.ApiKeys.revoke`), so a working ledger never ends
+live admin key cannot be revoked (`ledger.accounts.api_keys.ApiKeys.revoke`), so a working ledger never ends
 up without one.
 """
 
@@ -21,15 +21,16 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 from gateway.cli_output import CommandError
 from gateway.config import GatewayConfig
+from ledger.accounts.accounts import Accounts, UnknownAccount
+from ledger.accounts.api_keys import ApiKeys
+from ledger.models import ApiKey
+from serving.config import AccessConfig
+from storage.database import database_url, open_database
 
-if TYPE_CHECKING:
-    from ledger.models import ApiKey
-
-LOCAL_KEY_FILE = "local-api-key"
 LOCAL_ACCOUNT = "local"
 LOCAL_CREDIT_REF = "local-first-start"
 LOCAL_KEY_NAME = "local admin key"
@@ -46,21 +47,13 @@ class LocalKey:
     presented: str = field(repr=False)
 
 
-def local_key_path(config: GatewayConfig) -> Path:
-    return config.state_dir / LOCAL_KEY_FILE
-
-
 def create_local_key(config: GatewayConfig, credit: int) -> LocalKey:
     """Account `local` (credited `credit` once), an admin key for it, written to `<state>/local-api-key`.
 
     The file is reserved first (O_EXCL, 0600), so an existing one is never replaced and two starts
     never both create a key: FileExistsError then, with nothing created.
     """
-    from ledger.accounts import Accounts, UnknownAccount
-    from ledger.api_keys import ApiKeys
-    from ledger.database import database_url, open_database
-
-    path = local_key_path(config)
+    path = config.layout.local_api_key
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -111,10 +104,7 @@ def _is_terminal(stream: TextIO) -> bool:
 
 def local_key_problem(config: GatewayConfig) -> str | None:
     """Why the key in `<state>/local-api-key` cannot administer this ledger, or None when it can."""
-    from ledger.api_keys import ApiKeys
-    from ledger.database import database_url, open_database
-
-    path = local_key_path(config)
+    path = config.layout.local_api_key
     presented = path.read_text(encoding="ascii", errors="replace").strip()
     engine = open_database(database_url(config.state_dir))
     try:
@@ -131,10 +121,8 @@ def local_key_problem(config: GatewayConfig) -> str | None:
 
 def ensure_local_key(config: GatewayConfig) -> None:
     """`gateway up`: with auth on, create the local admin key at first start; later starts say where it is."""
-    from gateway.config import AccessConfig
-
     access = AccessConfig()
-    path = local_key_path(config)
+    path = config.layout.local_api_key
     if not access.auth:
         print("[gateway] auth is OFF (--no-auth): any client on this machine may call the APIs unbilled", flush=True)
         return
@@ -151,9 +139,7 @@ def ensure_local_key(config: GatewayConfig) -> None:
 def require_admin(config: GatewayConfig, engine: object) -> ApiKey:
     """The live admin key presented (GATEWAY_ADMIN_KEY, else `<state>/local-api-key`); CommandError (exit 2)
     otherwise, whatever the database holds."""
-    from ledger.api_keys import ApiKeys
-
-    local = local_key_path(config)
+    local = config.layout.local_api_key
     presented, source = os.environ.get(ADMIN_KEY_ENV, "").strip(), ADMIN_KEY_ENV
     if not presented and local.exists():
         presented, source = local.read_text(encoding="ascii", errors="replace").strip(), str(local)
@@ -173,8 +159,6 @@ def require_admin(config: GatewayConfig, engine: object) -> ApiKey:
 
 def require_admin_of(config: GatewayConfig) -> ApiKey:
     """`require_admin` on the state directory's ledger database."""
-    from ledger.database import database_url, open_database
-
     engine = open_database(database_url(config.state_dir))
     try:
         return require_admin(config, engine)

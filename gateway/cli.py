@@ -13,6 +13,9 @@ import sys
 import threading
 from pathlib import Path
 
+from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
+
 from gateway import (
     account_commands,
     adapter_commands,
@@ -22,7 +25,11 @@ from gateway import (
     settle_commands,
 )
 from gateway.cli_output import EXIT_BAD_INPUT, EXIT_FAILED, CommandError, fail
-from gateway.config import EngineConfig, GatewayConfig, ReplicaConfig
+from gateway.config import GatewayConfig
+from ledger.chain.errors import ChainConfigError, ChainError
+from ledger.service import is_loopback
+from registry.errors import AnchorFailed, RegistryError
+from serving.config import EngineConfig, ReplicaConfig
 
 
 def _config(args: argparse.Namespace) -> GatewayConfig:
@@ -35,8 +42,7 @@ def _config(args: argparse.Namespace) -> GatewayConfig:
 
 
 def cmd_up(config: GatewayConfig, args: argparse.Namespace) -> None:
-    from gateway.supervisor import run
-    from ledger.service import is_loopback
+    from gateway.supervisor import run  # deferred: only `up` and `demo` need the supervisor and what it imports
 
     if args.no_auth:
         if not is_loopback(config.host):
@@ -47,7 +53,7 @@ def cmd_up(config: GatewayConfig, args: argparse.Namespace) -> None:
 
 
 def cmd_demo(config: GatewayConfig, args: argparse.Namespace) -> None:
-    from gateway.supervisor import ensure_demo_assets
+    from gateway.supervisor import ensure_demo_assets  # deferred: as in cmd_up
 
     ensure_demo_assets(config)
 
@@ -82,12 +88,6 @@ def _terminate(_signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pydantic import ValidationError
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from ledger.chain.errors import ChainConfigError, ChainError
-    from ledger.errors import AnchorFailed, LedgerError
-
     args = parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: child processes (anvil) are stopped
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc), EXIT_BAD_INPUT)
     except (AnchorFailed, ChainError) as exc:
         return fail(str(exc), EXIT_FAILED)
-    except LedgerError as exc:
+    except RegistryError as exc:
         return fail(str(exc), EXIT_BAD_INPUT)
     except ValidationError as exc:
         first = exc.errors()[0]

@@ -3,40 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
 from gateway.cli_output import CommandError, emit, json_flag, progress
 from gateway.config import GatewayConfig
-from gateway.ledger_access import index_builder, index_dir, open_registries, registry_contract
-from ledger.contribution_content import address_of_key, content_id, normalize, sign_contribution
-from ledger.contribution_files import read_contribution_files
-from ledger.datanets import SignedText
-
-KEY_ENV = "GATEWAY_CONTRIBUTOR_KEY"
-
-
-def load_private_key(key_file: Path | None) -> str:
-    """The contributor's key from `--key-file` or GATEWAY_CONTRIBUTOR_KEY; never echoed."""
-    if key_file is not None:
-        try:
-            raw = key_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise CommandError(f"cannot read key file {key_file}: {exc.strerror or 'error'}") from None
-        except UnicodeDecodeError:
-            raise CommandError(f"key file {key_file} is not text (expected 64 hex digits)") from None
-        where = f"key file {key_file}"
-    else:
-        raw = os.environ.get(KEY_ENV, "").strip()
-        if not raw:
-            raise CommandError(f"no contributor key: pass --key-file PATH or set {KEY_ENV}")
-        where = KEY_ENV
-    digits = raw.removeprefix("0x")
-    if len(digits) != 64 or any(c not in "0123456789abcdefABCDEF" for c in digits):
-        raise CommandError(f"{where} does not hold a private key (64 hex digits, optionally 0x-prefixed)")
-    return "0x" + digits
-
+from gateway.contributor_key import KEY_ENV, load_private_key
+from gateway.ledger_access import index_builder, open_registries, registry_contract
+from registry.contribution_content import address_of_key, content_id, normalize, sign_contribution
+from registry.contribution_files import read_contribution_files
+from registry.datanets import SignedText
 
 def cmd_create(config: GatewayConfig, args: argparse.Namespace) -> None:
     datanet = open_registries(config).datanets.create(args.name, args.description or "")
@@ -74,7 +50,8 @@ def cmd_publish(config: GatewayConfig, args: argparse.Namespace) -> None:
     registries.datanets.get(args.name)
     progress(f"[publish] '{args.name}': freezing contributions, building the attribution index")
     with registry_contract(config) as registry:
-        version = registries.datanets.publish(args.name, index_builder(config, progress), registry, index_dir(config))
+        version = registries.datanets.publish(args.name, index_builder(config, progress), registry,
+                                              config.layout.indexes)
     payload = {
         "name": version.datanet, "version": version.version, "merkle_root": version.merkle_root,
         "tx_hash": version.tx_hash, "contributions": version.contributions, "index_path": version.index_path,

@@ -12,12 +12,14 @@ from collections.abc import Callable
 
 from gateway.adapter_lifecycle import adapter_store, train_and_register
 from gateway.config import GatewayConfig
-from gateway.ledger_access import Registries, index_builder, index_dir, open_registries
-from ledger.adapters import DEFAULT_PRICE_PER_1K_TOKENS
+from gateway.ledger_access import Registries, index_builder, open_registries
 from ledger.chain.anvil import ANVIL_DEV_KEYS
-from ledger.contribution_content import address_of_key, content_id, normalize, sign_contribution
-from ledger.datanets import RootAnchor, SignedText
-from ledger.errors import NotFound
+from registry.adapters import DEFAULT_PRICE_PER_1K_TOKENS
+from registry.anchor import RootAnchor
+from registry.contribution_content import address_of_key, content_id, normalize, sign_contribution
+from registry.datanets import SignedText
+from registry.errors import NotFound
+from training.answer_eval import evaluate_fact_datanet
 from training.demo_facts import DEMO_FACT_DATANETS, FactDatanet, demo_fact_datanet
 from training.demo_passages import DEMO_DATANETS, DemoDatanet
 from training.lora_training import TrainingProgress
@@ -36,10 +38,10 @@ def demo_contributor_address(index: int) -> str:
 
 
 def demo_datanets(config: GatewayConfig) -> tuple[DemoDatanet, ...]:
-    """The pretrained model learns invented facts; the tiny random model memorizes passages."""
-    if config.embedded_pretrained:
-        return tuple(facts.datanet for facts in DEMO_FACT_DATANETS)
-    return DEMO_DATANETS
+    """The pretrained model learns invented facts; the tiny random model memorizes passages (the first
+    `demo_datanet_count` of them)."""
+    every = tuple(facts.datanet for facts in DEMO_FACT_DATANETS) if config.embedded_pretrained else DEMO_DATANETS
+    return every[:config.demo_datanet_count]
 
 
 def ensure_demo_datanets(config: GatewayConfig, anchor: RootAnchor, say: Callable[[str], None]) -> None:
@@ -70,7 +72,7 @@ def _ensure_published(config: GatewayConfig, registries: Registries, datanet: De
         for rejected in result.rejected:
             say(f"[demo] {rejected.source} rejected: {rejected.reason}")
     say(f"[demo] publishing datanet '{datanet.name}' (index + Merkle root anchored on-chain)")
-    version = registries.datanets.publish(datanet.name, index_builder(config), anchor, index_dir(config))
+    version = registries.datanets.publish(datanet.name, index_builder(config), anchor, config.layout.indexes)
     say(f"[demo] '{datanet.name}' version {version.version}: root {version.merkle_root}, tx {version.tx_hash}")
 
 
@@ -102,8 +104,6 @@ def _ensure_adapter(config: GatewayConfig, registries: Registries, datanet: Demo
 
 def _report_what_it_learned(config: GatewayConfig, name: str, facts: FactDatanet, say: Callable[[str], None]) -> None:
     """Held-out questions with and without the new adapter, and verbatim reproduction: printed once."""
-    from training.answer_eval import evaluate_fact_datanet
-
     say(f"[demo] asking the base model and '{name}' {len(facts.questions)} held-out questions about "
         f"'{facts.name}'")
     report = evaluate_fact_datanet(config.model_path, adapter_store(config).local_path(name), facts)

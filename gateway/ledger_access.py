@@ -14,12 +14,20 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
+from attribution.index_builder import build_index
 from gateway.config import GatewayConfig
-from ledger.adapters import AdapterRegistry
+from ledger.chain.anvil import AnvilNode
+from ledger.chain.client import ChainClient
 from ledger.chain.config import ChainConfig
-from ledger.config import DatanetConfig
-from ledger.database import database_url, open_database
-from ledger.datanets import DatanetRegistry, IndexBuilder
+from ledger.chain.errors import ChainConfigError
+from ledger.chain.registry import ensure_registry
+from ledger.chain.settlement import PayoutSettler, ensure_settlement
+from ledger.chain.settlement_chain import SettlementChain
+from ledger.config import SettlementConfig
+from registry.adapters import AdapterRegistry
+from registry.config import DatanetConfig
+from registry.datanets import DatanetRegistry, IndexBuilder
+from storage.database import database_url, open_database
 
 
 @dataclass
@@ -35,25 +43,15 @@ def open_registries(config: GatewayConfig) -> Registries:
     return Registries(engine, datanets, AdapterRegistry(engine, datanets))
 
 
-def index_dir(config: GatewayConfig) -> Path:
-    return config.state_dir / "indexes"
-
-
 def index_builder(config: GatewayConfig, progress=None) -> IndexBuilder:  # type: ignore[no-untyped-def]
-    from attribution.index_builder import build_index
-
     def build(documents: Iterable[tuple[str, str]], out_dir: Path) -> object:
         return build_index(documents, config.model_path, out_dir, progress=progress)
 
     return build
 
 
-def deployment_file(config: GatewayConfig) -> Path:
-    return config.state_dir / "chain" / "deployment.json"
-
-
 def rpc_answers(url: str) -> bool:
-    import httpx
+    import httpx  # deferred: ~70 ms at every CLI start; only commands that reach the chain ask
 
     try:
         reply = httpx.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}, timeout=2)
@@ -68,8 +66,6 @@ def local_chain(config: GatewayConfig, chain: ChainConfig) -> Iterator[str]:
     if chain.rpc_url:
         yield chain.rpc_url
         return
-    from ledger.chain.anvil import AnvilNode
-
     url = f"http://127.0.0.1:{chain.port}"
     if rpc_answers(url):
         yield url
@@ -81,13 +77,10 @@ def local_chain(config: GatewayConfig, chain: ChainConfig) -> Iterator[str]:
 @contextmanager
 def registry_contract(config: GatewayConfig):  # type: ignore[no-untyped-def]
     """The DatanetRegistry contract on the configured chain (deployed on first use locally)."""
-    from ledger.chain.client import ChainClient
-    from ledger.chain.registry import ensure_registry
-
     chain = ChainConfig()
     with local_chain(config, chain) as url:
         client = ChainClient(url, chain.private_key(local=chain.rpc_url is None))
-        yield ensure_registry(client, deployment_file(config))
+        yield ensure_registry(client, config.layout.chain_deployment)
 
 
 @contextmanager
@@ -97,19 +90,13 @@ def settlement_chain(config: GatewayConfig):  # type: ignore[no-untyped-def]
     Locally the token and the settler are deployed on first use (the settler funded with
     GATEWAY_SETTLE_LOCAL_FUNDING); on a remote chain GATEWAY_SETTLE_SETTLER names the contract.
     """
-    from ledger.chain.client import ChainClient
-    from ledger.chain.errors import ChainConfigError
-    from ledger.chain.settlement import PayoutSettler, ensure_settlement
-    from ledger.chain.settlement_chain import SettlementChain
-    from ledger.config import SettlementConfig
-
     chain = ChainConfig()
     settle = SettlementConfig()
     local = chain.rpc_url is None
     with local_chain(config, chain) as url:
         client = ChainClient(url, chain.private_key(local=local))
         if local:
-            _token, settler = ensure_settlement(client, deployment_file(config), fund=settle.local_funding)
+            _token, settler = ensure_settlement(client, config.layout.chain_deployment, fund=settle.local_funding)
         elif settle.settler:
             settler = PayoutSettler(client, settle.settler)
         else:

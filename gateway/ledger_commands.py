@@ -17,11 +17,22 @@ from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
+from prometheus_client import REGISTRY
+from sqlalchemy.engine import make_url
 
 from gateway.cli_output import EXIT_BAD_INPUT, EXIT_FAILED, CommandError, emit, json_flag, progress
 from gateway.config import GatewayConfig
-from gateway.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from ledger.accounts.accounts import Accounts
+from ledger.client.token import (TOKEN_ENV, LedgerTokenInvalid, LedgerTokenMissing, bearer_metadata, configured_token,
+                                 read_ledger_token)
+from ledger.client.trace_wire import trace_from_pb
 from ledger.config import LedgerConfig
+from ledger.journal.journal import Journal
+from ledger.metrics import SettlementCollector
+from ledger.service import ensure_ledger_token, start_server
+from serving.metrics_endpoint import serve_metrics
+from storage.database import database_url, open_database
+from wire.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 RPC_TIMEOUT_SECONDS = 30.0
 STALE_HOLD_SECONDS = 3600  # no request runs this long
@@ -30,16 +41,6 @@ log = logging.getLogger(__name__)
 
 
 def cmd_serve(config: GatewayConfig, args: argparse.Namespace) -> None:
-    from prometheus_client import REGISTRY
-
-    from gateway.metrics_endpoint import serve_metrics
-    from ledger.database import database_url, open_database
-    from ledger.journal import Journal
-    from ledger.ledger_token import (TOKEN_ENV, LedgerTokenInvalid, configured_token, ensure_ledger_token,
-                                     token_path)
-    from ledger.metrics import SettlementCollector
-    from ledger.service import start_server
-
     ledger = LedgerConfig()
     host = args.host or ledger.host
     port = args.port or ledger.port
@@ -54,7 +55,7 @@ def cmd_serve(config: GatewayConfig, args: argparse.Namespace) -> None:
     metrics = None
     stopped = threading.Event()
     try:  # from here on a SIGTERM (KeyboardInterrupt) stops the server cleanly, also while starting
-        source = TOKEN_ENV if configured_token() is not None else f"the owner-only file {token_path(config.state_dir)}"
+        source = TOKEN_ENV if configured_token() is not None else f"the owner-only file {config.layout.ledger_token}"
         progress(f"[ledger] every call but health needs the API token of {source}")
         REGISTRY.register(SettlementCollector(journal))
         metrics = serve_metrics(host, ledger.metrics_port, state_dir=config.state_dir, target_name=f"ledger-{port}")
@@ -78,8 +79,6 @@ def cmd_serve(config: GatewayConfig, args: argparse.Namespace) -> None:
 
 def _release_stale_holds(engine: Any, stopped: threading.Event) -> None:
     """Holds of requests that never ran to the end, or whose trace was lost, stop reserving credit."""
-    from ledger.accounts import Accounts
-
     accounts = Accounts(engine)
     while not stopped.wait(STALE_HOLD_CHECK_SECONDS):
         try:
@@ -94,14 +93,10 @@ def _release_stale_holds(engine: Any, stopped: threading.Event) -> None:
 
 def _redacted(url: str) -> str:
     """A database URL without its password."""
-    from sqlalchemy.engine import make_url
-
     return make_url(url).render_as_string(hide_password=True)
 
 
 def _call(config: GatewayConfig, method: str, request: Any) -> Any:
-    from ledger.ledger_token import LedgerTokenInvalid, LedgerTokenMissing, bearer_metadata, read_ledger_token
-
     ledger = LedgerConfig()
     try:
         metadata = bearer_metadata(read_ledger_token(config.state_dir))
@@ -166,8 +161,6 @@ def cmd_statement(config: GatewayConfig, args: argparse.Namespace) -> None:
 
 def cmd_trace(config: GatewayConfig, args: argparse.Namespace) -> None:
     record = _call(config, "GetTrace", ledger_pb2.GetTraceRequest(trace_id=args.trace_id))
-    from attribution.trace_wire import trace_from_pb
-
     entry = record.entry
     payload = {
         "trace": trace_from_pb(record.trace).to_dict(), "content_sha256": record.content_sha256, "fee": record.fee,

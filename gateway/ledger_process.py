@@ -15,11 +15,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.launcher import open_private_log
+from ledger.client.token import TOKEN_ENV, bearer_metadata, check_token, read_ledger_token
 
 START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 15.0
@@ -55,8 +56,6 @@ class LedgerProcess:
     @property
     def token(self) -> str:
         """The token its calls need (LedgerTokenMissing before its first start)."""
-        from ledger.ledger_token import TOKEN_ENV, check_token, read_ledger_token
-
         if self.env.get(TOKEN_ENV):
             return check_token(self.env[TOKEN_ENV], TOKEN_ENV)
         return read_ledger_token(self.state_dir)
@@ -64,8 +63,6 @@ class LedgerProcess:
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """gRPC call metadata with the token."""
-        from ledger.ledger_token import bearer_metadata
-
         return bearer_metadata(self.token)
 
     def start(self, timeout: float = START_TIMEOUT_SECONDS) -> LedgerProcess:
@@ -108,3 +105,8 @@ class LedgerProcess:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+def open_private_log(path: Path) -> Any:
+    """`path` opened for appending, created readable by its owner only."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")

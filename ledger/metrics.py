@@ -19,10 +19,10 @@ from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 from sqlmodel import Session, func, select
 
 from ledger.models import PayoutBatch
-from ledger.payouts import CONFIRMED, PAID, PLANNED, SENT, SIGNED, VOIDED
+from ledger.settlement.payouts import CONFIRMED, PAID, PLANNED, SENT, SIGNED, VOIDED
 
 if TYPE_CHECKING:
-    from ledger.journal import Journal
+    from ledger.journal.journal import Journal
 
 INGEST_RESULTS = ("accepted", "duplicate", "conflict", "rejected")
 BATCH_STATES = (PLANNED, SIGNED, SENT, CONFIRMED, PAID, VOIDED)

@@ -1,104 +1,27 @@
-"""Tables of the ledger's database: datanets, their versions and contributions, adapters and lineage.
+"""Tables of the ledger: ingested traces, the journal, payouts, requester accounts, keys, holds and deposits.
 
 Guarantees (asserted in code and tests):
-- a contribution's id is the SHA-256 of its normalized text, so the same text exists at most once
-  in the whole ledger (any datanet, any version);
-- a contribution's contributor is the address recovered from its signature, never a claimed one;
-- a published version is frozen: its contribution set, Merkle root and index never change;
-  versions are cumulative (version n holds every contribution published in versions 1..n);
-- an adapter's lineage names published datanet versions only;
 - a trace id is ingested at most once; each ingested trace has exactly one journal entry whose
-  postings sum to zero (ledger/journal.py); amounts are exact integers (ledger/amounts.py).
-Times are timezone-aware UTC. The schema is created and upgraded by Alembic (ledger/migrations/).
+  postings sum to zero (ledger/journal/journal.py); amounts are exact integers (storage/amounts.py).
+The registry's tables (datanets, contributions, adapters) are in registry/models.py; foreign keys
+name them by table. Times are timezone-aware UTC. The schema is created and upgraded by Alembic
+(storage/migrations/).
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
-from sqlalchemy import BigInteger, Column, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Float, ForeignKey, Index, Integer, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 from sqlmodel.sql.sqltypes import UTCDateTime  # aware in, UTC out (SQLite keeps no zone): like plain `datetime` fields
 
-from ledger.amounts import Amount
-
+import registry.models  # noqa: F401  (AdapterAccess's foreign key names the registry's adapter table)
+from storage.amounts import Amount
+from storage.database import utcnow
 
 # 64-bit ids on PostgreSQL; SQLite auto-increments only an INTEGER PRIMARY KEY (also 64-bit there).
 BIG_ID = BigInteger().with_variant(Integer, "sqlite")
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-class Datanet(SQLModel, table=True):
-    """A community dataset. `id` is a random UUID (hex), the key contributors sign over."""
-
-    id: str = Field(primary_key=True, max_length=32)
-    name: str = Field(sa_column=Column(String(64), unique=True, nullable=False, index=True))
-    owner: str | None = Field(default=None, max_length=42)
-    description: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
-    created_at: datetime = Field(default_factory=utcnow)
-
-
-class DatanetVersion(SQLModel, table=True):
-    """A published, frozen snapshot of a datanet, anchored on-chain by its Merkle root."""
-
-    __table_args__ = (UniqueConstraint("datanet_id", "number"),)
-
-    id: int | None = Field(default=None, primary_key=True)
-    datanet_id: str = Field(foreign_key="datanet.id", index=True, max_length=32)
-    number: int
-    merkle_root: str = Field(max_length=66)
-    contribution_count: int
-    index_path: str = Field(sa_column=Column(Text, nullable=False))
-    anchor_tx: str | None = Field(default=None, max_length=66)
-    anchor_chain_id: int | None = None
-    anchor_contract: str | None = Field(default=None, max_length=42)
-    published_at: datetime = Field(default_factory=utcnow)
-
-
-class Contribution(SQLModel, table=True):
-    """One signed text contribution; `version` is the first version that published it."""
-
-    id: str = Field(primary_key=True, max_length=64)
-    datanet_id: str = Field(foreign_key="datanet.id", index=True, max_length=32)
-    contributor: str = Field(index=True, max_length=42)
-    signature: str = Field(max_length=132)
-    license: str = Field(max_length=64)
-    bytes: int
-    text: str = Field(sa_column=Column(Text, nullable=False))
-    minhash: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
-    status: str = Field(default="pending", max_length=16)  # pending | published
-    version: int | None = None
-    source: str = Field(default="", max_length=255)
-    created_at: datetime = Field(default_factory=utcnow, index=True)
-
-
-class ContributionBand(SQLModel, table=True):
-    """Locality-sensitive hash buckets of a contribution's MinHash, for near-duplicate look-up."""
-
-    key: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
-    contribution_id: str = Field(foreign_key="contribution.id", primary_key=True, max_length=64)
-
-
-class Adapter(SQLModel, table=True):
-    """A LoRA adapter servable by the gateway, its owner and its price (token base units per 1k tokens)."""
-
-    name: str = Field(primary_key=True, max_length=128)
-    base_model: str = Field(max_length=128)
-    uri: str = Field(sa_column=Column(Text, nullable=False))
-    owner: str = Field(max_length=42)
-    price_per_1k_tokens: str = Field(max_length=80)  # decimal digits: base units exceed 64 bits
-    source: str = Field(max_length=16)  # trained | registered
-    created_at: datetime = Field(default_factory=utcnow)
-
-
-class AdapterLineage(SQLModel, table=True):
-    """Adapter ← the published datanet versions it learned from."""
-
-    adapter_name: str = Field(foreign_key="adapter.name", primary_key=True, max_length=128)
-    datanet_version_id: int = Field(foreign_key="datanetversion.id", primary_key=True)
 
 
 class IngestedTrace(SQLModel, table=True):
@@ -114,7 +37,7 @@ class IngestedTrace(SQLModel, table=True):
     attributed_tokens: float = Field(sa_column=Column(Float, nullable=False))
     price_per_1k_tokens: int = Field(sa_column=Column(Amount, nullable=False))
     fee: int = Field(sa_column=Column(Amount, nullable=False))
-    body: str = Field(sa_column=Column(Text, nullable=False))  # canonical JSON (attribution/trace_wire.py)
+    body: str = Field(sa_column=Column(Text, nullable=False))  # canonical JSON (ledger/client/trace_wire.py)
     entry_id: int = Field(sa_column=Column(BigInteger, ForeignKey("journalentry.id"), nullable=False, unique=True))
     received_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
 
@@ -156,7 +79,7 @@ class PayoutBatch(SQLModel, table=True):
     """One on-chain payout transaction's worth of payees, driven through its states by the settler.
 
     planned → signed → sent → confirmed → paid, or voided. Each state is written before the
-    external action it allows (ledger/settler.py). `id` is the batch id the contract records (0x + 64 hex).
+    external action it allows (ledger/settlement/settler.py). `id` is the batch id the contract records (0x + 64 hex).
     """
 
     id: str = Field(primary_key=True, max_length=66)

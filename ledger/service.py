@@ -2,10 +2,11 @@
 
 A synchronous gRPC server over `Journal`: each `IngestRequest` is posted in one database
 transaction and answered with one ack per trace, in order. Every call, on every address (loopback
-too), must carry ``authorization: Bearer <token>`` (`ledger/ledger_token.py`); a call without it, or
-with another token, is answered UNAUTHENTICATED before any servicer code runs, so it reads and
-writes nothing. Only the standard health check (`grpc.health.v1.Health`) answers without the token.
-Reflection runs on the same port, behind the token like the ledger's own calls.
+too), must carry ``authorization: Bearer <token>`` (`ensure_ledger_token` below; clients read it with
+`ledger/client/token.py`); a call without it, or with another token, is answered UNAUTHENTICATED
+before any servicer code runs, so it reads and writes nothing. Only the standard health check
+(`grpc.health.v1.Health`) answers without the token. Reflection runs on the same port, behind the
+token like the ledger's own calls.
 """
 
 from __future__ import annotations
@@ -13,20 +14,24 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import os
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
 
 import grpc
-from sqlalchemy.exc import SQLAlchemyError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy.exc import SQLAlchemyError
 
-from attribution.trace_wire import trace_from_pb, trace_to_pb
-from gateway.ledger.v1 import ledger_pb2, ledger_pb2_grpc
-from ledger.journal import AddressBalance, IngestResult, Journal
+from ledger.client.token import configured_token, read_ledger_token
+from ledger.client.trace_wire import trace_from_pb, trace_to_pb
+from ledger.journal.journal import AddressBalance, IngestResult, Journal
 from ledger.metrics import ingest_metrics
+from statedir.layout import StateLayout
+from wire.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +176,30 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         if handler is not None and handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(self._deny)
         return grpc.unary_unary_rpc_method_handler(self._deny)
+
+
+def ensure_ledger_token(state_dir: Path) -> str:
+    """The token the ledger service requires: GATEWAY_LEDGER_TOKEN, else `<state>/ledger-token`,
+    generated (32 random bytes, URL-safe base64) into an owner-only file on first start."""
+    configured = configured_token()
+    if configured is not None:
+        return configured
+    path = StateLayout(state_dir).ledger_token
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return read_ledger_token(state_dir)
+    try:
+        with os.fdopen(descriptor, "w", encoding="ascii") as out:
+            out.write(token + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return token
 
 
 def is_loopback(host: str) -> bool:

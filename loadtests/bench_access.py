@@ -23,13 +23,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.support (PostgreSQL)
 
-from gateway.config import AccessConfig  # noqa: E402
-from ledger.accounts import Accounts, release_holds  # noqa: E402
-from ledger.adapters import DEFAULT_PRICE_PER_1K_TOKENS  # noqa: E402
-from ledger.api_keys import ApiKeys  # noqa: E402
-from ledger.database import open_database  # noqa: E402
-from ledger.models import Adapter  # noqa: E402
+from ledger.accounts.accounts import Accounts, release_holds  # noqa: E402
+from ledger.accounts.api_keys import ApiKeys  # noqa: E402
+from registry.adapters import DEFAULT_PRICE_PER_1K_TOKENS  # noqa: E402
+from registry.models import Adapter  # noqa: E402
 from serving.access import AccessControl  # noqa: E402
+from serving.config import AccessConfig  # noqa: E402
+from storage.database import open_database  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
+from tests.support.postgres import PostgresServer  # noqa: E402
 
 PROMPT_TOKENS, MAX_TOKENS, COMPLETION_TOKENS = 40, 64, 64
 
@@ -93,9 +95,6 @@ def main() -> None:
         backends["SQLite"] = f"sqlite:///{Path(scratch) / 'ledger.db'}"
         server = None
         if not args.no_postgres:
-            from tests.conftest import free_port
-            from tests.support.postgres import PostgresServer
-
             server = PostgresServer(free_port()).start()
             backends["PostgreSQL"] = server.create_database("bench")
         try:

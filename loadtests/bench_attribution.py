@@ -52,6 +52,7 @@ from attribution.index_builder import (  # noqa: E402
     load_base_tokenizer,
 )
 from loadtests.bench_index import topic_words  # noqa: E402
+from training.demo_assets import ensure_base_model  # noqa: E402
 
 DOC_TOKENS = 60  # target mean content tokens per synthetic passage
 SEGMENT_TOKENS = 16  # completions alternate copied and random segments of this length
@@ -342,8 +343,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from training.demo_assets import ensure_base_model
-
     report: dict[str, Any] = {"load_start": load_snapshot(), "cpus": os.cpu_count(), "attribution": [],
                               "builds": [], "skipped": []}
     log(f"load at start: {report['load_start']['uptime']}")

@@ -24,23 +24,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "loadtests"))
 
+from attribution.index_builder import build_index  # noqa: E402
 from bench_index import synthetic_datanet  # noqa: E402
 from ledger.chain.anvil import ANVIL_DEV_KEYS, AnvilNode  # noqa: E402
 from ledger.chain.client import ChainClient  # noqa: E402
 from ledger.chain.registry import ensure_registry  # noqa: E402
-from ledger.config import DatanetConfig  # noqa: E402
-from ledger.contribution_content import address_of_key, content_id, normalize, sign_contribution  # noqa: E402
-from ledger.database import database_url, open_database  # noqa: E402
+from registry.config import DatanetConfig  # noqa: E402
+from registry.contribution_content import address_of_key, content_id, normalize, sign_contribution  # noqa: E402
+from registry.datanets import DatanetRegistry, SignedText  # noqa: E402
+from storage.database import database_url, open_database  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
-from ledger.datanets import DatanetRegistry, SignedText  # noqa: E402
+from training.demo_assets import ensure_base_model  # noqa: E402
 
 BATCH = 500
 CONTRIBUTORS = 20
 
 
 def run_size(size: int, work: Path, tokenizer_dir: Path, registry_contract, keys: list[str]) -> dict:  # type: ignore[no-untyped-def]
-    from attribution.index_builder import build_index
-
     engine = open_database(database_url(work / f"db-{size}"))
     limits = DatanetConfig(max_bytes_per_contributor_per_day=10**12)
     registry = DatanetRegistry(engine, limits)
@@ -83,8 +83,6 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # unwind so the anvil node is stopped
-
-    from training.demo_assets import ensure_base_model
 
     with tempfile.TemporaryDirectory(prefix="bench-datanets-") as tmp:
         work = Path(tmp)

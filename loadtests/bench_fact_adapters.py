@@ -23,8 +23,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gateway.adapter_lifecycle import training_config, training_preset  # noqa: E402
-from gateway.config import PRETRAINED_MODEL, GatewayConfig  # noqa: E402
+from gateway.config import GatewayConfig  # noqa: E402
 from gateway.supervisor import install_embedded_model  # noqa: E402
+from serving.config import PRETRAINED_MODEL  # noqa: E402
 from training.answer_eval import evaluate_fact_datanet  # noqa: E402
 from training.demo_facts import DEMO_FACT_DATANETS  # noqa: E402
 from training.lora_training import TrainingProgress, train_adapter  # noqa: E402

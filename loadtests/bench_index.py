@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from attribution.index_builder import build_index, load_base_tokenizer  # noqa: E402
 from attribution.index_reader import open_index  # noqa: E402
+from training.demo_assets import build_tokenizer  # noqa: E402
 
 RESPONSE_TOKENS = 500
 SLICE_TOKENS = 25
@@ -110,8 +111,6 @@ def main() -> None:
         work = Path(tmp)
         tokenizer_dir = args.tokenizer_dir
         if tokenizer_dir is None:
-            from training.demo_assets import build_tokenizer
-
             tokenizer_dir = work / "tokenizer"
             build_tokenizer(tokenizer_dir)
         results = []

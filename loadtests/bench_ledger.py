@@ -34,19 +34,19 @@ from eth_account import Account  # noqa: E402
 from sqlalchemy import insert  # noqa: E402
 from sqlmodel import Session  # noqa: E402
 
-from attribution.trace import AttributionTrace, TokenAttribution  # noqa: E402
-from attribution.trace_wire import canonical_json, content_sha256, trace_to_pb  # noqa: E402
-from gateway.ledger.v1 import ledger_pb2, ledger_pb2_grpc  # noqa: E402
 from gateway.ledger_process import LedgerProcess  # noqa: E402
-from ledger.adapters import AdapterRegistry  # noqa: E402
-from ledger.config import DatanetConfig  # noqa: E402
-from ledger.contribution_content import content_id, normalize, sign_contribution  # noqa: E402
-from ledger.database import open_database  # noqa: E402
-from ledger.datanets import DatanetRegistry, SignedText  # noqa: E402
-from ledger.models import IngestedTrace, JournalEntry, Posting, utcnow  # noqa: E402
+from ledger.client.trace import AttributionTrace, TokenAttribution  # noqa: E402
+from ledger.client.trace_wire import canonical_json, content_sha256, trace_to_pb  # noqa: E402
+from ledger.models import IngestedTrace, JournalEntry, Posting  # noqa: E402
+from registry.adapters import AdapterRegistry  # noqa: E402
+from registry.config import DatanetConfig  # noqa: E402
+from registry.contribution_content import content_id, normalize, sign_contribution  # noqa: E402
+from registry.datanets import DatanetRegistry, SignedText  # noqa: E402
+from storage.database import open_database, utcnow  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.support.memory_anchor import MemoryAnchor, listing_index  # noqa: E402
 from tests.support.postgres import PostgresServer  # noqa: E402
+from wire.ledger.v1 import ledger_pb2, ledger_pb2_grpc  # noqa: E402
 
 CONTRIBUTORS = 20
 CONTRIBUTIONS = 200

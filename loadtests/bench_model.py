@@ -37,8 +37,7 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gateway.config import PRETRAINED_MODEL, TINY_MODEL, GatewayConfig  # noqa: E402
-from gateway.launcher import GatewayProcess  # noqa: E402
+from gateway.config import GatewayConfig  # noqa: E402
 from gateway.supervisor import ensure_demo_assets  # noqa: E402
 from loadtests.bench_serving import (  # noqa: E402
     MAX_TOKENS,
@@ -51,6 +50,8 @@ from loadtests.bench_serving import (  # noqa: E402
     run_requests,
     workload,
 )
+from serving.config import PRETRAINED_MODEL, TINY_MODEL  # noqa: E402
+from tests.support.launcher import GatewayProcess  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 from training.demo_assets import demo_adapter_name  # noqa: E402
 

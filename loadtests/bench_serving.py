@@ -45,19 +45,23 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import aiohttp
+import grpc
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gateway.config import EngineConfig, GatewayConfig  # noqa: E402
-from gateway.launcher import (  # noqa: E402
-    READY_TIMEOUT_SECONDS,
+from gateway.config import GatewayConfig  # noqa: E402
+from gateway.readiness import READY_TIMEOUT_SECONDS, wait_until_healthy  # noqa: E402
+from gateway.supervisor import ensure_demo_assets  # noqa: E402
+from serving.config import EngineConfig  # noqa: E402
+from tests.support.launcher import (  # noqa: E402
     STOP_TIMEOUT_SECONDS,
     GatewayProcess,
+    aio_bearer_interceptors,
     interrupt_and_wait,
-    wait_until_healthy,
 )
-from gateway.supervisor import ensure_demo_assets  # noqa: E402
 from training.demo_assets import demo_adapter_name  # noqa: E402
+from wire.inference.v1 import inference_pb2 as pb  # noqa: E402
+from wire.inference.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 MAX_TOKENS = 64
@@ -129,12 +133,6 @@ class GrpcStreamClient:
     """Streams `gateway.inference.v1.Inference/GenerateStream` and times the messages."""
 
     def __init__(self, target: str, api_key: str | None = None) -> None:
-        import grpc
-
-        from gateway.inference.v1 import inference_pb2 as pb
-        from gateway.inference.v1 import inference_pb2_grpc as pb_grpc
-        from gateway.launcher import aio_bearer_interceptors
-
         self.pb = pb
         self.channel = grpc.aio.insecure_channel(target, interceptors=aio_bearer_interceptors(api_key) if api_key
                                                  else None)

@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gateway.config import GatewayConfig  # noqa: E402
-from gateway.launcher import READY_TIMEOUT_SECONDS, GatewayProcess  # noqa: E402
+from gateway.readiness import READY_TIMEOUT_SECONDS  # noqa: E402
 from gateway.supervisor import ensure_demo_assets  # noqa: E402
 from loadtests.bench_serving import (  # noqa: E402
     NUM_ADAPTERS,
@@ -34,6 +34,7 @@ from loadtests.bench_serving import (  # noqa: E402
     run_requests,
     workload,
 )
+from tests.support.launcher import GatewayProcess  # noqa: E402
 from training.demo_assets import demo_adapter_name  # noqa: E402
 
 ROWS = [("tok_s", "output tokens/s", "{:.1f}"), ("ttft_p50", "TTFT p50 (ms)", "{:.1f}"),

@@ -77,7 +77,7 @@ grpc.experimental.gevent.init_gevent()  # before any channel: gRPC's I/O must yi
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
-from gateway.inference.v1 import inference_pb2 as pb, inference_pb2_grpc as pb_grpc  # noqa: E402
+from wire.inference.v1 import inference_pb2 as pb, inference_pb2_grpc as pb_grpc  # noqa: E402
 
 log = logging.getLogger("loadtest")
 for _chatty in ("httpx", "httpx2"):  # the openai SDK's HTTP clients log every request at INFO

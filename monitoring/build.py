@@ -22,10 +22,11 @@ import yaml
 
 from monitoring.dashboards import all_dashboards
 from monitoring.panels import DATASOURCE
+from statedir.layout import StateLayout
 
 ROOT = Path(__file__).resolve().parent
 DASHBOARDS_DIR = Path("grafana/dashboards")
-DEFAULT_TARGETS_DIR = "../../.gateway/monitoring/targets"
+DEFAULT_TARGETS_DIR = StateLayout(Path("../../.gateway")).monitoring_targets.as_posix()
 """The default state directory (`.gateway` at the repository root), relative to prometheus/."""
 
 GRAFANA_DASHBOARDS_PATH = "/var/lib/grafana/dashboards/datanet-gateway"

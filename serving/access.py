@@ -36,12 +36,13 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from gateway.config import AccessConfig
-from ledger.accounts import Accounts, InsufficientCredit
-from ledger.adapters import parse_price
-from ledger.api_keys import ApiKeys
-from ledger.fee_split import fee_for
-from ledger.models import Adapter, AdapterAccess
+from ledger.accounts.accounts import Accounts, InsufficientCredit
+from ledger.accounts.api_keys import ApiKeys
+from ledger.journal.fee_split import fee_for
+from ledger.models import AdapterAccess
+from registry.adapters import parse_price
+from registry.models import Adapter
+from serving.config import AccessConfig
 from serving.errors import Forbidden, InsufficientQuota, RateLimited, TraceNotFound, Unauthenticated
 from serving.rate_limits import REASON_REQUEST_LARGER_THAN_TOKENS_PER_MINUTE, RateLimit, RateLimiter, retry_after_header
 

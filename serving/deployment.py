@@ -19,16 +19,26 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import uvicorn
+import uvloop
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
-from gateway.config import EngineConfig, GatewayConfig, ReplicaConfig
-from gateway.metrics_endpoint import serve_metrics
+from attribution.outbox import Outbox
+from attribution.service import AttributionService, LedgerLineages, read_trace_file
+from attribution.usage_log import UsageLog
+from ledger.client.config import LedgerClientConfig
+from serving.config import AccessConfig, EngineConfig, ReplicaConfig, ServingConfig
+from serving.engine import Engine
 from serving.errors import ApiError, InvalidRequest, ModelNotFound, TraceNotFound
+from serving.grpc_service import API as GRPC_API
+from serving.grpc_service import LocalBackend, serialized_stream_error, start_grpc_server
+from serving.metrics_endpoint import serve_metrics
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_request
-from serving.openai_router import TRACE_HEADER
+from serving.openai_router import TRACE_HEADER, build_app
 from serving.openai_service import OpenAIService
+from wire.inference.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +53,6 @@ class DedicatedLoop:
     own loops stay out of the token path."""
 
     def __init__(self) -> None:
-        import uvloop
-
         self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="gateway-engine-loop", daemon=True)
         self.thread.start()
@@ -61,7 +69,7 @@ class EngineReplica:
     """Owns one vLLM engine. Serves HTTP directly when it is the only replica."""
 
     async def __init__(self, config: dict, engine: dict, replica: dict) -> None:
-        self.config = GatewayConfig(**config)
+        self.config = ServingConfig(**config)
         self.replica = ReplicaConfig(**replica)
         self.engine_config = EngineConfig(**engine)
         self._server = None
@@ -81,16 +89,13 @@ class EngineReplica:
 
     async def _build(self) -> None:
         """Create the engine on the loop that will drive it (vLLM binds its output task to it)."""
-        from serving.engine import Engine
-
-        from attribution.outbox import Outbox
-        from attribution.service import AttributionService, LedgerLineages
-        from attribution.usage_log import UsageLog
-        from ledger.config import LedgerConfig
-        from ledger.database import database_url
+        # deferred: the database and access control (SQLAlchemy, eth-account, psycopg: ~2 s) are only the engine
+        # replica's; the ingress replicas import this module too
+        from serving.access import AccessControl
+        from storage.database import database_url, open_database
 
         self.engine = Engine(self.config, self.engine_config, self.replica.adapters_per_replica)
-        ledger = LedgerConfig()
+        ledger = LedgerClientConfig()
         outbox = Outbox(self.config.outbox_dir, ledger.outbox_max_traces) if ledger.ship else None
         usage_log = UsageLog(self.config.usage_dir) if outbox is not None and ledger.usage_records else None
         attribution = (
@@ -99,19 +104,11 @@ class EngineReplica:
                                delay_seconds=self.config.attribution_delay_seconds)
             if self.config.attribution else None
         )
-        from gateway.config import AccessConfig
-        from ledger.database import open_database
-        from serving.access import AccessControl
-
         access = AccessConfig()
         control = AccessControl(open_database(database_url(self.config.state_dir)), access) if access.auth else None
         self.service = OpenAIService(self.engine, self.replica.max_ongoing_requests, attribution, access=control)
 
     async def _start_http(self) -> None:
-        import uvicorn
-
-        from serving.openai_router import build_app
-
         app = build_app(self.service)
         server = uvicorn.Server(
             uvicorn.Config(
@@ -132,8 +129,6 @@ class EngineReplica:
         log.info("engine replica serving HTTP on %s:%d", self.config.host, self.config.http_port)
 
     async def _start_grpc(self) -> None:
-        from serving.grpc_service import LocalBackend, start_grpc_server
-
         self._grpc_server = await start_grpc_server(LocalBackend(self.service), self.config.host, self.config.grpc_port)
         log.info("engine replica serving gRPC on %s:%d", self.config.host, self.config.grpc_port)
 
@@ -208,10 +203,6 @@ class EngineReplica:
 
     async def generate_pb(self, request: bytes, authorization: str | None = None) -> AsyncIterator[Any]:
         """Forwarded gRPC generation: serialized GenerateResponse messages, or an error dict."""
-        from gateway.inference.v1 import inference_pb2 as pb
-        from serving.grpc_service import API as GRPC_API
-        from serving.grpc_service import LocalBackend, serialized_stream_error
-
         try:
             caller = self.service.authenticate(authorization)
             model = serve.get_multiplexed_model_id()
@@ -230,8 +221,6 @@ class EngineReplica:
             yield serialized_stream_error(exc)
 
     async def models_pb(self, authorization: str | None = None) -> bytes | dict[str, Any]:
-        from serving.grpc_service import LocalBackend, serialized_stream_error
-
         try:
             return (await LocalBackend(self.service).list_models(authorization)).SerializeToString()
         except ApiError as exc:
@@ -299,8 +288,6 @@ class Ingress:
 
     @ingress_app.get("/v1/attributions/{trace_id}")
     async def attribution(self, trace_id: str, request: Request) -> JSONResponse:
-        from attribution.service import read_trace_file
-
         trace = read_trace_file(self.trace_dir, trace_id)
         # One look-up on a replica: the key (401), then whether it may read this trace (the same 404
         # as an unknown id otherwise); both rules live in serving/access.py.
@@ -346,8 +333,6 @@ class RemoteBackend:
         self.base_model = base_model
 
     async def generate(self, request: Any, authorization: str | None = None) -> AsyncIterator[Any]:
-        from gateway.inference.v1 import inference_pb2 as pb
-
         adapter = "" if request.model == self.base_model else request.model
         handle = self.engine.options(stream=True, multiplexed_model_id=adapter)
         async for item in handle.generate_pb.remote(request.SerializeToString(), authorization):
@@ -356,8 +341,6 @@ class RemoteBackend:
             yield pb.GenerateResponse.FromString(item)
 
     async def list_models(self, authorization: str | None = None) -> Any:
-        from gateway.inference.v1 import inference_pb2 as pb
-
         answer = await self.engine.models_pb.remote(authorization)
         if isinstance(answer, dict):
             raise error_from(answer)
@@ -376,8 +359,6 @@ class GrpcIngress:
     """The gRPC front door in multi-replica mode: one zero-CPU replica running the gRPC server."""
 
     async def __init__(self, engine_handle: Any, base_model: str, host: str, port: int) -> None:
-        from serving.grpc_service import start_grpc_server
-
         self.server = await start_grpc_server(RemoteBackend(engine_handle, base_model), host, port)
 
     async def check_health(self) -> None:
@@ -387,7 +368,7 @@ class GrpcIngress:
         await self.server.stop(grace=1)
 
 
-def build_application(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> Any:
+def build_application(config: ServingConfig, engine: EngineConfig, replica: ReplicaConfig) -> Any:
     """The Serve application for these settings (see the module docstring for the two shapes)."""
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": replica.num_cpus, "num_gpus": replica.num_gpus},

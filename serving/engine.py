@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.config import EngineConfig, GatewayConfig
 from serving.adapter_cache import AdapterCache, ResolvedAdapter
 from serving.adapter_store import AdapterStore, BaseModelShape, check_adapter_dir
+from serving.config import EngineConfig, ServingConfig
 from serving.errors import EngineUnavailable, InvalidRequest, ModelNotFound
 from serving.metrics import adapter_metrics
 
@@ -69,7 +69,7 @@ class StoreSource:
         self.store.forget_local_copy(name)
 
 
-def engine_args(config: GatewayConfig, engine: EngineConfig) -> Any:
+def engine_args(config: ServingConfig, engine: EngineConfig) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gib))
@@ -92,7 +92,7 @@ def engine_args(config: GatewayConfig, engine: EngineConfig) -> Any:
 class Engine:
     """vLLM AsyncLLM + tokenizer + adapter cache, shared by every front door of one replica."""
 
-    def __init__(self, config: GatewayConfig, engine: EngineConfig, adapters_per_replica: int) -> None:
+    def __init__(self, config: ServingConfig, engine: EngineConfig, adapters_per_replica: int) -> None:
         from transformers import AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import grpc
 
-from gateway.inference.v1 import inference_pb2 as pb
 from serving.engine import ModelCard, StepOutput
 from serving.errors import ApiError, InvalidRequest
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from wire.inference.v1 import inference_pb2 as pb
 
 OPTIONAL_FIELDS = (
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",

@@ -11,8 +11,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway.inference.v1 import inference_pb2 as pb
-from gateway.inference.v1 import inference_pb2_grpc as pb_grpc
 from serving.errors import ApiError
 from serving.grpc_convert import (
     attribution_to_pb,
@@ -25,6 +23,8 @@ from serving.grpc_convert import (
     with_proto_param,
 )
 from serving.openai_service import OpenAIService
+from wire.inference.v1 import inference_pb2 as pb
+from wire.inference.v1 import inference_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 API = "grpc"  # the `api` label of this door's requests in the metrics

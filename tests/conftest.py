@@ -11,9 +11,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from gateway.config import TINY_MODEL
-from gateway.launcher import GatewayProcess
 from gateway.ledger_process import LedgerProcess
+from serving.config import TINY_MODEL
+from tests.support.launcher import GatewayProcess
 from tests.support.ports import free_port
 from tests.support.postgres import PostgresServer
 

@@ -17,12 +17,12 @@ import openai
 import pytest
 
 from gateway.cli import main
-from gateway.inference.v1 import inference_pb2 as pb
-from gateway.inference.v1 import inference_pb2_grpc as pb_grpc
-from gateway.launcher import GatewayProcess
 from gateway.ledger_process import LedgerProcess
-from ledger.adapters import DEFAULT_PRICE_PER_1K_TOKENS
+from registry.adapters import DEFAULT_PRICE_PER_1K_TOKENS
 from tests.support.cli import cli
+from tests.support.launcher import GatewayProcess
+from wire.inference.v1 import inference_pb2 as pb
+from wire.inference.v1 import inference_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.stack
 PRICED = "python-docs-notes-lora"  # a demo datanet adapter: priced, registered with lineage
@@ -208,9 +208,9 @@ def test_no_key_material_reaches_logs(capsys: pytest.CaptureFixture[str], gatewa
 
 
 def targets(state: Path) -> list[str]:
-    from gateway.metrics_endpoint import targets_dir
+    from statedir.layout import StateLayout
 
-    return [json.loads(p.read_text())[0]["targets"][0] for p in targets_dir(state).glob("*.json")]
+    return [json.loads(p.read_text())[0]["targets"][0] for p in StateLayout(state).monitoring_targets.glob("*.json")]
 
 
 def test_a_deposit_on_the_chain_is_credited_once_at_the_confirmation_depth(

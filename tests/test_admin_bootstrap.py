@@ -22,10 +22,10 @@ from sqlalchemy import text
 from sqlmodel import Session, select
 
 from gateway.cli import main
-from ledger.accounts import Accounts
-from ledger.api_keys import ApiKeys, LastAdminKey
-from ledger.database import database_url, open_database
+from ledger.accounts.accounts import Accounts
+from ledger.accounts.api_keys import ApiKeys, LastAdminKey
 from ledger.models import ApiKey, JournalEntry, RequesterAccount
+from storage.database import database_url, open_database
 
 GATEWAY = Path(sys.executable).with_name("gateway")
 

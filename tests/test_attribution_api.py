@@ -14,11 +14,11 @@ import openai
 import pytest
 
 from gateway.demo_data import demo_adapter_name, demo_contributor_address
-from gateway.inference.v1 import inference_pb2 as pb
-from gateway.inference.v1 import inference_pb2_grpc as pb_grpc
-from gateway.launcher import GatewayProcess
-from ledger.contribution_content import content_id, normalize
+from registry.contribution_content import content_id, normalize
+from tests.support.launcher import GatewayProcess
 from training.demo_passages import DEMO_DATANETS
+from wire.inference.v1 import inference_pb2 as pb
+from wire.inference.v1 import inference_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.stack
 

@@ -28,13 +28,14 @@ import psutil
 import pytest
 from sqlmodel import Session, func, select
 
-from gateway.inference.v1 import inference_pb2 as pb
-from gateway.inference.v1 import inference_pb2_grpc as pb_grpc
-from gateway.launcher import GatewayProcess, wait_until_healthy
-from ledger.database import database_url, open_database
-from ledger.journal import Journal
+from gateway.readiness import wait_until_healthy
+from ledger.journal.journal import Journal
 from ledger.models import JournalEntry
+from storage.database import database_url, open_database
 from tests.conftest import free_port
+from tests.support.launcher import GatewayProcess
+from wire.inference.v1 import inference_pb2 as pb
+from wire.inference.v1 import inference_pb2_grpc as pb_grpc
 
 ADAPTER = "demo-adapter-000"
 OWNER = "0x" + "0b" * 20
@@ -151,9 +152,9 @@ class Load:
 @pytest.fixture(scope="module")
 def stack(demo_state: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """A stack of its own (the faults would disturb the shared one), with a priced adapter."""
-    from ledger.adapters import AdapterRegistry
-    from ledger.config import DatanetConfig
-    from ledger.datanets import DatanetRegistry
+    from registry.adapters import AdapterRegistry
+    from registry.config import DatanetConfig
+    from registry.datanets import DatanetRegistry
 
     state = tmp_path_factory.mktemp("faults")
     env = {"GATEWAY_BASE_MODEL_PATH": str(demo_state / "models" / "datanet-tiny-llama"),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from gateway.config import PRETRAINED_MODEL, TINY_MODEL, EngineConfig, GatewayConfig, ReplicaConfig
+from gateway.config import GatewayConfig
+from serving.config import PRETRAINED_MODEL, TINY_MODEL, EngineConfig, ReplicaConfig
 
 
 def test_defaults_are_the_documented_ports_and_state_dir() -> None:

@@ -18,16 +18,16 @@ from pathlib import Path
 import openai
 import pytest
 
-from gateway.config import TINY_MODEL
-from gateway.inference.v1 import inference_pb2 as pb
-from gateway.inference.v1 import inference_pb2_grpc as pb_grpc
-from gateway.launcher import GatewayProcess
 from gateway.ledger_process import LedgerProcess
-from gateway.metrics_endpoint import targets_dir
 from monitoring.build import prometheus_config, render_yaml
 from monitoring.dashboards import JOBS, panel_queries
+from serving.config import TINY_MODEL
+from statedir.layout import StateLayout
 from tests.conftest import free_port
+from tests.support.launcher import GatewayProcess
 from tests.support.prometheus import PrometheusServer
+from wire.inference.v1 import inference_pb2 as pb
+from wire.inference.v1 import inference_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.stack
 SCRAPE_INTERVAL_SECONDS = 1
@@ -36,7 +36,8 @@ WAIT_SECONDS = 60
 
 @pytest.fixture(scope="module")
 def prometheus(gateway: GatewayProcess, ledger_service: LedgerProcess, demo_state: Path) -> Iterator[PrometheusServer]:
-    config = prometheus_config(str(targets_dir(demo_state)), scrape_interval=f"{SCRAPE_INTERVAL_SECONDS}s")
+    config = prometheus_config(str(StateLayout(demo_state).monitoring_targets),
+                               scrape_interval=f"{SCRAPE_INTERVAL_SECONDS}s")
     server = PrometheusServer(render_yaml(config), free_port()).start()
     yield server
     server.stop()
@@ -67,14 +68,14 @@ def wait_for(prometheus: PrometheusServer, expr: str, what: str) -> None:
 
 
 def test_every_process_is_a_target_that_prometheus_scrapes(prometheus: PrometheusServer, demo_state: Path) -> None:
-    announced = sorted(p.name for p in targets_dir(demo_state).glob("*.json"))
+    announced = sorted(p.name for p in StateLayout(demo_state).monitoring_targets.glob("*.json"))
     assert "gateway.json" in announced
     assert any(name.startswith("engine-") for name in announced)
     assert any(name.startswith("ledger-") for name in announced)
     for job in JOBS:
         wait_for(prometheus, f'up{{job="{job}"}} == 1', f"Prometheus did not scrape job {job}")
     for name in announced:  # each announcement is a valid file_sd group naming a loopback target
-        [group] = json.loads((targets_dir(demo_state) / name).read_text())
+        [group] = json.loads((StateLayout(demo_state).monitoring_targets / name).read_text())
         assert [t.split(":")[0] for t in group["targets"]] == ["127.0.0.1"]
 
 

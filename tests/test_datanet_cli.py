@@ -15,7 +15,7 @@ from eth_account import Account
 from attribution.index_builder import load_base_tokenizer
 from attribution.index_reader import open_index
 from gateway.cli import main
-from ledger.contribution_content import content_id, normalize
+from registry.contribution_content import content_id, normalize
 from tests.conftest import free_port
 from tests.support.credentials import bootstrap_admin
 

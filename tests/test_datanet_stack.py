@@ -13,8 +13,8 @@ import pytest
 
 from gateway.cli import main
 from gateway.demo_data import DEMO_ADAPTER_OWNER_KEY, demo_adapter_name, demo_contributor_address
-from gateway.launcher import GatewayProcess
-from ledger.contribution_content import address_of_key
+from registry.contribution_content import address_of_key
+from tests.support.launcher import GatewayProcess
 from training.demo_passages import DEMO_DATANETS
 
 PROMPT_WORDS = 12

@@ -5,10 +5,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from gateway.config import GatewayConfig
-from gateway.demo_data import demo_adapter_name, demo_contributor_address, ensure_demo_datanets
+import pytest
+from pydantic import ValidationError
+
+from gateway.config import PRETRAINED_MODEL, GatewayConfig
+from gateway.demo_data import demo_adapter_name, demo_contributor_address, demo_datanets, ensure_demo_datanets
 from gateway.ledger_access import open_registries
 from tests.support.memory_anchor import MemoryAnchor
+from training.demo_facts import DEMO_FACT_DATANETS
 from training.demo_passages import DEMO_DATANETS
 
 
@@ -33,3 +37,13 @@ def test_adapters_found_in_the_store_are_registered_with_lineage(demo_state: Pat
     assert len(anchor.roots) == len(DEMO_DATANETS), "each demo datanet anchored exactly once"
     assert not any("training" in line for line in lines)
     assert sum("found in the store" in line for line in lines) == len(DEMO_DATANETS)
+
+
+def test_a_demo_datanet_count_builds_only_the_first_ones(tmp_path: Path) -> None:
+    assert demo_datanets(GatewayConfig(state_dir=tmp_path)) == DEMO_DATANETS
+    assert demo_datanets(GatewayConfig(state_dir=tmp_path, demo_datanet_count=1)) == DEMO_DATANETS[:1]
+    pretrained = GatewayConfig(state_dir=tmp_path, base_model=PRETRAINED_MODEL, demo_datanet_count=1)
+    assert demo_datanets(pretrained) == (DEMO_FACT_DATANETS[0].datanet,)
+    for bad in (0, -1, "two"):
+        with pytest.raises(ValidationError, match="demo_datanet_count"):
+            GatewayConfig(state_dir=tmp_path, demo_datanet_count=bad)  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from gateway.launcher import wait_until_grpc_serving
+from gateway.readiness import wait_until_grpc_serving
 from tests.conftest import free_port
 
 

@@ -14,10 +14,10 @@ import pytest
 
 from gateway.cli import main
 from gateway.demo_data import DEMO_ADAPTER_OWNER_KEY, demo_adapter_name, demo_contributor_address
-from gateway.launcher import GatewayProcess
 from gateway.ledger_process import LedgerProcess
-from ledger.adapters import DEFAULT_PRICE_PER_1K_TOKENS
-from ledger.contribution_content import address_of_key
+from registry.adapters import DEFAULT_PRICE_PER_1K_TOKENS
+from registry.contribution_content import address_of_key
+from tests.support.launcher import GatewayProcess
 from training.demo_passages import DEMO_DATANETS
 
 pytestmark = pytest.mark.stack

@@ -16,10 +16,10 @@ import openai
 import psutil
 import pytest
 
-from gateway.config import TINY_MODEL
-from gateway.launcher import GatewayProcess
 from gateway.ledger_process import LedgerProcess
 from gateway.ray_runtime import UNCONFINED_LISTENERS, UnconfinedListener, is_loopback
+from serving.config import TINY_MODEL
+from tests.support.launcher import GatewayProcess
 
 pytestmark = pytest.mark.stack
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.launcher import GatewayProcess
 from loadtests.locust_report import ITL, REQUEST, TTFT, read_entries, render, summary
+from tests.support.launcher import GatewayProcess
 
 pytestmark = pytest.mark.stack
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from gateway.metrics_endpoint import serve_metrics, targets_dir
+from serving.metrics_endpoint import serve_metrics
+from statedir.layout import StateLayout
 
 
 def registry_with_a_counter() -> CollectorRegistry:
@@ -26,12 +27,12 @@ def test_serves_the_registry_and_announces_then_withdraws_the_target(tmp_path: P
     try:
         with urllib.request.urlopen(endpoint.url, timeout=5) as response:
             assert "demo_events_total 3.0" in response.read().decode()
-        announced = json.loads((targets_dir(tmp_path) / "engine-r1.json").read_text())
+        announced = json.loads((StateLayout(tmp_path).monitoring_targets / "engine-r1.json").read_text())
         assert announced == [{"targets": [f"127.0.0.1:{endpoint.port}"], "labels": {"replica": "r1"}}]
     finally:
         endpoint.close()
-    assert not (targets_dir(tmp_path) / "engine-r1.json").exists()
-    assert list(targets_dir(tmp_path).iterdir()) == [], "no staging file is left behind"
+    assert not (StateLayout(tmp_path).monitoring_targets / "engine-r1.json").exists()
+    assert list(StateLayout(tmp_path).monitoring_targets.iterdir()) == [], "no staging file is left behind"
 
 
 def test_a_taken_port_falls_back_to_a_free_one_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -44,7 +45,7 @@ def test_a_taken_port_falls_back_to_a_free_one_and_says_so(tmp_path: Path, caplo
     try:
         assert endpoint.port != port
         assert f"metrics port {port} on 127.0.0.1 is not available" in caplog.text
-        announced = json.loads((targets_dir(tmp_path) / "gateway.json").read_text())
+        announced = json.loads((StateLayout(tmp_path).monitoring_targets / "gateway.json").read_text())
         assert announced[0]["targets"] == [f"127.0.0.1:{endpoint.port}"]
     finally:
         endpoint.close()
@@ -53,7 +54,7 @@ def test_a_taken_port_falls_back_to_a_free_one_and_says_so(tmp_path: Path, caplo
 def test_a_wildcard_bind_is_announced_on_loopback(tmp_path: Path) -> None:
     endpoint = serve_metrics("0.0.0.0", 0, state_dir=tmp_path, target_name="ledger-1", registry=CollectorRegistry())
     try:
-        assert json.loads((targets_dir(tmp_path) / "ledger-1.json").read_text())[0]["targets"] == [
+        assert json.loads((StateLayout(tmp_path).monitoring_targets / "ledger-1.json").read_text())[0]["targets"] == [
             f"127.0.0.1:{endpoint.port}"]
     finally:
         endpoint.close()

@@ -19,10 +19,10 @@ import httpx
 import openai
 import pytest
 
-from gateway.inference.v1 import inference_pb2 as pb
-from gateway.inference.v1 import inference_pb2_grpc as pb_grpc
-from gateway.launcher import GatewayProcess
 from tests.support.cli import cli
+from tests.support.launcher import GatewayProcess
+from wire.inference.v1 import inference_pb2 as pb
+from wire.inference.v1 import inference_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.stack
 FREE = "demo-adapter-005"  # not registered: costs nothing, so empty accounts may use it

@@ -27,12 +27,12 @@ import openai
 import pytest
 
 from gateway.cli import main
-from gateway.launcher import GatewayProcess
 from gateway.ledger_process import LedgerProcess
 from ledger.chain.anvil import ANVIL_DEV_KEYS, ANVIL_DEV_MNEMONIC
 from ledger.chain.config import ChainConfig
-from ledger.ledger_token import TOKEN_FILE
+from statedir.layout import StateLayout
 from tests.support.cli import cli
+from tests.support.launcher import GatewayProcess
 
 pytestmark = pytest.mark.stack
 
@@ -53,7 +53,7 @@ def homes(state: Path) -> dict[str, set[Path]]:
     operator_file = ChainConfig().operator_key_file
     return {
         "local admin key": {state / "local-api-key"},
-        "ledger token": {state / TOKEN_FILE},
+        "ledger token": {StateLayout(state).ledger_token},
         "chain key": {operator_file.resolve()} if operator_file else set(),
     }
 
@@ -148,7 +148,8 @@ def test_no_secret_is_in_any_file_but_its_own(capsys: pytest.CaptureFixture[str]
     assert not found, "secrets outside their files:\n" + "\n".join(found)
 
     # Each secret's own file holds it, readable by its owner only.
-    for path, secret in ((demo_state / "local-api-key", local_key), (demo_state / TOKEN_FILE, ledger_token)):
+    layout = StateLayout(demo_state)
+    for path, secret in ((layout.local_api_key, local_key), (layout.ledger_token, ledger_token)):
         assert path.read_text().strip() == secret and path.stat().st_mode & 0o077 == 0, path
     assert str(demo_state / "local-api-key") in (demo_state / "gateway.log").read_text(), \
         "the log says where the local key is (instead of the key)"

@@ -28,20 +28,20 @@ import pytest
 from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
 
-from ledger.accounts import Accounts
-from ledger.api_keys import ApiKeys
+from ledger.accounts.accounts import Accounts
+from ledger.accounts.api_keys import ApiKeys
 from ledger.chain.anvil import ANVIL_DEV_KEYS, AnvilNode
 from ledger.chain.client import ChainClient
 from ledger.chain.settlement import PayoutSettler, PayoutToken, ensure_settlement
-from ledger.database import open_database
-from ledger.fee_split import FeeSplitPolicy
-from ledger.journal import Journal
+from ledger.journal.fee_split import FeeSplitPolicy
+from ledger.journal.journal import Journal
 from ledger.models import JournalEntry, PayoutAttempt, PayoutBatch
-from ledger.payouts import CONFIRMED, PAID, PLANNED, SENT, SIGNED
+from ledger.settlement.payouts import CONFIRMED, PAID, PLANNED, SENT, SIGNED
+from storage.database import open_database
 from tests.conftest import free_port
 from tests.ledger.conftest import OWNER, rivers_ledger
-from tests.ledger.test_datanet_registry import ALICE, BOB
 from tests.ledger.test_settler_anvil import earn, rpc
+from tests.registry.test_datanet_registry import ALICE, BOB
 
 GATEWAY = Path(sys.executable).with_name("gateway")  # .venv/bin/gateway beside the tests' interpreter
 PAYEES = (ALICE.address, BOB.address, OWNER.address)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.durable_files import fsync_path
+from statedir.durable_files import fsync_path
 from training.demo_assets import LORA_TARGETS
 from training.fact_examples import TrainingExample, training_examples
 

@@ -48,7 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from gateway.durable_files import fsync_path
+from statedir.durable_files import fsync_path
+from statedir.layout import StateLayout
 
 PRETRAINED_MODEL_NAME = "smollm2-135m-instruct"
 """Directory name of the checkpoint under ``<state>/models/``."""
@@ -156,7 +157,7 @@ def checkpoint_bytes(parameters: int, dtype: ServedDtype) -> int:
 
 def default_wheel_cache(target_dir: Path) -> Path:
     """``<state>/cache/wheels`` for a target ``<state>/models/<name>``."""
-    return Path(target_dir).parent.parent / "cache" / "wheels"
+    return StateLayout(Path(target_dir).parent.parent).wheel_cache
 
 
 # ---- entry points ------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 
 from ledger.chain.errors import ChainNodeError
+from statedir.layout import StateLayout
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +89,11 @@ class AnvilNode:
         state_interval_seconds: int = STATE_INTERVAL_SECONDS,
         start_timeout_seconds: float = START_TIMEOUT_SECONDS,
     ) -> None:
-        self.chain_dir = Path(state_dir) / "chain"
-        self.state_file = self.chain_dir / "anvil-state.json"
-        self.backup_file = self.chain_dir / "anvil-state.json.bak"
-        self.log_file = self.chain_dir / "anvil.log"
+        layout = StateLayout(state_dir)
+        self.chain_dir = layout.chain
+        self.state_file = layout.anvil_state
+        self.backup_file = layout.anvil_state_backup
+        self.log_file = layout.anvil_log
         self.port = port
         self.chain_id = chain_id
         self.block_time = block_time

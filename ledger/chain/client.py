@@ -24,8 +24,8 @@ from web3.contract.contract import ContractConstructor, ContractFunction
 from web3.exceptions import ContractLogicError, TimeExhausted, Web3RPCError
 from web3.types import TxReceipt
 
+from ledger.chain.contracts.artifacts import ContractArtifact
 from ledger.chain.errors import ChainConfigError, ChainError, ChainUnavailable, TransactionReverted, TransactionTimeout
-from ledger.contracts.artifacts import ContractArtifact
 
 RECEIPT_TIMEOUT_SECONDS = 120.0
 REQUEST_TIMEOUT_SECONDS = 30.0

@@ -1,7 +1,8 @@
 """The DatanetRegistry contract: anchor a datanet version's Merkle root, read it back, verify proofs.
 
-Keys: a datanet is addressed on-chain by ``datanet_key(id) = keccak256(utf8(id))`` (bytes32), a
-contribution by its 32-byte id; leaves and proofs follow `ledger.merkle`.
+It is the `registry.anchor.RootAnchor` that publishing a datanet version is given. Keys: a datanet
+is addressed on-chain by ``registry.anchor.datanet_key(id) = keccak256(utf8(id))`` (bytes32), a
+contribution by its 32-byte id; leaves and proofs follow `registry.merkle`.
 """
 
 from __future__ import annotations
@@ -15,20 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eth_utils import keccak, to_checksum_address
+from eth_utils import to_checksum_address
 
 from ledger.chain.client import ChainClient
+from ledger.chain.contracts.artifacts import ContractArtifact, load_artifact
 from ledger.chain.errors import ChainConfigError
-from ledger.contracts.artifacts import ContractArtifact, load_artifact
 
 CONTRACT_NAME = "DatanetRegistry"
 DEPLOYMENT_KEY = "registry"
 UINT64_MAX = 2**64 - 1
-
-
-def datanet_key(name_or_uuid: str) -> bytes:
-    """The bytes32 key of a datanet in the contract: keccak256 of the UTF-8 string (its id or name)."""
-    return keccak(text=name_or_uuid)
 
 
 @dataclass(frozen=True)

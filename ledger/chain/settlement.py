@@ -26,9 +26,9 @@ from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCErro
 from web3.types import TxParams, TxReceipt
 
 from ledger.chain.client import ChainClient, _abi_of, _revert_data, _reverted
+from ledger.chain.contracts.artifacts import ContractArtifact, load_artifact
 from ledger.chain.errors import ChainError
 from ledger.chain.registry import _locked, read_deployment, write_deployment
-from ledger.contracts.artifacts import ContractArtifact, load_artifact
 
 TOKEN_CONTRACT = "PayoutToken"
 SETTLER_CONTRACT = "PayoutSettler"

@@ -14,7 +14,7 @@ from web3.exceptions import Web3RPCError
 from ledger.chain.client import ChainClient
 from ledger.chain.errors import ChainError, ChainUnavailable
 from ledger.chain.settlement import PayoutSettler, block_number, mined_nonce, pending_nonce, receipt, send_raw
-from ledger.payouts import PlannedLine
+from ledger.settlement.payouts import PlannedLine
 
 DEFAULT_PRIORITY_FEE = 10**9  # 1 gwei when the node does not suggest one
 NONCE_TOO_LOW = ("nonce too low", "nonce is too low", "oldnonce")

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from attribution.attributor import MAX_CONTEXT_TOKENS, Attributor
 from attribution.calibration import choose_min_span, exceedance, null_span_lengths, random_sequences
 from attribution.index_builder import IndexManifest, build_index
-from attribution.trace import TokenAttribution
+from ledger.client.trace import TokenAttribution
 from tests.attribution.passages import DOCUMENTS
 from training.demo_passages import DEMO_DATANETS
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from attribution.outbox import CorruptTrace, Outbox, OutboxFull
-from attribution.trace import AttributionTrace, TokenAttribution
-from attribution.trace_wire import canonical_json
+from ledger.client.trace import AttributionTrace, TokenAttribution
+from ledger.client.trace_wire import canonical_json
 
 A = "aa" * 32
 

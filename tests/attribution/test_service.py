@@ -12,12 +12,12 @@ from eth_account import Account
 from attribution.index_builder import build_index
 from attribution.outbox import Outbox
 from attribution.service import FALLBACK_METHOD, AttributionService, LedgerLineages, read_trace_file, usage_record
-from attribution.trace import AttributionTrace, TokenAttribution
 from attribution.usage_log import UsageLog, UsageRecord
-from ledger.adapters import AdapterRegistry
-from ledger.contribution_content import content_id, normalize, sign_contribution
-from ledger.database import open_database
-from ledger.datanets import DatanetRegistry, SignedText
+from ledger.client.trace import AttributionTrace, TokenAttribution
+from registry.adapters import AdapterRegistry
+from registry.contribution_content import content_id, normalize, sign_contribution
+from registry.datanets import DatanetRegistry, SignedText
+from storage.database import open_database
 from tests.support.memory_anchor import MemoryAnchor
 
 ALICE = Account.from_key("0x" + "a1" * 32)

@@ -14,9 +14,9 @@ import pytest
 
 from attribution.outbox import Outbox
 from attribution.shipper import TraceShipper
-from attribution.trace import AttributionTrace, TokenAttribution
-from gateway.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from ledger.client.trace import AttributionTrace, TokenAttribution
 from tests.conftest import free_port
+from wire.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 Ack = ledger_pb2.IngestAck
 SERVER_OPTIONS = [("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.min_ping_interval_without_data_ms", 5000)]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from attribution.trace import AttributionTrace, TokenAttribution
+from ledger.client.trace import AttributionTrace, TokenAttribution
 
 A, B = "aa" * 32, "bb" * 32
 
@@ -68,7 +68,7 @@ def test_token_id_and_trace_validation() -> None:
 
 
 def test_choices_and_the_recovered_mark_survive_json_and_the_wire() -> None:
-    from attribution.trace_wire import canonical_json, trace_from_pb, trace_to_pb
+    from ledger.client.trace_wire import canonical_json, trace_from_pb, trace_to_pb
 
     tokens = tuple(TokenAttribution.unattributed_token(t) for t in (1, 2, 3))
     two = AttributionTrace(trace_id="t", model="m", adapter=None, requester=None, prompt_tokens=1,

@@ -11,14 +11,14 @@ from sqlalchemy import Engine
 
 from ledger.chain.anvil import ANVIL_DEV_KEYS, AnvilNode
 from ledger.chain.client import ChainClient
-from ledger.adapters import AdapterRegistry
-from ledger.config import DatanetConfig
-from ledger.contribution_content import content_id, normalize
-from ledger.database import open_database
-from ledger.datanets import DatanetRegistry
-from ledger.fee_split import FeeSplitPolicy
-from ledger.journal import Journal
-from tests.ledger.test_datanet_registry import ALICE, BOB, TEXTS, signed
+from ledger.journal.fee_split import FeeSplitPolicy
+from ledger.journal.journal import Journal
+from registry.adapters import AdapterRegistry
+from registry.config import DatanetConfig
+from registry.contribution_content import content_id, normalize
+from registry.datanets import DatanetRegistry
+from storage.database import open_database
+from tests.registry.test_datanet_registry import ALICE, BOB, TEXTS, signed
 from tests.support.memory_anchor import MemoryAnchor, listing_index
 from tests.support.ports import free_port
 

@@ -8,14 +8,14 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import Engine
 
-from ledger.accounts import (
+from ledger.accounts.accounts import (
     Accounts,
     CreditConflict,
     InsufficientCredit,
     UnknownAccount,
     requester_account,
 )
-from ledger.database import open_database
+from storage.database import open_database
 
 
 @pytest.fixture()
@@ -58,8 +58,8 @@ def test_credits_are_exact_balanced_and_idempotent_on_their_reference(accounts: 
         accounts.credit("ghost", 1, "invoice-3")
     assert accounts.balance("acme").balance == big, "refused credits change nothing"
     accounts.check("acme")
-    from ledger.journal import Journal
-    from ledger.fee_split import FeeSplitPolicy
+    from ledger.journal.journal import Journal
+    from ledger.journal.fee_split import FeeSplitPolicy
 
     totals = Journal(accounts.engine, FeeSplitPolicy()).totals()
     assert totals.postings_sum == 0 and totals.unbalanced_entries == 0
@@ -142,8 +142,8 @@ def test_concurrent_holds_on_one_account_never_overdraw_it(accounts: Accounts) -
 
 
 def test_an_inference_debits_its_requesters_account_and_frees_its_hold(journal) -> None:  # noqa: ANN001
-    from attribution.trace import AttributionTrace
-    from ledger.api_keys import ApiKeys
+    from ledger.client.trace import AttributionTrace
+    from ledger.accounts.api_keys import ApiKeys
     from tests.ledger.conftest import CIDS, PRICE
     from tests.ledger.test_journal import token
 

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import pytest
 from sqlmodel import Session, select
 
-from ledger.accounts import Accounts
-from ledger.api_keys import ApiKeys, secret_sha256
-from ledger.database import open_database
+from ledger.accounts.accounts import Accounts
+from ledger.accounts.api_keys import ApiKeys, secret_sha256
 from ledger.models import ApiKey
+from storage.database import open_database
 
 
 @pytest.fixture()

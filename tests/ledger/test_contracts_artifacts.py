@@ -7,15 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from ledger.contracts.artifacts import (
+from ledger.chain.contracts.artifacts import (
     ARTIFACTS_DIR,
     CONTRACTS_DIR,
+    REPO_ROOT,
     ArtifactError,
     compile_contracts,
     load_artifact,
 )
 
-REGENERATE = "regenerate them with `node ledger/contracts/compile.mjs` (needs `make install`) and commit the result"
+REGENERATE = ("regenerate them with `node ledger/chain/contracts/compile.mjs` (needs `make install`) and commit the "
+              "result")
 
 
 def test_committed_artifacts_are_up_to_date(tmp_path: Path) -> None:
@@ -25,7 +27,7 @@ def test_committed_artifacts_are_up_to_date(tmp_path: Path) -> None:
         f"artifact files differ from the contracts (fresh {sorted(fresh)}, committed {sorted(committed)}); {REGENERATE}"
     )
     stale = [name for name in fresh if fresh[name] != committed[name]]
-    assert not stale, f"stale artifacts in ledger/contracts/artifacts: {stale}; {REGENERATE}"
+    assert not stale, f"stale artifacts in ledger/chain/contracts/artifacts: {stale}; {REGENERATE}"
 
 
 def test_registry_artifact_records_its_source() -> None:
@@ -50,7 +52,7 @@ def test_compile_errors_are_reported(tmp_path: Path) -> None:
     contracts.mkdir()
     (contracts / "compile.mjs").write_bytes((CONTRACTS_DIR / "compile.mjs").read_bytes())
     (contracts / "Broken.sol").write_text("pragma solidity ^0.8.24;\ncontract Broken { uint x = ; }\n")
-    (tmp_path / "node_modules").symlink_to(CONTRACTS_DIR.parents[1] / "node_modules")
+    (tmp_path / "node_modules").symlink_to(REPO_ROOT / "node_modules")
 
     import subprocess
 

@@ -15,15 +15,15 @@ import pytest
 from sqlalchemy import Engine, create_engine
 from sqlmodel import Session, select
 
-from ledger.accounts import Accounts
+from ledger.accounts.accounts import Accounts
+from ledger.accounts.deposits import DepositConfigError, DepositWatcher
 from ledger.chain.anvil import ANVIL_DEV_KEYS, AnvilNode
 from ledger.chain.client import ChainClient
 from ledger.chain.settlement import PayoutSettler, PayoutToken, block_number, send_raw, sign_transaction
-from ledger.database import open_database
-from ledger.deposits import DepositConfigError, DepositWatcher
-from ledger.fee_split import FeeSplitPolicy
-from ledger.journal import Journal
+from ledger.journal.fee_split import FeeSplitPolicy
+from ledger.journal.journal import Journal
 from ledger.models import Deposit, DepositScan
+from storage.database import open_database
 from tests.conftest import free_port
 
 AMOUNT = 10**21  # base units: more than 64 bits
@@ -183,7 +183,7 @@ def test_a_reorg_deeper_than_the_depth_is_reported_and_not_reversed(setup: Setup
     assert credited.entry_id is not None and setup.balance() == AMOUNT
     setup.mine(2)
     rpc(setup.client, "anvil_reorg", setup.head() - credited.block_number + 1, [])  # drop its block and later
-    with caplog.at_level(logging.ERROR, logger="ledger.deposits"):
+    with caplog.at_level(logging.ERROR, logger="ledger.accounts.deposits"):
         assert watcher.scan_once() == []
     assert any(credited.id in record.getMessage() and "NOT reversed" in record.getMessage()
                for record in caplog.records), caplog.text
@@ -198,7 +198,7 @@ def test_a_reorg_deeper_than_the_depth_is_reported_and_not_reversed(setup: Setup
     finally:
         rpc(setup.client, "evm_setAutomine", True)
     caplog.clear()
-    with caplog.at_level(logging.ERROR, logger="ledger.deposits"):
+    with caplog.at_level(logging.ERROR, logger="ledger.accounts.deposits"):
         again = watcher.scan_once()
     mined_again = [d for d in again if d.tx_hash == credited.tx_hash]
     assert len(again) == 2 and len(mined_again) == 1 and mined_again[0].id != credited.id
@@ -215,7 +215,7 @@ def test_a_cursor_beyond_the_safe_head_is_reported_and_rewound(setup: Setup,
     setup.alice.transfer(setup.treasury, AMOUNT)
     assert len(setup.watcher(confirmations=1).scan_once()) == 1
     deeper = setup.watcher(confirmations=4)  # confirmations raised between restarts
-    with caplog.at_level(logging.ERROR, logger="ledger.deposits"):
+    with caplog.at_level(logging.ERROR, logger="ledger.accounts.deposits"):
         assert deeper.scan_once() == []
     assert any("rewinding to block" in record.getMessage() for record in caplog.records), caplog.text
     setup.mine(5)
@@ -227,7 +227,7 @@ def test_run_scans_until_stopped_and_survives_an_unreachable_chain(setup: Setup,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     dead = ChainClient(f"http://127.0.0.1:{free_port()}", ANVIL_DEV_KEYS[0])
     stop = threading.Event()
-    with caplog.at_level(logging.WARNING, logger="ledger.deposits"):
+    with caplog.at_level(logging.WARNING, logger="ledger.accounts.deposits"):
         failing = threading.Thread(target=DepositWatcher(setup.engine, dead, setup.token.address, setup.treasury,
                                                          1).run, args=(stop, 0.05))
         failing.start()

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attribution.trace import AttributionTrace, TokenAttribution
-from ledger.fee_split import BPS, FeeSplitPolicy, exact_float_sum, fee_for, split_fee
-from ledger.journal import Journal
+from ledger.client.trace import AttributionTrace, TokenAttribution
+from ledger.journal.fee_split import BPS, FeeSplitPolicy, exact_float_sum, fee_for, split_fee
+from ledger.journal.journal import Journal
 from tests.ledger.conftest import CIDS, OWNER
 
 ADDRESSES = [f"0x{i:040x}" for i in range(1, 9)]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from attribution.trace import AttributionTrace, TokenAttribution
-from ledger.journal import Journal
+from ledger.client.trace import AttributionTrace, TokenAttribution
+from ledger.journal.journal import Journal
 from tests.ledger.conftest import CIDS, OWNER, PRICE
-from tests.ledger.test_datanet_registry import ALICE, BOB
+from tests.registry.test_datanet_registry import ALICE, BOB
 
 
 def trace(trace_id: str, tokens: list[TokenAttribution], *, adapter: str | None = "river-guide",

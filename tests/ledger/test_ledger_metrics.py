@@ -5,10 +5,10 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 from sqlmodel import Session
 
-from ledger.journal import Journal
+from ledger.journal.journal import Journal
 from ledger.metrics import BATCH_STATES, TOKEN_BASE_UNITS, SettlementCollector
 from ledger.models import PayoutBatch
-from ledger.payouts import PAID, SENT
+from ledger.settlement.payouts import PAID, SENT
 from tests.ledger.conftest import CIDS
 from tests.ledger.test_journal import token, trace
 

@@ -14,8 +14,9 @@ from web3 import Web3
 from ledger.chain.anvil import ANVIL_DEV_KEYS, AnvilNode
 from ledger.chain.client import ChainClient
 from ledger.chain.errors import ChainNodeError, ChainUnavailable, TransactionReverted
-from ledger.chain.registry import DatanetRegistry, datanet_key, ensure_registry, read_deployment
-from ledger.merkle import MerkleTree
+from ledger.chain.registry import DatanetRegistry, ensure_registry, read_deployment
+from registry.anchor import datanet_key
+from registry.merkle import MerkleTree
 from tests.ledger.conftest import free_local_port
 
 IDS = [hashlib.sha256(f"anvil contribution {i}".encode()).digest() for i in range(5)]

@@ -10,8 +10,9 @@ from eth_tester import EthereumTester
 
 from ledger.chain.client import ChainClient
 from ledger.chain.errors import ChainConfigError, TransactionReverted, TransactionTimeout
-from ledger.chain.registry import DatanetRegistry, datanet_key
-from ledger.merkle import MerkleTree, verify_proof
+from ledger.chain.registry import DatanetRegistry
+from registry.anchor import datanet_key
+from registry.merkle import MerkleTree, verify_proof
 from tests.support.eth_tester_chain import in_process_chain
 
 RIVERS = datanet_key("rivers")

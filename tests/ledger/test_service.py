@@ -12,15 +12,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from attribution.trace import AttributionTrace, TokenAttribution
-from attribution.trace_wire import trace_to_pb
-from gateway.ledger.v1 import ledger_pb2, ledger_pb2_grpc
-from ledger.journal import Journal
+from ledger.client.trace import AttributionTrace, TokenAttribution
+from ledger.client.trace_wire import trace_to_pb
+from ledger.journal.journal import Journal
 from ledger.service import start_server
 from tests.conftest import free_port
-from tests.support.credentials import ledger_channel
 from tests.ledger.conftest import CIDS, OWNER
-from tests.ledger.test_datanet_registry import ALICE
+from tests.registry.test_datanet_registry import ALICE
+from tests.support.credentials import ledger_channel
+from wire.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 Ack = ledger_pb2.IngestAck
 TOKEN = "test-ledger-token-0123456789"

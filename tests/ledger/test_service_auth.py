@@ -23,16 +23,17 @@ from sqlmodel import Session, select
 
 from attribution.outbox import Outbox
 from attribution.shipper import TraceShipper
-from attribution.trace_wire import trace_to_pb
 from gateway.cli import main
-from gateway.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from gateway.ledger_process import LedgerProcess
-from ledger.journal import Journal
-from ledger.ledger_token import TOKEN_ENV, TOKEN_FILE, LedgerTokenMissing, read_ledger_token
+from ledger.client.token import TOKEN_ENV, LedgerTokenMissing, read_ledger_token
+from ledger.client.trace_wire import trace_to_pb
+from ledger.journal.journal import Journal
 from ledger.models import IngestedTrace, JournalEntry, Posting, TraceConflict
+from statedir.layout import StateLayout
 from tests.conftest import free_port
-from tests.ledger.test_datanet_registry import ALICE
 from tests.ledger.test_service import make_trace
+from tests.registry.test_datanet_registry import ALICE
+from wire.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
@@ -66,7 +67,7 @@ def stored(journal: Journal) -> dict[str, int]:
 
 def test_the_token_is_generated_once_into_an_owner_only_file_and_never_logged(ledger: LedgerProcess,
                                                                               tmp_path: Path) -> None:
-    path = ledger.state_dir / TOKEN_FILE
+    path = StateLayout(ledger.state_dir).ledger_token
     token = path.read_text().strip()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600, "owner-only"
     assert len(token) >= 40 and ledger.token == token == read_ledger_token(ledger.state_dir)
@@ -117,7 +118,7 @@ def test_the_environment_token_wins_and_no_file_is_written(journal: Journal, dat
     process = LedgerProcess(tmp_path / "state", "127.0.0.1", free_port(),
                             env={"DATABASE_URL": database_url, TOKEN_ENV: token}).start()
     try:
-        assert not (tmp_path / "state" / TOKEN_FILE).exists()
+        assert not StateLayout(tmp_path / "state").ledger_token.exists()
         with grpc.insecure_channel(process.target) as channel:
             stub = ledger_pb2_grpc.LedgerStub(channel)
             assert stub.GetTotals(ledger_pb2.GetTotalsRequest(), timeout=10,
@@ -168,10 +169,10 @@ def test_a_shipper_without_the_token_keeps_its_traces_until_it_has_it(ledger: Le
         assert outbox.depth() == 3 and stored(journal) == before, "no token: nothing is sent, nothing is lost"
         assert shipper.stats()["send_failures"] >= 1
         state.mkdir()
-        (state / TOKEN_FILE).write_text("wrong-token-0123456789\n")
+        StateLayout(state).ledger_token.write_text("wrong-token-0123456789\n")
         time.sleep(1.5)
         assert outbox.depth() == 3 and stored(journal) == before, "a wrong token: refused, nothing stored"
-        (state / TOKEN_FILE).write_text(ledger.token + "\n")  # the operator copies the ledger's token
+        StateLayout(state).ledger_token.write_text(ledger.token + "\n")  # the operator copies the ledger's token
         assert shipper.wait_until_empty(30), f"{outbox.depth()} traces left"
     finally:
         shipper.stop()

@@ -10,19 +10,19 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, select
 
-from attribution.trace import AttributionTrace, TokenAttribution
 from ledger.chain.anvil import ANVIL_DEV_KEYS, AnvilNode
 from ledger.chain.client import ChainClient
 from ledger.chain.errors import ChainUnavailable
 from ledger.chain.settlement import PayoutToken, ensure_settlement
 from ledger.chain.settlement_chain import SettlementChain
-from ledger.journal import Journal
+from ledger.client.trace import AttributionTrace, TokenAttribution
+from ledger.journal.journal import Journal
 from ledger.models import PayoutAttempt, PayoutBatch
-from ledger.payouts import PAID, SENT, SIGNED, VOIDED, PayoutPolicy
-from ledger.settler import Settler, SettlerConfig
+from ledger.settlement.payouts import PAID, SENT, SIGNED, VOIDED, PayoutPolicy
+from ledger.settlement.settler import Settler, SettlerConfig
 from tests.conftest import free_port
 from tests.ledger.conftest import CIDS, OWNER
-from tests.ledger.test_datanet_registry import ALICE, BOB
+from tests.registry.test_datanet_registry import ALICE, BOB
 
 PAYEES = (ALICE.address, BOB.address, OWNER.address)
 

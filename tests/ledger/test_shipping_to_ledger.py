@@ -11,11 +11,11 @@ import grpc
 
 from attribution.outbox import Outbox
 from attribution.shipper import TraceShipper
-from gateway.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from gateway.ledger_process import LedgerProcess
-from ledger.journal import Journal
+from ledger.journal.journal import Journal
 from tests.conftest import free_port
 from tests.ledger.test_service import make_trace
+from wire.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 TRACES = 300
 

@@ -8,8 +8,9 @@ import pytest
 from sqlalchemy.exc import StatementError
 from sqlmodel import Session, select
 
-from ledger.database import open_database
-from ledger.models import ApiKey, Datanet, RequesterAccount
+from ledger.models import ApiKey, RequesterAccount
+from registry.models import Datanet
+from storage.database import open_database
 
 BERLIN_SUMMER = timezone(timedelta(hours=2))
 MOMENT = datetime(2026, 7, 1, 14, 30, 5, 123456, tzinfo=BERLIN_SUMMER)

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session
 
-from gateway.config import AccessConfig
-from ledger.accounts import Accounts
-from ledger.api_keys import ApiKeys
-from ledger.database import open_database
-from ledger.models import Adapter
+from ledger.accounts.accounts import Accounts
+from ledger.accounts.api_keys import ApiKeys
+from registry.models import Adapter
 from serving.access import AccessControl
+from serving.config import AccessConfig
 from serving.errors import InsufficientQuota, RateLimited, Unauthenticated
+from storage.database import open_database
 
 PRICE = 1000  # base units per 1k tokens: a token costs 1
 

@@ -14,9 +14,9 @@ from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from gateway.inference.v1 import inference_pb2 as pb
-from gateway.inference.v1 import inference_pb2_grpc as pb_grpc
-from gateway.launcher import GatewayProcess
+from tests.support.launcher import GatewayProcess
+from wire.inference.v1 import inference_pb2 as pb
+from wire.inference.v1 import inference_pb2_grpc as pb_grpc
 
 BASE = "datanet-tiny-llama"
 PROMPT = "The function returns a value when"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from gateway.inference.v1 import inference_pb2 as pb
 from serving.engine import Delta, ModelCard, StepOutput
 from serving.errors import AdapterUnavailable, InvalidRequest, ModelNotFound, Overloaded
 from serving.grpc_convert import error_details, from_pb, models_to_pb, status_of, step_to_pb, with_proto_param
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest
+from wire.inference.v1 import inference_pb2 as pb
 
 
 def test_prompt_request_keeps_only_set_fields() -> None:

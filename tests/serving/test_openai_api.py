@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.launcher import GatewayProcess
+from tests.support.launcher import GatewayProcess
 
 BASE = "datanet-tiny-llama"
 PROMPT = "The function returns a value when"

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import AccessConfig
-from ledger.accounts import Accounts
-from ledger.api_keys import ApiKeys
-from ledger.database import open_database
+from ledger.accounts.accounts import Accounts
+from ledger.accounts.api_keys import ApiKeys
 from serving.access import AccessControl
+from serving.config import AccessConfig
 from serving.errors import Forbidden, TraceNotFound
+from storage.database import open_database
 
 
 @pytest.fixture()

@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
 
-from gateway.inference.v1 import inference_pb2 as pb
-from gateway.inference.v1 import inference_pb2_grpc as pb_grpc
-
-from gateway.launcher import GatewayProcess
 from tests.conftest import free_port
 from tests.support.cli import cli
+from tests.support.launcher import GatewayProcess
+from wire.inference.v1 import inference_pb2 as pb
+from wire.inference.v1 import inference_pb2_grpc as pb_grpc
 
 REPLICA_HEADER = "x-gateway-replica"
 
@@ -170,11 +169,11 @@ def test_each_replica_announces_its_own_scrape_endpoint(two_replicas: GatewayPro
     """Several replicas on one node: each serves its metrics on its own port, found through its target file."""
     import json
 
-    from gateway.metrics_endpoint import targets_dir
+    from statedir.layout import StateLayout
 
     for name in ("demo-adapter-001", "demo-adapter-002", "demo-adapter-003", "demo-adapter-004"):
         assert complete(two_replicas, name).status_code == 200
-    files = sorted(targets_dir(two_replicas.state_dir).glob("engine-*.json"))
+    files = sorted(StateLayout(two_replicas.state_dir).monitoring_targets.glob("engine-*.json"))
     assert len(files) == 2
     served = 0.0
     for path in files:

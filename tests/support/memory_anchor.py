@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ledger.merkle import verify_proof
+from registry.merkle import verify_proof
 
 
 class MemoryAnchor:

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from gateway.launcher import interrupt_and_wait
+from tests.support.launcher import interrupt_and_wait
 
 BINARY = "/usr/bin/prometheus"
 

@@ -20,7 +20,8 @@ async def answer(model_dir: Path, dtype: str, max_tokens: int, question: str) ->
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    from gateway.config import EngineConfig, GatewayConfig
+    from gateway.config import GatewayConfig
+    from serving.config import EngineConfig
     from serving.engine import Engine
 
     with tempfile.TemporaryDirectory(prefix="probe-state-") as state:

@@ -1,0 +1,1 @@
+"""Requester accounts, their API keys and credit, holds, and on-chain deposits."""

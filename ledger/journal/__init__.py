@@ -1,0 +1,1 @@
+"""The double-entry journal: ingest of traces, the exact fee split, balances and statements."""

@@ -1,0 +1,408 @@
+"""The double-entry journal: attribution traces in, one balanced entry per trace, balances out.
+
+Guarantees (checked in code and in tests, on SQLite and PostgreSQL):
+- ingest is idempotent on trace id: a repeat with the same content (SHA-256 of the canonical JSON)
+  is answered `duplicate` with the original entry and posts nothing; the same id with different
+  content is answered `conflict`, recorded in `TraceConflict`, and the stored trace is kept; a
+  `recovered` trace (rebuilt by the gateway from its usage record) whose id is stored is a
+  `duplicate` whatever its content;
+- each accepted trace gets exactly one `JournalEntry(kind="inference", ref=trace id)` whose postings
+  sum to zero (ledger/journal/fee_split.py), written in the same transaction as the trace;
+- balances are sums of postings, computed exactly (storage/amounts.py).
+
+An adapter's terms (price, owner, lineage) are read from the registry tables. An adapter that is
+not registered, and the base model, have price 0: the trace is stored with an empty entry.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Literal
+
+from sqlalchemy import Engine, func, insert
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from ledger.accounts.accounts import REQUESTER_PREFIX, requester_account, settle_requests
+from ledger.client.trace import AttributionTrace
+from ledger.client.trace_wire import canonical_json, content_sha256
+from ledger.journal.fee_split import REVENUE_ACCOUNT, FeeSplitPolicy, Share, exact_float_sum, fee_for, split_fee
+from ledger.models import ApiKey, IngestedTrace, JournalEntry, PayoutBatch, Posting, TraceConflict
+from registry.adapters import lineage_contents, parse_price
+from registry.contribution_content import checksum_address
+from registry.models import Adapter, Contribution
+from storage.amounts import exact_sum
+from storage.database import utcnow
+
+INFERENCE = "inference"
+ADDRESS_ACCOUNT_CLASSES = ("payable", "pending", "paid")
+UNREGISTERED_RETRY_SECONDS = 5.0
+
+Status = Literal["accepted", "duplicate", "conflict", "rejected"]
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    trace_id: str
+    status: Status
+    entry_id: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class AdapterTerms:
+    """What the ledger charges for an adapter and who its lineage credits."""
+
+    price_per_1k_tokens: int
+    owner: str | None
+    lineage_counts: dict[str, int] = field(default_factory=dict)  # contributor → distinct lineage contributions
+
+    @classmethod
+    def unpriced(cls) -> AdapterTerms:
+        return cls(0, None)
+
+
+@dataclass(frozen=True)
+class AddressBalance:
+    address: str
+    payable: int
+    pending: int
+    paid: int
+
+
+@dataclass(frozen=True)
+class StatementLine:
+    entry_id: int
+    kind: str
+    ref: str
+    account: str
+    role: str
+    amount: int
+    created_at: str
+    tx_hash: str | None = None  # payout lines: the transaction that paid the batch
+    traces: tuple[str, ...] = ()  # payout lines: the traces whose credits the payout pays
+
+
+@dataclass(frozen=True)
+class EntryRecord:
+    id: int
+    kind: str
+    ref: str
+    created_at: str
+    postings: list[Share]
+
+
+@dataclass(frozen=True)
+class TraceRecord:
+    trace: AttributionTrace
+    content_sha256: str
+    fee: int
+    price_per_1k_tokens: int
+    received_at: str
+    entry: EntryRecord
+
+
+@dataclass(frozen=True)
+class Totals:
+    traces: int
+    entries: int
+    postings: int
+    conflicts: int
+    completion_tokens: int
+    attributed_tokens: int
+    fees: int
+    by_class: dict[str, int]
+    postings_sum: int
+    unbalanced_entries: int
+
+
+@dataclass
+class _Prepared:
+    trace: AttributionTrace
+    sha: str
+    body: str
+
+
+class Journal:
+    """Ingest and look-ups over the ledger's database; safe to share between threads."""
+
+    def __init__(self, engine: Engine, policy: FeeSplitPolicy | None = None) -> None:
+        self.engine = engine
+        self.policy = policy or FeeSplitPolicy()
+        self._terms: dict[str, tuple[float, AdapterTerms]] = {}
+        self._terms_lock = threading.Lock()
+
+    # ---- ingest ------------------------------------------------------------------------
+    def ingest(self, traces: Sequence[AttributionTrace]) -> list[IngestResult]:
+        """Post a batch of traces in one transaction; one result per trace, in order."""
+        prepared = []
+        for trace in traces:
+            canonical = canonical_json(trace)
+            prepared.append(_Prepared(trace, content_sha256(trace, canonical), canonical.decode()))
+        try:
+            return self._ingest(prepared)
+        except IntegrityError:
+            # Another stream stored one of these ids between our look-up and our insert: the second
+            # pass sees it and answers duplicate/conflict.
+            return self._ingest(prepared)
+
+    def _ingest(self, batch: list[_Prepared]) -> list[IngestResult]:
+        results: dict[int, IngestResult] = {}
+        with Session(self.engine) as session:
+            ids = list({p.trace.trace_id for p in batch})
+            stored = {row[0]: (row[1], row[2]) for row in session.exec(
+                select(IngestedTrace.trace_id, IngestedTrace.content_sha256, IngestedTrace.entry_id)
+                .where(col(IngestedTrace.trace_id).in_(ids))).all()}
+            owners = self._contribution_owners(session, batch)
+            payers = self._payers(session, batch)
+            new: list[tuple[int, _Prepared, AdapterTerms, list[Share], int]] = []
+            claimed: dict[str, str] = {}
+            conflicts = []
+            for position, item in enumerate(batch):
+                trace_id = item.trace.trace_id
+                known = stored.get(trace_id)
+                earlier = claimed.get(trace_id)
+                if known is not None or earlier is not None:
+                    sha = known[0] if known is not None else earlier
+                    if sha == item.sha or item.trace.recovered:  # a recovered copy never bills twice
+                        results[position] = IngestResult(trace_id, "duplicate", known[1] if known else 0)
+                    else:
+                        conflicts.append({"trace_id": trace_id, "content_sha256": item.sha, "body": item.body,
+                                          "received_at": utcnow()})
+                        results[position] = IngestResult(trace_id, "conflict", known[1] if known else 0,
+                                                         f"trace {trace_id} was ingested before with other content "
+                                                         f"(stored sha256 {sha}); the stored trace is kept")
+                    continue
+                unknown = sorted({cid for token in item.trace.tokens for cid, _ in token.weights} - owners.keys())
+                if unknown:
+                    results[position] = IngestResult(trace_id, "rejected", 0,
+                                                     f"unknown contribution id(s): {', '.join(unknown[:3])}")
+                    continue
+                if item.trace.requester is not None and item.trace.requester not in payers:
+                    results[position] = IngestResult(trace_id, "rejected", 0,
+                                                     f"unknown requester key {item.trace.requester!r}")
+                    continue
+                terms = self.terms(session, item.trace.adapter)
+                fee = fee_for(terms.price_per_1k_tokens, item.trace.prompt_tokens + item.trace.completion_tokens)
+                payer = payers.get(item.trace.requester)  # type: ignore[arg-type]
+                shares = self._shares(item.trace, fee, terms, owners,
+                                      requester_account(payer) if payer else REVENUE_ACCOUNT)
+                claimed[trace_id] = item.sha
+                new.append((position, item, terms, shares, fee))
+            if conflicts:
+                self._record_conflicts(session, conflicts)
+            if new:
+                self._write(session, new, results)
+            session.commit()
+        # A duplicate of a trace first seen in this same batch gets that trace's entry id.
+        entry_of = {r.trace_id: r.entry_id for r in results.values() if r.status == "accepted"}
+        return [
+            IngestResult(r.trace_id, r.status, r.entry_id or entry_of.get(r.trace_id, 0), r.reason)
+            for r in (results[i] for i in range(len(batch)))
+        ]
+
+    @staticmethod
+    def _record_conflicts(session: Session, conflicts: list[dict[str, object]]) -> None:
+        """Keep each refused version once (a resend of the same refused trace is not a new conflict)."""
+        known = set(session.exec(select(TraceConflict.trace_id, TraceConflict.content_sha256).where(
+            col(TraceConflict.trace_id).in_({c["trace_id"] for c in conflicts}))).all())
+        fresh: dict[tuple[object, object], dict[str, object]] = {}
+        for conflict in conflicts:
+            key = (conflict["trace_id"], conflict["content_sha256"])
+            if key not in known:
+                fresh.setdefault(key, conflict)
+        if fresh:
+            session.execute(insert(TraceConflict), list(fresh.values()))
+
+    def _write(self, session: Session, new: list[tuple[int, _Prepared, AdapterTerms, list[Share], int]],
+               results: dict[int, IngestResult]) -> None:
+        now = utcnow()
+        entry_ids = session.execute(
+            insert(JournalEntry).returning(JournalEntry.id, sort_by_parameter_order=True),  # type: ignore[arg-type]
+            [{"kind": INFERENCE, "ref": item.trace.trace_id, "created_at": now} for _, item, _, _, _ in new],
+        ).scalars().all()
+        postings, traces = [], []
+        for entry_id, (position, item, terms, shares, fee) in zip(entry_ids, new, strict=True):
+            postings += [{"entry_id": entry_id, "account": s.account, "role": s.role, "amount": s.amount}
+                         for s in shares]
+            trace = item.trace
+            traces.append({
+                "trace_id": trace.trace_id, "content_sha256": item.sha, "model": trace.model, "adapter": trace.adapter,
+                "requester": trace.requester, "prompt_tokens": trace.prompt_tokens,
+                "completion_tokens": trace.completion_tokens,
+                "attributed_tokens": trace.attributed_fraction * trace.completion_tokens,
+                "price_per_1k_tokens": terms.price_per_1k_tokens, "fee": fee, "body": item.body,
+                "entry_id": entry_id, "received_at": now,
+            })
+            results[position] = IngestResult(trace.trace_id, "accepted", entry_id)
+        if postings:  # Core inserts of the tables: no ORM bookkeeping per row
+            session.execute(insert(Posting.__table__), postings)  # type: ignore[attr-defined]
+        session.execute(insert(IngestedTrace.__table__), traces)  # type: ignore[attr-defined]
+        charges: dict[str, int] = {}
+        for posting in postings:
+            if posting["role"] == "payer" and posting["account"].startswith(REQUESTER_PREFIX):
+                account_id = posting["account"][len(REQUESTER_PREFIX):]
+                charges[account_id] = charges.get(account_id, 0) - posting["amount"]
+        settle_requests(session, charges, [item.trace.trace_id for _, item, _, _, _ in new])
+
+    def _shares(self, trace: AttributionTrace, fee: int, terms: AdapterTerms,
+                owners: dict[str, str], payer: str) -> list[Share]:
+        by_address: dict[str, list[float]] = {}
+        for token in trace.tokens:
+            for contribution_id, weight in token.weights:
+                by_address.setdefault(owners[contribution_id], []).append(weight)
+        attributed = {address: exact_float_sum(weights) for address, weights in by_address.items()}
+        unattributed = exact_float_sum(token.unattributed for token in trace.tokens) if trace.tokens else Fraction(1)
+        return split_fee(self.policy, fee, owner=terms.owner, attributed=attributed, unattributed=unattributed,
+                         lineage_counts=terms.lineage_counts, payer=payer)
+
+    @staticmethod
+    def _payers(session: Session, batch: list[_Prepared]) -> dict[str, str]:
+        """Requester key id → the account it belongs to, for the keys these traces name (revoked ones too:
+        a request admitted before the revocation is still billed)."""
+        keys = sorted({p.trace.requester for p in batch if p.trace.requester is not None})
+        if not keys:
+            return {}
+        return dict(session.exec(select(ApiKey.id, ApiKey.account_id).where(col(ApiKey.id).in_(keys))).all())
+
+    @staticmethod
+    def _contribution_owners(session: Session, batch: list[_Prepared]) -> dict[str, str]:
+        ids = sorted({cid for p in batch for token in p.trace.tokens for cid, _ in token.weights})
+        owners: dict[str, str] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            owners.update(session.exec(select(Contribution.id, Contribution.contributor)
+                                       .where(col(Contribution.id).in_(chunk))).all())
+        return owners
+
+    def terms(self, session: Session, adapter: str | None) -> AdapterTerms:
+        """An adapter's price, owner and lineage; cached (registered terms never change)."""
+        if adapter is None:
+            return AdapterTerms.unpriced()
+        with self._terms_lock:
+            cached = self._terms.get(adapter)
+        if cached is not None and (cached[1].owner is not None or time.monotonic() < cached[0]):
+            return cached[1]
+        row = session.get(Adapter, adapter)
+        if row is None:
+            found = AdapterTerms.unpriced()
+        else:
+            contributors = lineage_contents(session, adapter).contributions.values()
+            found = AdapterTerms(parse_price(row.price_per_1k_tokens), checksum_address(row.owner),
+                                 dict(Counter(checksum_address(address) for address, _ in contributors)))
+        with self._terms_lock:
+            self._terms[adapter] = (time.monotonic() + UNREGISTERED_RETRY_SECONDS, found)
+        return found
+
+    # ---- look-ups ----------------------------------------------------------------------
+    def balance(self, address: str) -> AddressBalance:
+        """payable / pending / paid of an address (ValueError when it is not an address)."""
+        address = checksum_address(address)
+        accounts = {f"{kind}:{address}": kind for kind in ADDRESS_ACCOUNT_CLASSES}
+        with Session(self.engine) as session:
+            rows = session.exec(select(Posting.account, exact_sum(Posting.amount))
+                                .where(col(Posting.account).in_(accounts)).group_by(Posting.account)).all()
+        sums = {accounts[account]: int(total) for account, total in rows}
+        return AddressBalance(address, *(sums.get(kind, 0) for kind in ADDRESS_ACCOUNT_CLASSES))
+
+    def account_balance(self, account: str) -> int:
+        with Session(self.engine) as session:
+            return int(session.exec(select(exact_sum(Posting.amount)).where(Posting.account == account)).one())
+
+    def statement(self, address: str, *, limit: int = 100, before_entry_id: int = 0) -> list[StatementLine]:
+        """Postings on the address's accounts, newest entry first."""
+        address = checksum_address(address)
+        accounts = [f"{kind}:{address}" for kind in ADDRESS_ACCOUNT_CLASSES]
+        query = (select(Posting, JournalEntry).join(JournalEntry, col(JournalEntry.id) == col(Posting.entry_id))
+                 .where(col(Posting.account).in_(accounts)))
+        if before_entry_id:
+            query = query.where(col(Posting.entry_id) < before_entry_id)
+        query = query.order_by(col(Posting.entry_id).desc(), col(Posting.id)).limit(limit)
+        with Session(self.engine) as session:
+            rows = session.exec(query).all()
+            batches = {entry.ref for _, entry in rows if entry.kind.startswith("payout_")}
+            payouts = {batch: self._payout_details(session, address, batch) for batch in batches}
+        return [StatementLine(entry.id, entry.kind, entry.ref, posting.account, posting.role, posting.amount,
+                              entry.created_at.isoformat(), *payouts.get(entry.ref, (None, ())))
+                for posting, entry in rows]
+
+    @staticmethod
+    def _payout_details(session: Session, address: str, batch_id: str) -> tuple[str | None, tuple[str, ...]]:
+        """The batch's transaction, and the traces that credited the address since its previous payout.
+
+        A payout sweeps the address's whole payable balance, so it pays the inference credits posted
+        after the previous (not voided) payout was planned and before this one was.
+        """
+        batch = session.get(PayoutBatch, batch_id)
+        plans = session.exec(
+            select(JournalEntry.id, JournalEntry.ref).join(Posting, col(Posting.entry_id) == col(JournalEntry.id))
+            .join(PayoutBatch, col(PayoutBatch.id) == col(JournalEntry.ref))
+            .where(JournalEntry.kind == "payout_planned", Posting.account == f"pending:{address}",
+                   col(PayoutBatch.state) != "voided")
+            .order_by(col(JournalEntry.id))).all()
+        ids = [entry_id for entry_id, _ in plans]
+        this = next((entry_id for entry_id, ref in plans if ref == batch_id), None)
+        if this is None:
+            return (batch.tx_hash if batch else None), ()
+        previous = max((entry_id for entry_id in ids if entry_id < this), default=0)
+        traces = session.exec(
+            select(JournalEntry.ref).join(Posting, col(Posting.entry_id) == col(JournalEntry.id))
+            .where(JournalEntry.kind == INFERENCE, Posting.account == f"payable:{address}",
+                   col(JournalEntry.id) > previous, col(JournalEntry.id) < this)
+            .distinct().order_by(JournalEntry.ref)).all()
+        mined = batch is not None and batch.state in ("confirmed", "paid")
+        return (batch.tx_hash if mined else None), tuple(traces)
+
+    def trace(self, trace_id: str) -> TraceRecord | None:
+        with Session(self.engine) as session:
+            row = session.get(IngestedTrace, trace_id)
+            if row is None:
+                return None
+            entry = session.get(JournalEntry, row.entry_id)
+            postings = session.exec(select(Posting).where(Posting.entry_id == row.entry_id)
+                                    .order_by(col(Posting.id))).all()
+        assert entry is not None and entry.id is not None
+        return TraceRecord(
+            trace=AttributionTrace.from_dict(json.loads(row.body)), content_sha256=row.content_sha256, fee=row.fee,
+            price_per_1k_tokens=row.price_per_1k_tokens, received_at=row.received_at.isoformat(),
+            entry=EntryRecord(entry.id, entry.kind, entry.ref, entry.created_at.isoformat(),
+                              [Share(p.account, p.role, p.amount) for p in postings]),  # type: ignore[arg-type]
+        )
+
+    def sums_by_class(self) -> dict[str, int]:
+        """Balance of each account class (`payable`, `pending`, `paid`, `treasury`, …), base units."""
+        with Session(self.engine) as session:
+            return _sums_by_class(session)
+
+    def totals(self) -> Totals:
+        """Counts and sums over the whole journal, with the two invariants re-checked in SQL."""
+        with Session(self.engine) as session:
+            traces, completion, attributed, fees = session.exec(select(
+                func.count(), func.coalesce(func.sum(IngestedTrace.completion_tokens), 0),
+                func.coalesce(func.sum(IngestedTrace.attributed_tokens), 0.0), exact_sum(IngestedTrace.fee),
+            )).one()
+            entries = session.exec(select(func.count()).select_from(JournalEntry)).one()
+            conflicts = session.exec(select(func.count()).select_from(TraceConflict)).one()
+            postings = session.exec(select(func.count()).select_from(Posting)).one()
+            by_class = _sums_by_class(session)
+            unbalanced = session.exec(select(func.count()).select_from(
+                select(Posting.entry_id).group_by(Posting.entry_id)
+                .having(exact_sum(Posting.amount) != 0).subquery())).one()
+        return Totals(traces=traces, entries=entries, postings=postings, conflicts=conflicts,
+                      completion_tokens=int(completion), attributed_tokens=int(attributed + 1e-6), fees=int(fees),
+                      by_class=by_class, postings_sum=sum(by_class.values()), unbalanced_entries=unbalanced)
+
+
+def _sums_by_class(session: Session) -> dict[str, int]:
+    """Sum of postings per account class: the part of the account name before ':'."""
+    by_class: dict[str, int] = {}
+    for account, amount in session.exec(select(Posting.account, exact_sum(Posting.amount)).group_by(Posting.account)):
+        kind = account.split(":", 1)[0]
+        by_class[kind] = by_class.get(kind, 0) + int(amount)
+    return by_class

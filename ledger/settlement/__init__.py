@@ -1,0 +1,1 @@
+"""Payout batches from payable balances, and the crash-safe settler that pays them on-chain."""
