@@ -194,3 +194,37 @@ class Deposit(SQLModel, table=True):
     entry_id: int | None = Field(default=None, sa_column=Column(BigInteger, ForeignKey("journalentry.id"),
                                                                 nullable=True))
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class Transfer(SQLModel, table=True):
+    """A two-phase transfer on a requester account: a lease of credit to an engine replica, or a
+    request's hold; pending until posted, voided or expired (ledger/accounts/transfers.py).
+
+    `amount` is what it reserved when created (a lease: what was granted of `requested`), `drawn`
+    how much of a lease holds have taken, `posted` what was finally charged (a lease: what its holds
+    had drawn when it was closed). `lease_id` names the lease a hold is drawn from; `under_lease` the
+    lease a hold was reported under (also when it could not be drawn from it), and `overdraw` how far
+    that hold took the account's available credit below zero. `created_by` is the operation that
+    made the row (`lease`, `hold`, or `post`: the trace arrived before the hold report); `late`
+    marks a hold posted after it expired.
+    """
+
+    __table_args__ = (Index("ix_transfer_state_expires_at", "state", "expires_at"),)
+
+    id: str = Field(primary_key=True, max_length=128)
+    kind: str = Field(max_length=8)
+    account_id: str = Field(foreign_key="requesteraccount.id", index=True, max_length=48)
+    lease_id: str | None = Field(default=None, foreign_key="transfer.id", index=True, max_length=128)
+    under_lease: str | None = Field(default=None, max_length=128)
+    requested: int = Field(sa_column=Column(Amount, nullable=False))
+    amount: int = Field(sa_column=Column(Amount, nullable=False))
+    drawn: int = Field(default=0, sa_column=Column(Amount, nullable=False))
+    posted: int = Field(default=0, sa_column=Column(Amount, nullable=False))
+    overdraw: int = Field(default=0, sa_column=Column(Amount, nullable=False))
+    state: str = Field(max_length=8)
+    created_by: str = Field(max_length=8)
+    late: bool = False
+    owner: str = Field(default="", max_length=128)
+    expires_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    resolved_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
