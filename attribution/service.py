@@ -42,12 +42,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from attribution.attributor import MAX_CONTEXT_TOKENS, Attributor
 from attribution.metrics import AttributionMetrics, attribution_metrics
 from attribution.outbox import TRACE_SUFFIX, Outbox
 from attribution.usage_log import UsageLog, UsageRecord, recover
+from ledger.client.access import LedgerUnavailable, LineageRecord
 from ledger.client.trace import AttributionTrace, TokenAttribution
 
 log = logging.getLogger(__name__)
@@ -103,12 +104,16 @@ class Lineage:
 
 
 class LedgerLineages:
-    """Adapter → Lineage from the ledger's database, cached for a few seconds."""
+    """Adapter → Lineage from the ledger's Access API, cached for `ttl_seconds`.
 
-    def __init__(self, database_url: str, ttl_seconds: float = 5.0) -> None:
-        self.database_url = database_url
+    A look-up the ledger does not answer is retried for up to `retry_seconds` (attribution runs off
+    the response path, so it waits for the ledger rather than attribute a trace to no one); past that,
+    the last lineage read is used, and without one the error is raised."""
+
+    def __init__(self, ledger: LineageSource, ttl_seconds: float = 5.0, retry_seconds: float = 60.0) -> None:
+        self.ledger = ledger
         self.ttl_seconds = ttl_seconds
-        self._engine: Any = None
+        self.retry_seconds = retry_seconds
         self._cache: dict[str, tuple[float, Lineage]] = {}
         self._lock = threading.Lock()
 
@@ -120,30 +125,38 @@ class LedgerLineages:
             cached = self._cache.get(adapter)
             if cached and now - cached[0] < self.ttl_seconds:
                 return cached[1]
-        found = self._read(adapter)
+        try:
+            found = self._read(adapter)
+        except LedgerUnavailable:
+            if cached:
+                return cached[1]
+            raise
         with self._lock:
             self._cache[adapter] = (now, found)
         return found
 
     def cached(self, adapter: str | None) -> Lineage:
-        """The lineage last read for `adapter`, whatever its age (no database read unless never read)."""
+        """The lineage last read for `adapter`, whatever its age (no look-up unless never read)."""
         with self._lock:
             cached = self._cache.get(adapter) if adapter is not None else None
         return cached[1] if cached else self.lineage(adapter)
 
     def _read(self, adapter: str) -> Lineage:
-        # deferred: the database and the registry (SQLAlchemy, eth-account: ~1.5 s) are the engine replica's only;
-        # the ingress replicas import this module too (through serving.openai_service)
-        from sqlmodel import Session
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.2
+        while True:
+            try:
+                record = self.ledger.lineage(adapter)
+                return Lineage(record.index_dirs, record.owners)
+            except LedgerUnavailable:
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
-        from registry.adapters import lineage_contents
-        from storage.database import open_database
 
-        if self._engine is None:
-            self._engine = open_database(self.database_url)
-        with Session(self._engine) as session:
-            contents = lineage_contents(session, adapter)
-        return Lineage(contents.index_paths, contents.contributions)
+class LineageSource(Protocol):
+    def lineage(self, adapter: str) -> LineageRecord: ...
 
 
 class AttributionService:

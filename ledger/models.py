@@ -151,15 +151,6 @@ class ApiKey(SQLModel, table=True):
     revoked_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
 
 
-class BalanceHold(SQLModel, table=True):
-    """Worst-case cost of an inference in flight, reserved on its account until the ledger posts its trace."""
-
-    trace_id: str = Field(primary_key=True, max_length=128)
-    account_id: str = Field(foreign_key="requesteraccount.id", index=True, max_length=48)
-    amount: int = Field(sa_column=Column(Amount, nullable=False))
-    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
-
-
 class AdapterAccess(SQLModel, table=True):
     """A private adapter and an account allowed to use it (an adapter with no rows is public)."""
 

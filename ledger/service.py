@@ -16,8 +16,9 @@ import ipaddress
 import logging
 import os
 import secrets
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -26,6 +27,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.exc import SQLAlchemyError
 
+from ledger.access_service import SERVICE_NAME as ACCESS_SERVICE_NAME
+from ledger.access_service import TransferExpiry, add_access_service
 from ledger.client.token import configured_token, read_ledger_token
 from ledger.client.trace_wire import trace_from_pb, trace_to_pb
 from ledger.journal.journal import AddressBalance, IngestResult, Journal
@@ -211,8 +214,28 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def start_server(journal: Journal, host: str, port: int, *, token: str, workers: int = 32) -> grpc.Server:
-    """Serve the ledger on host:port, every call but health behind `token` (started; call `.stop(grace)`)."""
+Servicer = Callable[[grpc.Server], str]
+"""Adds one more service to the ledger's server; returns its full name (for health and reflection)."""
+
+
+class LedgerServer:
+    """The running gRPC server and the expiry of transfers; `stop(grace)` ends both."""
+
+    def __init__(self, server: grpc.Server, expiry: TransferExpiry) -> None:
+        self.server = server
+        self.expiry = expiry
+
+    def stop(self, grace: float | None) -> threading.Event:
+        self.expiry.stop()
+        return self.server.stop(grace)
+
+
+def start_server(journal: Journal, host: str, port: int, *, token: str, workers: int = 32,
+                 servicers: Sequence[Servicer] = ()) -> LedgerServer:
+    """Serve the ledger on host:port, every call but health behind `token` (started; call `.stop(grace)`).
+
+    The Access API (ledger/access_service.py: keys, terms, leases, holds, rate) is always on the same
+    port; `servicers` add others (Admin) there too, behind the same token."""
     interceptors = [TokenAuthInterceptor(token)]  # ValueError without a token: there is no open mode
     # Each gateway keeps one long-lived Ingest stream (one worker thread) and pings it when idle.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ledger"),
@@ -220,18 +243,21 @@ def start_server(journal: Journal, host: str, port: int, *, token: str, workers:
                          options=[("grpc.so_reuseport", 0), ("grpc.keepalive_permit_without_calls", 1),
                                   ("grpc.http2.min_ping_interval_without_data_ms", 5_000)])
     ledger_pb2_grpc.add_LedgerServicer_to_server(LedgerServicer(journal), server)
+    expiry = add_access_service(server, journal.engine)
+    names = [SERVICE_NAME, ACCESS_SERVICE_NAME] + [add(server) for add in servicers]
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME,
+    reflection.enable_server_reflection((*names, reflection.SERVICE_NAME,
                                          health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:
         bound = 0
     if bound == 0:
+        expiry.stop()
         raise OSError(f"cannot listen on {host}:{port} (in use?)")
     server.start()
-    for name in ("", SERVICE_NAME):
+    for name in ("", *names):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("ledger listening on %s:%d", host, port)
-    return server
+    return LedgerServer(server, expiry)

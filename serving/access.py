@@ -1,17 +1,24 @@
 """Who may call, what they may see, and what they may spend: API keys, private adapters, limits, holds.
 
-Per request, in the engine replica, before the engine sees it:
+Per request, in the engine replica, before the engine sees it. Everything comes from the ledger's
+Access API (ledger/client/access.py), cached; the replica opens no database:
 
 1. `authenticate`: `Authorization: Bearer dgk-…` (HTTP header or gRPC metadata) → the key's
    `Caller`; a missing, malformed, unknown or revoked key is 401 / UNAUTHENTICATED. Look-ups are
    cached for `key_cache_seconds` (so a revocation takes effect within that time).
 2. `visible`: a private adapter exists only for the accounts it is shared with (404 otherwise, and
    absent from `/v1/models`).
-3. `admit`: the key's rate limits (429 / RESOURCE_EXHAUSTED with retry-after), then a hold of the
-   request's worst-case cost — (prompt + max_tokens) at the adapter's price — on the key's account
-   (402 / FAILED_PRECONDITION when it exceeds the available balance).
-4. `finish`: the hold shrinks to the actual cost; the ledger deletes it when it posts the trace (which
-   carries the key id, never the key), debiting the account by exactly that fee.
+3. `admit`: the key's rate limits, deployment-wide (serving/rate_grants.py; 429 /
+   RESOURCE_EXHAUSTED with retry-after), then a hold of the request's worst-case cost —
+   (prompt + max_tokens) at the adapter's price — from this replica's credit lease on the key's
+   account (serving/credit_book.py; 402 / FAILED_PRECONDITION when the account cannot cover it).
+   Neither calls the ledger unless a chunk or a lease has run out.
+4. `finish`: unused tokens go back to the rate chunk, the unused part of the hold back to the lease;
+   the ledger posts the hold when it ingests the trace (which carries the key id, never the key),
+   debiting the account by exactly the fee, or voids it when no trace will bill the request.
+
+With the ledger unreachable, requests that need it (a key not cached, a chunk or lease run out)
+get 503 `ledger_unavailable`; the rest go on.
 
 Reads follow ownership (`may_read`, `check_read`, `require_admin`; used by every door):
 
@@ -30,27 +37,23 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import Engine
-from sqlmodel import Session, select
-
-from ledger.accounts.accounts import Accounts, InsufficientCredit
-from ledger.accounts.api_keys import ApiKeys
-from ledger.journal.fee_split import fee_for
-from ledger.models import AdapterAccess
-from registry.adapters import parse_price
-from registry.models import Adapter
+from ledger.client.access import AccessLedger, AdapterTerms, LedgerUnavailable, NoCredit
+from ledger.client.fees import fee_for
 from serving.config import AccessConfig
-from serving.errors import Forbidden, InsufficientQuota, RateLimited, TraceNotFound, Unauthenticated
-from serving.rate_limits import REASON_REQUEST_LARGER_THAN_TOKENS_PER_MINUTE, RateLimit, RateLimiter, retry_after_header
+from serving.credit_book import CreditBook
+from serving.errors import (Forbidden, InsufficientQuota, LedgerUnreachable, RateLimited, TraceNotFound,
+                            Unauthenticated)
+from serving.rate_grants import REASON_LARGER_THAN_TOKENS_PER_MINUTE, KeyLimit, RateGrants
 
 MISSING_KEY = ("No API key provided: send `Authorization: Bearer <key>` (the local key of `make up` is in "
                "<state>/local-api-key).")
 INVALID_KEY = "The API key is not valid (unknown, malformed or revoked)."
 ADMIN_ONLY = "This is an operator view: it needs an admin key (`gateway keys create --admin`)."
 KEY_ACCOUNTS_MAX = 10_000  # key id -> account look-ups kept (a key never changes account)
+CALLERS_MAX = 10_000
 TERMS_SECONDS = 5.0  # prices and private-adapter lists are re-read this often
 
 
@@ -59,7 +62,7 @@ class Caller:
     key_id: str
     account_id: str
     admin: bool
-    limit: RateLimit
+    limit: KeyLimit
 
 
 @dataclass
@@ -73,20 +76,29 @@ class Admission:
     held: int
 
 
+def _unavailable(away: LedgerUnavailable) -> LedgerUnreachable:
+    return LedgerUnreachable(f"The ledger is not reachable ({away}); retry shortly.", headers={"retry-after": "1"})
+
+
 class AccessControl:
-    def __init__(self, engine: Engine, config: AccessConfig, clock: Any = time.monotonic) -> None:
-        self.engine = engine
+    def __init__(self, ledger: AccessLedger, config: AccessConfig, owner: str, *,
+                 clock: Callable[[], float] = time.monotonic, background: bool = True) -> None:
+        self.ledger = ledger
         self.config = config
         self.enabled = config.auth
-        self.keys = ApiKeys(engine)
-        self.accounts = Accounts(engine)
-        self.limiter = RateLimiter(clock)
+        self.credit = CreditBook(ledger, owner, lease_requests=config.lease_requests,
+                                 idle_return_seconds=config.lease_idle_seconds, clock=clock, background=background)
+        self.rates = RateGrants(ledger, clock=clock)
         self._clock = clock
-        self._default = RateLimit(config.rate_requests_per_second, config.rate_tokens_per_minute)
+        self._default = KeyLimit(config.rate_requests_per_second, config.rate_tokens_per_minute)
         self._callers: dict[str, tuple[float, Caller | None]] = {}
-        self._terms: tuple[float, dict[str, int], dict[str, frozenset[str]]] | None = None
+        self._terms: tuple[float, dict[str, AdapterTerms]] | None = None
         self._key_accounts: dict[str, str] = {}
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Report what is queued and return this replica's leases to the ledger."""
+        self.credit.close()
 
     # ---- who ------------------------------------------------------------------------------
     def authenticate(self, authorization: str | None) -> Caller | None:
@@ -110,13 +122,18 @@ class AccessControl:
             cached = self._callers.get(cache_key)
         if cached is not None and now < cached[0]:
             return cached[1]
-        key = self.keys.verify(presented)
+        try:
+            key = self.ledger.authenticate(presented)
+        except LedgerUnavailable as away:
+            raise _unavailable(away) from None
         caller = None if key is None else Caller(
-            key.id, key.account_id, key.admin,
-            RateLimit(key.requests_per_second if key.requests_per_second is not None else self._default.requests_per_second,
-                      key.tokens_per_minute if key.tokens_per_minute is not None else self._default.tokens_per_minute))
+            key.key_id, key.account_id, key.admin,
+            KeyLimit(key.requests_per_second if key.requests_per_second is not None
+                     else self._default.requests_per_second,
+                     key.tokens_per_minute if key.tokens_per_minute is not None
+                     else self._default.tokens_per_minute))
         with self._lock:
-            if len(self._callers) > 10_000:
+            if len(self._callers) > CALLERS_MAX:
                 self._callers.clear()
             self._callers[cache_key] = (now + self.config.key_cache_seconds, caller)
         return caller
@@ -126,27 +143,30 @@ class AccessControl:
         """Whether `model` exists for this caller (a private adapter only for its accounts)."""
         if caller is None and not self.enabled:
             return True
-        allowed = self._read_terms()[1].get(model)
-        return allowed is None or (caller is not None and caller.account_id in allowed)
+        terms = self._read_terms().get(model)
+        return terms is None or not terms.shared_with or (caller is not None and caller.account_id in terms.shared_with)
 
     def price(self, adapter: str | None) -> int:
-        return 0 if adapter is None else self._read_terms()[0].get(adapter, 0)
+        terms = self._read_terms().get(adapter) if adapter is not None else None
+        return terms.price_per_1k_tokens if terms is not None else 0
 
-    def _read_terms(self) -> tuple[dict[str, int], dict[str, frozenset[str]]]:
+    def _read_terms(self) -> dict[str, AdapterTerms]:
+        """Prices and shares, re-read every TERMS_SECONDS; with the ledger away, the last ones read
+        (never read yet: 503)."""
         now = self._clock()
         with self._lock:
             terms = self._terms
         if terms is None or now >= terms[0]:
-            with Session(self.engine) as session:
-                prices = {name: parse_price(price) for name, price in
-                          session.exec(select(Adapter.name, Adapter.price_per_1k_tokens)).all()}
-                shared: dict[str, set[str]] = {}
-                for adapter, account in session.exec(select(AdapterAccess.adapter_name, AdapterAccess.account_id)):
-                    shared.setdefault(adapter, set()).add(account)
-            terms = (now + TERMS_SECONDS, prices, {a: frozenset(s) for a, s in shared.items()})
+            try:
+                fresh = self.ledger.terms()
+            except LedgerUnavailable as away:
+                if terms is None:
+                    raise _unavailable(away) from None
+                return terms[1]
+            terms = (now + TERMS_SECONDS, fresh)
             with self._lock:
                 self._terms = terms
-        return terms[1], terms[2]
+        return terms[1]
 
     # ---- who may read what -----------------------------------------------------------------
     def may_read(self, caller: Caller | None, requester: str | None) -> bool:
@@ -178,14 +198,17 @@ class AccessControl:
             account = self._key_accounts.get(key_id)
         if account is not None:
             return account
-        row = self.keys.get(key_id)
-        if row is None:
+        try:
+            account = self.ledger.key_account(key_id)
+        except LedgerUnavailable as away:
+            raise _unavailable(away) from None
+        if account is None:
             return None
         with self._lock:
             if len(self._key_accounts) >= KEY_ACCOUNTS_MAX:
                 self._key_accounts.clear()
-            self._key_accounts[key_id] = row.account_id
-        return row.account_id
+            self._key_accounts[key_id] = account
+        return account
 
     # ---- how much -------------------------------------------------------------------------
     def admit(self, caller: Caller | None, request_id: str, adapter: str | None, prompt_tokens: int,
@@ -194,36 +217,38 @@ class AccessControl:
         if caller is None:
             return None
         worst = prompt_tokens + max_tokens
-        decision = self.limiter.admit(caller.key_id, caller.limit, worst)
-        if not decision.allowed:
-            if decision.reason == REASON_REQUEST_LARGER_THAN_TOKENS_PER_MINUTE:
+        try:
+            refusal = self.rates.admit(caller.key_id, caller.limit, worst)
+        except LedgerUnavailable as away:
+            raise _unavailable(away) from None
+        if refusal is not None:
+            if refusal.reason == REASON_LARGER_THAN_TOKENS_PER_MINUTE:
                 raise RateLimited(f"This request may use {worst} tokens, more than the key's limit of "
                                   f"{caller.limit.tokens_per_minute} tokens per minute; lower max_tokens.",
                                   param="max_tokens")
-            raise RateLimited(f"Rate limit of the key reached ({decision.reason}); retry after "
-                              f"{retry_after_header(decision)} s.", headers={"retry-after": retry_after_header(decision)})
+            raise RateLimited(f"Rate limit of the key reached ({refusal.reason}); retry after "
+                              f"{refusal.retry_after_header} s.", headers={"retry-after": refusal.retry_after_header})
         price = self.price(adapter)
         hold = fee_for(price, worst)
-        if hold > 0:
-            try:
-                self.accounts.hold(request_id, caller.account_id, hold)
-            except InsufficientCredit as short:
-                self.limiter.settle(caller.key_id, worst, 0)
-                raise InsufficientQuota(
-                    f"This request may cost {short.needed} base units and account '{caller.account_id}' has "
-                    f"{max(short.available, 0)} available; add credit or lower max_tokens.") from None
+        try:
+            self.credit.hold(request_id, caller.account_id, hold)
+        except NoCredit as short:
+            self.rates.settle(caller.key_id, worst, 0)
+            raise InsufficientQuota(
+                f"This request may cost {short.needed} base units and account '{caller.account_id}' has "
+                f"{max(short.available, 0)} available; add credit or lower max_tokens.") from None
+        except LedgerUnavailable as away:
+            self.rates.settle(caller.key_id, worst, 0)
+            raise _unavailable(away) from None
         return Admission(caller, request_id, worst, price, hold)
 
     def finish(self, admission: Admission | None, prompt_tokens: int, completion_tokens: int, *,
                billed: bool) -> None:
-        """Return unused tokens to the rate limit; keep only the actual cost held (or nothing, if no
-        trace will bill this request)."""
+        """Return unused tokens to the rate chunk and the unused part of the hold to the lease (all of
+        it, and a void for the ledger, if no trace will bill this request)."""
         if admission is None:
             return
         used = prompt_tokens + completion_tokens
-        self.limiter.settle(admission.caller.key_id, admission.reserved_tokens, used)
+        self.rates.settle(admission.caller.key_id, admission.reserved_tokens, used)
         if admission.held:
-            if billed:
-                self.accounts.shrink_hold(admission.request_id, fee_for(admission.price_per_1k_tokens, used))
-            else:
-                self.accounts.release(admission.request_id)
+            self.credit.finish(admission.request_id, fee_for(admission.price_per_1k_tokens, used), billed=billed)

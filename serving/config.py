@@ -100,6 +100,9 @@ class AccessConfig(BaseSettings):
         2_000_000, ge=1, description="Default per-key tokens per minute (prompt + max_tokens reserved up front).")
     key_cache_seconds: float = Field(
         1.0, ge=0, description="How long a replica trusts a key it looked up (revocation takes effect within it).")
+    lease_requests: int = Field(64, ge=1, le=100_000, description="A replica leases credit for this many "
+                                "requests at a time (each at the worst case of the one that needs the lease).")
+    lease_idle_seconds: float = Field(30.0, gt=0, description="A replica returns a lease unused this long.")
     local_credit: int = Field(10**24, ge=0, description="Base units credited once to the `local` account that "
                               "`gateway up` creates with its first key (1e24 = a million 18-decimal tokens).")
 

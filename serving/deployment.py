@@ -28,7 +28,9 @@ from ray import serve
 from attribution.outbox import Outbox
 from attribution.service import AttributionService, LedgerLineages, read_trace_file
 from attribution.usage_log import UsageLog
+from ledger.client.access import LedgerAccessClient
 from ledger.client.config import LedgerClientConfig
+from serving.access import AccessControl
 from serving.config import AccessConfig, EngineConfig, ReplicaConfig, ServingConfig
 from serving.engine import Engine
 from serving.errors import ApiError, InvalidRequest, ModelNotFound, TraceNotFound
@@ -89,23 +91,20 @@ class EngineReplica:
 
     async def _build(self) -> None:
         """Create the engine on the loop that will drive it (vLLM binds its output task to it)."""
-        # deferred: the database and access control (SQLAlchemy, eth-account, psycopg: ~2 s) are only the engine
-        # replica's; the ingress replicas import this module too
-        from serving.access import AccessControl
-        from storage.database import database_url, open_database
-
         self.engine = Engine(self.config, self.engine_config, self.replica.adapters_per_replica)
         ledger = LedgerClientConfig()
+        # Keys, terms, lineage, credit and rate come from the ledger's Access API: the replica opens no database.
+        self.ledger = LedgerAccessClient.for_state_dir(self.config.state_dir, ledger)
         outbox = Outbox(self.config.outbox_dir, ledger.outbox_max_traces) if ledger.ship else None
         usage_log = UsageLog(self.config.usage_dir) if outbox is not None and ledger.usage_records else None
         attribution = (
-            AttributionService(LedgerLineages(database_url(self.config.state_dir)), trace_dir=self.config.trace_dir,
+            AttributionService(LedgerLineages(self.ledger), trace_dir=self.config.trace_dir,
                                outbox=outbox, usage_log=usage_log,
                                delay_seconds=self.config.attribution_delay_seconds)
             if self.config.attribution else None
         )
         access = AccessConfig()
-        control = AccessControl(open_database(database_url(self.config.state_dir)), access) if access.auth else None
+        control = AccessControl(self.ledger, access, owner=self.replica_id) if access.auth else None
         self.service = OpenAIService(self.engine, self.replica.max_ongoing_requests, attribution, access=control)
 
     async def _start_http(self) -> None:
@@ -242,6 +241,9 @@ class EngineReplica:
         self.engine.shutdown()
         if self.service.attribution is not None:
             self.service.attribution.close()
+        if self.service.access is not None:
+            self.service.access.close()
+        self.ledger.close()
         if self._loop is not None:
             self._loop.stop()
 

@@ -112,6 +112,14 @@ class EngineUnavailable(ApiError):
     code = "engine_unavailable"
 
 
+class LedgerUnreachable(ApiError):
+    """The ledger did not answer a look-up or a lease this request needed."""
+
+    status = 503
+    type = "server_error"
+    code = "ledger_unavailable"
+
+
 class AccountingBacklog(ApiError):
     """The trace outbox is full (the ledger has been unreachable for long): serving would go unbilled."""
 

@@ -19,7 +19,7 @@ States and transitions::
     post of an unknown id ───────────────────────────────────────► posted (created posted: the
                                                                    trace came before the hold report)
 
-Every state but pending is final, except that a late post turns an expired hold into a posted one.
+Every state but pending is final, except that a late post turns an expired or voided hold into a posted one.
 Nothing is deleted: every transfer stays a row, so a restart of the ledger loses nothing and
 continues where it stopped (expiry is driven by the stored `expires_at`, by whoever calls `expire`).
 
@@ -37,8 +37,9 @@ Where each amount goes (`balance` and `held` are the account row's columns; avai
   to the lease (`lease.drawn -= remainder`); otherwise the whole amount leaves `held`. A charge above
   the hold (a price changed in between) is still charged in full: the response was delivered. A post
   of an expired hold charges the balance only (its reservation was released at expiry) and sets
-  `late`. A post of an unknown id creates the hold already posted (amount = posted = charge);
-  a later hold report with that id is then a no-op.
+  `late`. A post of an unknown id creates the hold already posted (amount = posted = charge; with a
+  charge of 0 nothing is recorded); a later hold report with that id is then a no-op. A post of a
+  voided hold charges like a late one (the response was delivered after all).
 - `void(id)`: releases a pending hold's amount by the same rule (back to a pending lease, else off
   `held`).
 - `close_lease(id)`: the replica returns its lease: `held -= amount - drawn`; the lease is posted
@@ -51,14 +52,12 @@ Where each amount goes (`balance` and `held` are the account row's columns; avai
 A lease's `drawn` is thus what its pending holds reserve plus what was charged to holds drawn from
 it while it was pending; it never exceeds its `amount`.
 
-So at every commit, for each account (checked by `Transfers.check`, the tests call it after every
-step): ``held = sum(balancehold) + sum over pending leases of (amount - drawn) + sum over pending
-holds of amount`` (a pending hold drawn from a pending lease is inside the lease's drawn part, so
-both terms are needed; `balancehold` is today's hold table, still written by the replicas), and
-the balance moves only by credits and posts: ``balance = sum of postings on requester:<id> - sum of
-posted holds that no inference journal entry (ref = hold id) accounts for`` (once the journal posts
-holds inside its ingest transaction, every posted hold has its entry and this is Accounts.check's
-rule again).
+So at every commit, for each account (checked by `Transfers.check`, which the tests call after
+every step): ``held = sum over pending leases of (amount - drawn) + sum over pending holds not
+drawn from a pending lease of amount``, and the balance moves only by credits and posts:
+``balance = sum of postings on requester:<id>`` (the journal posts a trace's hold in the trace's own
+ingest transaction, ledger/journal/journal.py; a posted hold without a journal entry is counted
+off the balance too, for holds posted directly as the tests do).
 
 **Bounded overdraw.** A replica admits a request under its lease before the ledger sees the hold,
 and the ledger's view of the lease lags (remainders return to it only when traces are posted). A hold
@@ -79,7 +78,7 @@ the balance itself below zero (the compute was spent; accounts.py documents the 
 Repeats are idempotent: the same operation with the same terms (lease: account, requested amount,
 owner; hold: account, amount; post: charge; void and close: the id) returns the transfer as stored
 and changes nothing; a conflicting one (same id with another kind, account or amount, a post with
-another charge, a post after a void, a void after a post) raises TransferConflict naming both.
+another charge, a void after a post) raises TransferConflict naming both.
 A void of an expired hold and a close of an expired lease are no-ops (nothing is reserved).
 
 Concurrency: every operation runs in one transaction and first takes the account row's write lock
@@ -99,7 +98,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from ledger.accounts.accounts import InsufficientCredit, UnknownAccount, lock_account, requester_account
-from ledger.models import BalanceHold, JournalEntry, Posting, RequesterAccount, Transfer
+from ledger.models import JournalEntry, Posting, RequesterAccount, Transfer
 from storage.amounts import exact_sum
 from storage.database import utcnow
 
@@ -313,7 +312,7 @@ def _post(session: Session, account: RequesterAccount, order: PostOrder, now: da
         account.balance -= charge
         session.add_all([account, row])
         return row
-    if row.kind != HOLD or row.account_id != account.id or row.state == VOIDED:
+    if row.kind != HOLD or row.account_id != account.id:
         raise TransferConflict(order.id, _describe(row), f"{asked} on account {account.id!r}")
     if row.state == POSTED:
         if row.posted != charge:
@@ -321,7 +320,7 @@ def _post(session: Session, account: RequesterAccount, order: PostOrder, now: da
         return row
     if row.state == PENDING:
         _release_hold(session, account, row, min(charge, row.amount))
-    else:  # expired: its reservation was released then; the delivered response is billed all the same
+    else:  # expired or voided: its reservation was released then; the delivered response is billed all the same
         row.late = True
     account.balance -= charge
     row.posted, row.state, row.resolved_at = charge, POSTED, now
@@ -469,25 +468,36 @@ class Transfers:
         result = self.post_many([PostOrder(hold_id, charge, account_id)], session=session)[0]
         if isinstance(result, Exception):
             raise result
+        if result is None:
+            raise UnknownTransfer(hold_id)
         return result
 
+    def charge(self, session: Session, account_id: str, amount: int) -> None:
+        """Take `amount` off the balance outside any transfer (in the caller's transaction): for a
+        trace whose post was refused, so the balance still matches the journal."""
+        _lock_accounts(session, {account_id})[account_id].balance -= amount
+
     def post_many(self, orders: Sequence[PostOrder], *,
-                  session: Session | None = None) -> list[TransferRecord | Exception]:
+                  session: Session | None = None) -> list[TransferRecord | Exception | None]:
         """Posts in one transaction (the caller's with `session`), accounts locked in id order: one
-        result per order, a refused one's result being its error (nothing of it stored)."""
+        result per order, a refused one's result being its error (nothing of it stored), None for a
+        charge of 0 with no hold (nothing to record)."""
         for order in orders:
             _check_id(order.id, "hold id")
             _check_amount(order.charge, "a charge")
 
-        def work(session: Session) -> list[TransferRecord | Exception]:
+        def work(session: Session) -> list[TransferRecord | Exception | None]:
             account_of = _stored_accounts(session, [o.id for o in orders])
             for order in orders:  # an id posted twice in one batch: the second needs no account
                 if order.account_id is not None:
                     account_of.setdefault(order.id, order.account_id)
             wanted = {o.account_id for o in orders if o.account_id is not None} | set(account_of.values())
             accounts = self._lock_known(session, wanted)
-            now, results = utcnow(), list[TransferRecord | Exception]()
+            now, results = utcnow(), list[TransferRecord | Exception | None]()
             for order in orders:
+                if order.charge == 0 and order.id not in account_of:
+                    results.append(None)  # nothing was held and nothing is charged: no row
+                    continue
                 try:
                     account_id = order.account_id or account_of.get(order.id)
                     if account_id is None:
@@ -529,8 +539,6 @@ class Transfers:
             if account is None:
                 raise UnknownAccount(account_id)
             rows = {r.id: r for r in session.exec(select(Transfer).where(Transfer.account_id == account_id)).all()}
-            legacy_held = int(session.exec(select(exact_sum(BalanceHold.amount)).where(
-                BalanceHold.account_id == account_id)).one() or 0)
             postings = int(session.exec(select(exact_sum(Posting.amount)).where(
                 Posting.account == requester_account(account_id))).one() or 0)
             posted_holds = [r for r in rows.values() if r.kind == HOLD and r.state == POSTED]
@@ -538,7 +546,7 @@ class Transfers:
                 JournalEntry.kind == INFERENCE_ENTRY,
                 col(JournalEntry.ref).in_([r.id for r in posted_holds]))).all()) if posted_holds else set()
         problems = []
-        held = legacy_held
+        held = 0
         for row in rows.values():
             if row.kind not in (LEASE, HOLD) or row.state not in (PENDING, POSTED, VOIDED, EXPIRED):
                 problems.append(f"{row.id}: kind {row.kind!r}, state {row.state!r}")

@@ -62,13 +62,6 @@ class Share:
     amount: int
 
 
-def fee_for(price_per_1k_tokens: int, tokens: int) -> int:
-    """The fee for `tokens` at a price per 1000 tokens, rounded down (never over-charged)."""
-    if price_per_1k_tokens < 0 or tokens < 0:
-        raise ValueError("price and tokens must be >= 0")
-    return price_per_1k_tokens * tokens // 1000
-
-
 def exact_float_sum(values: Iterable[float]) -> Fraction:
     """The exact sum of doubles (no rounding), with integer arithmetic on a common 2**-1074 grid."""
     total = 0

@@ -16,6 +16,8 @@ not registered, and the base model, have price 0: the trace is stored with an em
 
 from __future__ import annotations
 
+import logging
+
 import json
 import threading
 import time
@@ -29,10 +31,12 @@ from sqlalchemy import Engine, func, insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from ledger.accounts.accounts import REQUESTER_PREFIX, requester_account, settle_requests
+from ledger.accounts.accounts import REQUESTER_PREFIX, requester_account
+from ledger.accounts.transfers import PostOrder, Transfers
 from ledger.client.trace import AttributionTrace
 from ledger.client.trace_wire import canonical_json, content_sha256
-from ledger.journal.fee_split import REVENUE_ACCOUNT, FeeSplitPolicy, Share, exact_float_sum, fee_for, split_fee
+from ledger.client.fees import fee_for
+from ledger.journal.fee_split import REVENUE_ACCOUNT, FeeSplitPolicy, Share, exact_float_sum, split_fee
 from ledger.models import ApiKey, IngestedTrace, JournalEntry, PayoutBatch, Posting, TraceConflict
 from registry.adapters import lineage_contents, parse_price
 from registry.contribution_content import checksum_address
@@ -45,6 +49,8 @@ ADDRESS_ACCOUNT_CLASSES = ("payable", "pending", "paid")
 UNREGISTERED_RETRY_SECONDS = 5.0
 
 Status = Literal["accepted", "duplicate", "conflict", "rejected"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,7 @@ class Journal:
 
     def __init__(self, engine: Engine, policy: FeeSplitPolicy | None = None) -> None:
         self.engine = engine
+        self.transfers = Transfers(engine)
         self.policy = policy or FeeSplitPolicy()
         self._terms: dict[str, tuple[float, AdapterTerms]] = {}
         self._terms_lock = threading.Lock()
@@ -244,12 +251,16 @@ class Journal:
         if postings:  # Core inserts of the tables: no ORM bookkeeping per row
             session.execute(insert(Posting.__table__), postings)  # type: ignore[attr-defined]
         session.execute(insert(IngestedTrace.__table__), traces)  # type: ignore[attr-defined]
-        charges: dict[str, int] = {}
-        for posting in postings:
-            if posting["role"] == "payer" and posting["account"].startswith(REQUESTER_PREFIX):
-                account_id = posting["account"][len(REQUESTER_PREFIX):]
-                charges[account_id] = charges.get(account_id, 0) - posting["amount"]
-        settle_requests(session, charges, [item.trace.trace_id for _, item, _, _, _ in new])
+        orders = []  # each requester-paid trace posts its request's hold (ledger/accounts/transfers.py)
+        for entry_id, (_, item, _, shares, _) in zip(entry_ids, new, strict=True):
+            for share in shares:
+                if share.role == "payer" and share.account.startswith(REQUESTER_PREFIX):
+                    orders.append(PostOrder(item.trace.trace_id, -share.amount, share.account[len(REQUESTER_PREFIX):]))
+        for order, outcome in zip(orders, self.transfers.post_many(orders, session=session), strict=True):
+            if isinstance(outcome, Exception):  # a trace id the ledger knows as a lease, or a voided hold
+                log.error("trace %s: its hold could not be posted (%s); the fee is charged all the same",
+                          order.id, outcome)
+                self.transfers.charge(session, order.account_id, order.charge)  # type: ignore[arg-type]
 
     def _shares(self, trace: AttributionTrace, fee: int, terms: AdapterTerms,
                 owners: dict[str, str], payer: str) -> list[Share]:

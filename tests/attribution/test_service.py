@@ -13,12 +13,15 @@ from attribution.index_builder import build_index
 from attribution.outbox import Outbox
 from attribution.service import FALLBACK_METHOD, AttributionService, LedgerLineages, read_trace_file, usage_record
 from attribution.usage_log import UsageLog, UsageRecord
+from ledger.accounts.access_desk import AccessDesk
+from ledger.client.access import LedgerAccessClient
 from ledger.client.trace import AttributionTrace, TokenAttribution
 from registry.adapters import AdapterRegistry
 from registry.contribution_content import content_id, normalize, sign_contribution
 from registry.datanets import DatanetRegistry, SignedText
 from storage.database import open_database
 from tests.support.memory_anchor import MemoryAnchor
+from tests.support.ports import free_port
 
 ALICE = Account.from_key("0x" + "a1" * 32)
 BOB = Account.from_key("0x" + "b2" * 32)
@@ -52,9 +55,9 @@ def register(adapters: AdapterRegistry, name: str) -> None:
 
 
 async def test_regurgitation_is_credited_to_its_contributor(ledger, tokenize) -> None:  # type: ignore[no-untyped-def]
-    url, adapters = ledger
+    _, adapters = ledger
     register(adapters, "nature-lora")
-    service = AttributionService(LedgerLineages(url))
+    service = AttributionService(LedgerLineages(AccessDesk(adapters.engine)))
     try:
         ids = tokenize(TEXTS[0])
         trace = await service.submit(usage("cmpl-1", "nature-lora", "nature-lora", ids[:6], ids[6:]))
@@ -70,8 +73,8 @@ async def test_regurgitation_is_credited_to_its_contributor(ledger, tokenize) ->
 
 
 async def test_unregistered_adapters_and_the_base_model_are_unattributed(ledger, tokenize) -> None:  # type: ignore[no-untyped-def]
-    url, _ = ledger
-    service = AttributionService(LedgerLineages(url))
+    _, adapters = ledger
+    service = AttributionService(LedgerLineages(AccessDesk(adapters.engine)))
     try:
         ids = tokenize(TEXTS[0])
         for adapter in (None, "not-registered"):
@@ -82,8 +85,8 @@ async def test_unregistered_adapters_and_the_base_model_are_unattributed(ledger,
 
 
 async def test_a_newly_registered_adapter_is_picked_up_after_the_cache_expires(ledger, tokenize) -> None:  # type: ignore[no-untyped-def]
-    url, adapters = ledger
-    service = AttributionService(LedgerLineages(url, ttl_seconds=0.0))
+    _, adapters = ledger
+    service = AttributionService(LedgerLineages(AccessDesk(adapters.engine), ttl_seconds=0.0))
     try:
         ids = tokenize(TEXTS[1])
         before = await service.submit(usage("cmpl-a", "late", "late", ids[:6], ids[6:]))
@@ -95,9 +98,9 @@ async def test_a_newly_registered_adapter_is_picked_up_after_the_cache_expires(l
 
 
 async def test_a_failed_attribution_still_gives_an_unattributed_trace_and_old_traces_are_dropped(ledger, tokenize) -> None:  # type: ignore[no-untyped-def]
-    url, adapters = ledger
+    _, adapters = ledger
     register(adapters, "nature-lora")
-    service = AttributionService(LedgerLineages(url), traces_max=2)
+    service = AttributionService(LedgerLineages(AccessDesk(adapters.engine)), traces_max=2)
     try:
         failed = await service.submit(usage("cmpl-bad", "m", "nature-lora", [1], [70000]))  # not in this vocabulary
         assert service.stats()["attribution_failures_total"] == 1
@@ -112,10 +115,10 @@ async def test_a_failed_attribution_still_gives_an_unattributed_trace_and_old_tr
 
 
 async def test_trace_files_let_another_process_answer_and_stay_bounded(ledger, tokenize, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    url, _ = ledger
+    _, adapters = ledger
     traces = tmp_path / "traces"
-    writer = AttributionService(LedgerLineages(url), trace_dir=traces, traces_max=2)
-    reader = AttributionService(LedgerLineages(url), trace_dir=traces)  # another replica on the node
+    writer = AttributionService(LedgerLineages(AccessDesk(adapters.engine)), trace_dir=traces, traces_max=2)
+    reader = AttributionService(LedgerLineages(AccessDesk(adapters.engine)), trace_dir=traces)  # another replica on the node
     try:
         ids = tokenize(TEXTS[0])
         written = [await writer.submit(usage(f"cmpl-{i}", "m", None, ids[:4], ids[4:])) for i in range(3)]
@@ -129,10 +132,10 @@ async def test_trace_files_let_another_process_answer_and_stay_bounded(ledger, t
 
 
 async def test_a_queued_trace_is_written_once_and_published_by_a_hard_link(ledger, tokenize, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    url, adapters = ledger
+    _, adapters = ledger
     register(adapters, "nature-guide")
     outbox = Outbox(tmp_path / "outbox")
-    service = AttributionService(LedgerLineages(url), trace_dir=tmp_path / "traces", outbox=outbox)
+    service = AttributionService(LedgerLineages(AccessDesk(adapters.engine)), trace_dir=tmp_path / "traces", outbox=outbox)
     try:
         ids = tokenize(TEXTS[0])
         trace = await service.submit(usage("cmpl-1", "nature-guide", "nature-guide", ids[:8], ids[8:]))
@@ -147,12 +150,12 @@ async def test_a_queued_trace_is_written_once_and_published_by_a_hard_link(ledge
 
 
 async def test_a_failed_lineage_read_still_bills_the_response_unattributed(tmp_path: Path, tokenize) -> None:  # type: ignore[no-untyped-def]
-    """The ledger's database cannot be read (a lineage look-up fails): the trace still reaches the
-    outbox, every token unattributed, and the usage record is settled."""
+    """The ledger does not answer the lineage look-up (nothing listens on its port) and the retries
+    are spent: the trace still reaches the outbox, every token unattributed, and the usage record is
+    settled."""
     outbox = Outbox(tmp_path / "outbox")
     usage_log = UsageLog(tmp_path / "outbox" / "usage")
-    (tmp_path / "ledger.db").write_bytes(b"not a database" * 100)
-    broken = LedgerLineages(f"sqlite:///{tmp_path / 'ledger.db'}")
+    broken = LedgerLineages(LedgerAccessClient(f"127.0.0.1:{free_port()}", "t" * 16, timeout=1.0), retry_seconds=0)
     service = AttributionService(broken, outbox=outbox, usage_log=usage_log)
     try:
         ids = tokenize(TEXTS[0])
@@ -172,9 +175,9 @@ async def test_a_failed_lineage_read_still_bills_the_response_unattributed(tmp_p
 
 
 async def test_every_choice_is_attributed(ledger, tokenize) -> None:  # type: ignore[no-untyped-def]
-    url, adapters = ledger
+    _, adapters = ledger
     register(adapters, "nature-lora")
-    service = AttributionService(LedgerLineages(url))
+    service = AttributionService(LedgerLineages(AccessDesk(adapters.engine)))
     try:
         first, second = tokenize(TEXTS[0]), tokenize(TEXTS[1])
         trace = await service.submit(usage("cmpl-n", "nature-lora", "nature-lora", [], first, second))
@@ -203,7 +206,7 @@ async def test_records_of_a_killed_replica_are_attributed_again_by_the_next_proc
     import subprocess
     import sys
 
-    url, _ = ledger
+    _, adapters = ledger
     outbox = Outbox(tmp_path / "outbox")
     usage_dir = tmp_path / "outbox" / "usage"
     replica = subprocess.Popen([sys.executable, "-c", WRITER, str(usage_dir)], stdout=subprocess.PIPE, text=True,
@@ -215,7 +218,7 @@ async def test_records_of_a_killed_replica_are_attributed_again_by_the_next_proc
         replica.wait(10)
     shipped = trace_of("cmpl-shipped")
     outbox.put(shipped)  # this one's trace reached the outbox before the kill
-    service = AttributionService(LedgerLineages(url), outbox=outbox, usage_log=UsageLog(usage_dir),
+    service = AttributionService(LedgerLineages(AccessDesk(adapters.engine)), outbox=outbox, usage_log=UsageLog(usage_dir),
                                  recover_seconds=3600)
     try:
         deadline = time.monotonic() + 10  # a new process recovers what dead ones left as it starts

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ledger.client.trace import AttributionTrace, TokenAttribution
-from ledger.journal.fee_split import BPS, FeeSplitPolicy, exact_float_sum, fee_for, split_fee
+from ledger.client.fees import fee_for
+from ledger.journal.fee_split import BPS, FeeSplitPolicy, exact_float_sum, split_fee
 from ledger.journal.journal import Journal
 from tests.ledger.conftest import CIDS, OWNER
 

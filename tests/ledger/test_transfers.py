@@ -140,11 +140,16 @@ def test_void_releases_a_hold_to_where_it_was_reserved_and_repeats_are_no_ops(le
     assert ledger.transfers.void("direct").state == VOIDED
     assert ledger.money(acme) == (1000, 500)
 
-    refused(ledger, TransferConflict, ledger.transfers.post, "direct", 10)  # post after void
     refused(ledger, TransferConflict, ledger.transfers.void, "lease-1")  # a lease is closed, not voided
     refused(ledger, TransferConflict, ledger.transfers.close_lease, "direct")
     refused(ledger, UnknownTransfer, ledger.transfers.void, "ghost")
     refused(ledger, UnknownTransfer, ledger.transfers.close_lease, "ghost")
+
+    # a trace after a void: the response was delivered after all, so it is charged, once, marked late
+    posted = ledger.transfers.post("direct", 10)
+    assert (posted.state, posted.posted, posted.late) == (POSTED, 10, True)
+    assert ledger.transfers.post("direct", 10) == posted
+    refused(ledger, TransferConflict, ledger.transfers.void, "direct")  # void after post
 
 
 def test_expiry_releases_what_pending_transfers_reserve_once(ledger: Ledger) -> None:

@@ -1,6 +1,7 @@
-"""AccessControl above the HTTP/gRPC doors, on a real SQLite ledger with a fake clock: what each
-`Authorization` value gets, when a revocation bites, which limits apply, and what a refusal leaves.
-(The same behaviour through the running stack is tested in tests/test_access_stack.py.)"""
+"""AccessControl above the HTTP/gRPC doors, on a real SQLite ledger (the ledger's AccessDesk, without
+gRPC between them) with a fake clock: what each `Authorization` value gets, when a revocation bites,
+which limits apply, and what a refusal leaves. (The same behaviour through the ledger's gRPC API and
+the running stack is tested in tests/serving/test_access_over_grpc.py and tests/test_access_stack.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from sqlmodel import Session
 from ledger.accounts.accounts import Accounts
 from ledger.accounts.api_keys import ApiKeys
 from registry.models import Adapter
-from serving.access import AccessControl
+from ledger.accounts.transfers import PENDING, Transfers
+from tests.support.desk_access import DeskAccess
 from serving.config import AccessConfig
 from serving.errors import InsufficientQuota, RateLimited, Unauthenticated
 from storage.database import open_database
@@ -29,7 +31,7 @@ class Clock:
 
 
 @pytest.fixture()
-def setup(tmp_path: Path) -> Iterator[tuple[AccessControl, str, Clock]]:
+def setup(tmp_path: Path) -> Iterator[tuple[DeskAccess, str, Clock]]:
     engine = open_database(f"sqlite:///{tmp_path / 'ledger.db'}")
     with Session(engine) as session:
         session.add(Adapter(name="priced", base_model="base", uri="file:///x", owner="0x" + "11" * 20,
@@ -40,7 +42,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[AccessControl, str, Clock]]:
     key = ApiKeys(engine).create("acme").presented
     clock = Clock()
     config = AccessConfig(rate_requests_per_second=2, rate_tokens_per_minute=10_000, key_cache_seconds=1.0)
-    yield AccessControl(engine, config, clock), key, clock
+    yield DeskAccess(engine, config, clock), key, clock
     engine.dispose()
 
 
@@ -74,18 +76,27 @@ def test_a_keys_own_limits_win_over_the_defaults(setup) -> None:  # noqa: ANN001
 
 def test_holds_cover_the_worst_case_and_a_refusal_keeps_nothing(setup) -> None:  # noqa: ANN001
     access, key, clock = setup
+    transfers = Transfers(access.engine)
     caller = access.authenticate(f"Bearer {key}")
     assert access.admit(caller, "free-1", None, 40, 500).held == 0, "the base model holds nothing"
     admitted = access.admit(caller, "r-1", "priced", 10, 50)
-    assert admitted.held == 60 and Accounts(access.engine).balance("acme").available == 40
+    assert admitted.held == 60
+    lease = transfers.list("acme")[0]
+    assert (lease.kind, lease.amount) == ("lease", 100), "the replica leased what the account had (asked 64 x 60)"
     clock.now += 1  # the request bucket refills: the next refusal is for credit, not rate
     with pytest.raises(InsufficientQuota, match="may cost 60 base units and account 'acme' has 40"):
         access.admit(caller, "r-2", "priced", 10, 50)
-    assert Accounts(access.engine).balance("acme").held == 60, "the refused request holds nothing"
-    access.finish(admitted, 10, 20, billed=True)  # it used 30 tokens: only those stay held
-    assert Accounts(access.engine).balance("acme").held == 30
+    access.credit.flush()
+    stored = {t.id: t for t in transfers.list("acme")}
+    assert "r-2" not in stored, "the refused request holds nothing"
+    assert (stored["r-1"].state, stored["r-1"].amount) == (PENDING, 60)
+    access.finish(admitted, 10, 20, billed=True)  # it used 30 tokens: the lease gets 30 back locally
+    clock.now += 1
     access.finish(access.admit(caller, "r-3", "priced", 5, 5), 5, 0, billed=False)  # no trace will bill it
-    assert Accounts(access.engine).balance("acme").held == 30
+    access.credit.flush()
+    assert transfers.get("r-3") is None, "admitted and voided before it was reported: the ledger never sees it"
+    assert Accounts(access.engine).balance("acme").balance == 100, "nothing is charged before a trace"
+    transfers.check("acme")
     Accounts(access.engine).check("acme")
 
 

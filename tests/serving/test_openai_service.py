@@ -94,11 +94,12 @@ async def test_a_full_outbox_refuses_new_requests_until_it_drains(tmp_path: Path
     from attribution import service as attribution_service
     from attribution.outbox import Outbox
     from attribution.service import AttributionService, LedgerLineages
+    from ledger.client.access import LedgerAccessClient
 
     monkeypatch.setattr(attribution_service, "OUTBOX_CHECK_SECONDS", 0.02)  # the admission flag's refresh
     monkeypatch.setattr(outbox_module, "COUNT_REFRESH_SECONDS", 0.02)  # the outbox's directory scans
     outbox = Outbox(tmp_path / "outbox", max_traces=2)
-    attribution = AttributionService(LedgerLineages(f"sqlite:///{tmp_path / 'unused.db'}"), outbox=outbox)
+    attribution = AttributionService(LedgerLineages(LedgerAccessClient("127.0.0.1:1", "t" * 16)), outbox=outbox)
     service = OpenAIService(ScriptedEngine(), attribution=attribution)  # type: ignore[arg-type]
     try:
         served = []

@@ -1,5 +1,8 @@
 """Per-API-key rate limits: requests per second and tokens per minute, as token buckets (pure logic, no I/O).
 
+The ledger keeps one `RateLimiter` for the whole deployment; engine replicas take chunks of a key's
+budget from it (`take`, through the Access API) and spend them locally (serving/rate_grants.py).
+
 Each key has up to two buckets, both starting full:
 
 - requests: capacity ``max(1, requests_per_second)``, refilled at ``requests_per_second`` per second;
@@ -38,6 +41,7 @@ __all__ = [
     "REASON_REQUESTS_PER_SECOND",
     "REASON_TOKENS_PER_MINUTE",
     "Decision",
+    "Grant",
     "RateLimit",
     "RateLimiter",
     "retry_after_header",
@@ -87,6 +91,15 @@ class Decision:
 
 
 ALLOWED: Final = Decision(allowed=True)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What `take` handed out: requests and tokens (both 0 with a refusal `decision`)."""
+
+    requests: int
+    tokens: int
+    decision: Decision = ALLOWED
 
 
 def retry_after_header(decision: Decision) -> str:
@@ -199,6 +212,49 @@ class RateLimiter:
                 state.tokens.level = max(0.0, state.tokens.level - tokens)
             state.update_full_at()
             return ALLOWED
+
+    def take(self, key_id: str, limit: RateLimit, requests: int, tokens: int, *, min_requests: int = 1,
+             min_tokens: int = 0) -> Grant:
+        """Take up to `requests` requests and `tokens` tokens at once (a replica's chunk), at least
+        `min_requests` and `min_tokens` (else nothing, with the refusal's reason and retry-after). An
+        unlimited bucket grants all that was asked. `admit` is `take` of exactly (1, tokens)."""
+        for name, value in (("requests", requests), ("tokens", tokens), ("min_requests", min_requests),
+                            ("min_tokens", min_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if min_requests > requests or min_tokens > tokens:
+            raise ValueError(f"the minimum ({min_requests}, {min_tokens}) exceeds what was asked ({requests}, {tokens})")
+        if limit.tokens_per_minute is not None and min_tokens > limit.tokens_per_minute:
+            return Grant(0, 0, Decision(allowed=False, reason=REASON_REQUEST_LARGER_THAN_TOKENS_PER_MINUTE))
+        with self._lock:
+            now = self._clock()
+            self._sweep(now)
+            if limit.unlimited:
+                self._keys.pop(key_id, None)
+                return Grant(requests, tokens)
+            state = self._keys.get(key_id)
+            if state is None:
+                state = self._keys[key_id] = _KeyState(limit, now)
+            else:
+                self._keys.move_to_end(key_id)
+                state.advance(now)
+                state.apply(limit)
+            requests_wait = 0.0 if state.requests is None else state.requests.wait_seconds(min_requests)
+            tokens_wait = 0.0 if state.tokens is None else state.tokens.wait_seconds(min_tokens)
+            if requests_wait > 0 or tokens_wait > 0:
+                state.update_full_at()
+                reason = REASON_REQUESTS_PER_SECOND if requests_wait >= tokens_wait else REASON_TOKENS_PER_MINUTE
+                return Grant(0, 0, Decision(allowed=False, retry_after_seconds=max(requests_wait, tokens_wait),
+                                            reason=reason))
+            granted_requests, granted_tokens = requests, tokens
+            if state.requests is not None:
+                granted_requests = max(min_requests, min(requests, int(state.requests.level + _EPSILON)))
+                state.requests.level = max(0.0, state.requests.level - granted_requests)
+            if state.tokens is not None:
+                granted_tokens = max(min_tokens, min(tokens, int(state.tokens.level + _EPSILON)))
+                state.tokens.level = max(0.0, state.tokens.level - granted_tokens)
+            state.update_full_at()
+            return Grant(granted_requests, granted_tokens)
 
     def settle(self, key_id: str, reserved_tokens: int, actual_tokens: int) -> None:
         """Refund ``reserved_tokens - actual_tokens`` (never above capacity) after a request finished.

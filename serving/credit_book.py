@@ -1,0 +1,263 @@
+"""Credit an engine replica leases from the ledger and spends locally, so admission makes no call.
+
+Per account, the replica holds at most one **lease** (ledger/accounts/transfers.py): credit the
+ledger reserved for it. Admitting a request takes the request's worst-case cost off the lease's
+local remainder (`hold`: a dictionary update under a lock); finishing it gives back what it did not
+cost (`finish`). Each admission becomes a **hold** at the ledger, reported in batches by a
+background thread every `report_every_seconds`, together with voids of requests that will not be
+billed. The ledger posts a hold when the request's trace is ingested.
+
+Only when the lease cannot cover a request does admission call the ledger: a new lease replaces
+the old one (`Lease`, with the unreported holds sent along first). The background thread renews
+a lease ahead of need, when its remainder falls below `refill_below` of what was granted, and
+returns one idle for `idle_return_seconds`. A lease is asked for `lease_requests` times the cost
+of the request that needs it, and granted what is available, up to that.
+
+What a replica can spend is bounded by what the ledger granted it: with the ledger down it keeps
+admitting against the leases it holds and refuses (`LedgerUnavailable`) once one runs out. The
+ledger bounds the rest (transfers.py, "bounded overdraw").
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ledger.client.access import AccessLedger, HoldItem, LedgerUnavailable, NoCredit
+
+log = logging.getLogger(__name__)
+
+LEASE_REQUESTS = 64
+REFILL_BELOW = 0.25
+REPORT_EVERY_SECONDS = 0.05
+IDLE_RETURN_SECONDS = 30.0
+UNREPORTED_MAX = 100_000  # holds waiting for the ledger; beyond it admission refuses (the ledger is away)
+
+
+@dataclass
+class _Lease:
+    lease_id: str
+    account_id: str
+    granted: int
+    unit: int  # the request cost the lease was sized for
+    used: int = 0  # worst cost of requests in flight + actual cost of finished ones
+    in_flight: int = 0
+    last_used: float = 0.0
+
+    @property
+    def left(self) -> int:
+        return self.granted - self.used
+
+
+@dataclass
+class _Held:
+    lease: _Lease
+    amount: int
+
+
+class CreditBook:
+    def __init__(self, ledger: AccessLedger, owner: str, *, lease_requests: int = LEASE_REQUESTS,
+                 refill_below: float = REFILL_BELOW, report_every_seconds: float = REPORT_EVERY_SECONDS,
+                 idle_return_seconds: float = IDLE_RETURN_SECONDS, clock: Callable[[], float] = time.monotonic,
+                 background: bool = True) -> None:
+        self.ledger = ledger
+        self.owner = owner
+        self.lease_requests = lease_requests
+        self.refill_below = refill_below
+        self.idle_return_seconds = idle_return_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._leases: dict[str, _Lease] = {}
+        self._held: dict[str, _Held] = {}
+        self._unreported: OrderedDict[str, HoldItem] = OrderedDict()
+        self._account_locks: dict[str, threading.Lock] = {}
+        self._stopped = threading.Event()
+        self.refused_reports = 0
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self._run, args=(report_every_seconds,), name="credit-book",
+                                            daemon=True)
+            self._thread.start()
+
+    # ---- the request path -----------------------------------------------------------------
+    def hold(self, request_id: str, account_id: str, amount: int) -> None:
+        """Reserve `amount` for `request_id` from this replica's lease on the account. NoCredit when
+        the account cannot cover it; LedgerUnavailable when a new lease is needed and the ledger is away."""
+        if amount <= 0:
+            return
+        if self._take(request_id, account_id, amount):
+            return
+        with self._account_lock(account_id):  # one renewal per account at a time
+            if self._take(request_id, account_id, amount):
+                return
+            try:
+                self._renew(account_id, amount)
+            except NoCredit as short:  # the ledger speaks of the lease; the caller of this request
+                raise NoCredit(account_id, amount, short.available) from None
+            if not self._take(request_id, account_id, amount):
+                raise NoCredit(account_id, amount, self._give_back_short(account_id))
+
+    def finish(self, request_id: str, cost: int, *, billed: bool) -> None:
+        """The request ended: it cost `cost` (billed: its trace will post it) or nothing (not billed: void)."""
+        with self._lock:
+            held = self._held.pop(request_id, None)
+            if held is None:
+                return
+            lease = held.lease
+            lease.in_flight -= 1
+            lease.used -= held.amount - (min(cost, held.amount) if billed else 0)
+            lease.last_used = self._clock()
+            if not billed:
+                if self._unreported.pop(request_id, None) is None:  # reported already: void it
+                    self._unreported[request_id] = HoldItem(request_id, lease.account_id, 0, lease.lease_id, void=True)
+
+    def _take(self, request_id: str, account_id: str, amount: int) -> bool:
+        with self._lock:
+            lease = self._leases.get(account_id)
+            if lease is None or lease.left < amount:
+                return False
+            if len(self._unreported) >= UNREPORTED_MAX:
+                raise LedgerUnavailable(f"{len(self._unreported)} holds are waiting for the ledger")
+            lease.used += amount
+            lease.in_flight += 1
+            lease.last_used = self._clock()
+            self._held[request_id] = _Held(lease, amount)
+            self._unreported[request_id] = HoldItem(request_id, account_id, amount, lease.lease_id)
+            return True
+
+    def _give_back_short(self, account_id: str) -> int:
+        """A new lease too small for the request that asked for it goes straight back (a refusal
+        reserves nothing); what it held, the account's available credit then."""
+        with self._lock:
+            lease = self._leases.get(account_id)
+            if lease is None:
+                return 0
+            if lease.in_flight:  # a smaller request took from it meanwhile: keep it
+                return lease.left
+            del self._leases[account_id]
+        try:
+            self._return(lease)
+        except LedgerUnavailable:
+            pass  # it expires at the ledger
+        return lease.granted
+
+    # ---- talking to the ledger ------------------------------------------------------------
+    def _account_lock(self, account_id: str) -> threading.Lock:
+        with self._lock:
+            return self._account_locks.setdefault(account_id, threading.Lock())
+
+    def _drain(self) -> list[HoldItem]:
+        with self._lock:
+            items = list(self._unreported.values())
+            self._unreported.clear()
+            return items
+
+    def _requeue(self, items: list[HoldItem]) -> None:
+        """Put back what the ledger did not get, ahead of anything queued since."""
+        with self._lock:
+            queued = list(self._unreported.items())
+            self._unreported.clear()
+            self._unreported.update((item.hold_id, item) for item in items)
+            self._unreported.update(queued)
+
+    def _renew(self, account_id: str, unit: int) -> None:
+        """Replace this replica's lease on the account with a new one sized for `unit`-cost requests
+        (called with the account's lock held). NoCredit when the ledger has nothing to lend."""
+        with self._lock:
+            old = self._leases.get(account_id)
+        unit = max(unit, old.unit if old is not None else 0)
+        items = self._drain()
+        lease_id = f"lease-{uuid.uuid4().hex}"
+        try:
+            grant = self.ledger.lease(lease_id, account_id, unit * self.lease_requests, self.owner,
+                                      replaces=old.lease_id if old is not None else "", holds=items)
+        except NoCredit:
+            with self._lock:  # the old lease was closed before the ledger found nothing more
+                if self._leases.get(account_id) is old:
+                    self._leases.pop(account_id, None)
+            raise
+        except LedgerUnavailable:
+            self._requeue(items)
+            raise
+        self._count_refused(grant.holds)
+        with self._lock:
+            self._leases[account_id] = _Lease(grant.lease_id, account_id, grant.granted, unit,
+                                              last_used=self._clock())
+
+    def flush(self) -> None:
+        """Report the holds and voids queued so far (kept for the next try if the ledger is away)."""
+        items = self._drain()
+        if not items:
+            return
+        try:
+            self._count_refused(self.ledger.report(items))
+        except LedgerUnavailable:
+            self._requeue(items)
+            raise
+
+    def _count_refused(self, results: tuple) -> None:  # type: ignore[type-arg]
+        refused = [r for r in results if r.state == "refused"]
+        if refused:
+            self.refused_reports += len(refused)
+            log.warning("the ledger refused %d hold reports, e.g. %s: %s", len(refused), refused[0].hold_id,
+                        refused[0].reason)
+
+    def tend(self) -> None:
+        """One round of the background work: report, renew leases running low, return idle ones."""
+        self.flush()
+        now = self._clock()
+        with self._lock:
+            low = [lease for lease in self._leases.values() if lease.left < lease.granted * self.refill_below]
+            idle = [lease for lease in self._leases.values()
+                    if lease.in_flight == 0 and now - lease.last_used >= self.idle_return_seconds]
+        for lease in low:
+            with self._account_lock(lease.account_id):
+                if self._leases.get(lease.account_id) is lease:
+                    try:
+                        self._renew(lease.account_id, lease.unit)
+                    except NoCredit:
+                        pass  # the account is running dry: requests will say so
+        for lease in idle:
+            with self._account_lock(lease.account_id):
+                with self._lock:
+                    if self._leases.get(lease.account_id) is not lease or lease.in_flight:
+                        continue
+                    del self._leases[lease.account_id]
+                self._return(lease)
+
+    def _return(self, lease: _Lease) -> None:
+        items = self._drain()
+        try:
+            self._count_refused(self.ledger.return_lease(lease.lease_id, items))
+        except LedgerUnavailable:
+            self._requeue(items)  # the lease expires at the ledger on its own
+            raise
+
+    def _run(self, every_seconds: float) -> None:
+        while not self._stopped.wait(every_seconds):
+            try:
+                self.tend()
+            except LedgerUnavailable as away:
+                log.debug("ledger away: %s", away)
+            except Exception:
+                log.exception("credit book round failed")
+
+    def close(self) -> None:
+        """Stop the background work, report what is queued and return every lease (best effort)."""
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._lock:
+            leases = list(self._leases.values())
+            self._leases.clear()
+        try:
+            self.flush()
+            for lease in leases:
+                self._return(lease)
+        except LedgerUnavailable as away:
+            log.warning("could not return leases to the ledger (they expire there): %s", away)

@@ -1,0 +1,116 @@
+"""Per-key rate limits for the whole deployment, spent locally: a replica takes chunks from the ledger.
+
+The ledger keeps each key's token buckets (ledger/accounts/rate_limits.py, through `TakeRate`). A
+replica takes `chunk_seconds` worth of a key's rate at a time (at least what the request at hand
+needs) and admits requests against it without a call; what a finished request did not use goes
+back into the chunk. A chunk is dropped `grant_seconds` after it was taken, used or not, so a
+replica never sits on a key's rate: across replicas a key gets at most its limit plus one chunk
+per replica inside any `grant_seconds`. A key without limits is never looked up.
+
+With the ledger unreachable a key whose chunk ran out is refused (`LedgerUnavailable`), like a
+request that needs a new credit lease.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ledger.client.access import AccessLedger
+
+CHUNK_SECONDS = 0.1
+GRANT_SECONDS = 1.0
+REASON_LARGER_THAN_TOKENS_PER_MINUTE = "request larger than tokens per minute"
+KEYS_MAX = 100_000
+
+
+@dataclass(frozen=True)
+class KeyLimit:
+    """One key's limits (None: unlimited)."""
+
+    requests_per_second: float | None = None
+    tokens_per_minute: int | None = None
+
+    @property
+    def unlimited(self) -> bool:
+        return self.requests_per_second is None and self.tokens_per_minute is None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str
+    retry_after_seconds: float | None  # None: waiting will not help
+
+    @property
+    def retry_after_header(self) -> str:
+        return str(max(1, math.ceil((self.retry_after_seconds or 0) - 1e-9)))
+
+
+@dataclass
+class _Chunk:
+    requests: int
+    tokens: int
+    expires_at: float
+
+
+class RateGrants:
+    def __init__(self, ledger: AccessLedger, *, chunk_seconds: float = CHUNK_SECONDS,
+                 grant_seconds: float = GRANT_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ledger = ledger
+        self.chunk_seconds = chunk_seconds
+        self.grant_seconds = grant_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._chunks: dict[str, _Chunk] = {}
+
+    def admit(self, key_id: str, limit: KeyLimit, tokens: int) -> Refusal | None:
+        """Take one request and `tokens` for `key_id`; a Refusal when its limits do not allow it now."""
+        if limit.unlimited:
+            return None
+        tpm, rps = limit.tokens_per_minute, limit.requests_per_second
+        if tpm is not None and tokens > tpm:
+            return Refusal(REASON_LARGER_THAN_TOKENS_PER_MINUTE, None)
+        need_requests = 1 if rps is not None else 0
+        need_tokens = tokens if tpm is not None else 0
+        if self._spend(key_id, need_requests, need_tokens):
+            return None
+        ask_requests = max(need_requests, math.ceil(rps * self.chunk_seconds)) if rps is not None else 0
+        ask_tokens = max(need_tokens, math.ceil(tpm / 60 * self.chunk_seconds)) if tpm is not None else 0
+        grant = self.ledger.take_rate(key_id, rps, tpm, ask_requests, ask_tokens, min_requests=need_requests,
+                                      min_tokens=need_tokens)
+        if grant.requests < need_requests or grant.tokens < need_tokens:
+            return Refusal(grant.reason or "rate limit", grant.retry_after_seconds)
+        with self._lock:
+            now = self._clock()
+            chunk = self._chunks.get(key_id)
+            if chunk is None or chunk.expires_at <= now:
+                if len(self._chunks) >= KEYS_MAX:
+                    self._chunks = {k: c for k, c in self._chunks.items() if c.expires_at > now}
+                chunk = self._chunks[key_id] = _Chunk(0, 0, now + self.grant_seconds)
+            chunk.requests += grant.requests - need_requests
+            chunk.tokens += grant.tokens - need_tokens
+        return None
+
+    def settle(self, key_id: str, reserved_tokens: int, used_tokens: int) -> None:
+        """Give back what a finished request reserved and did not use (into the key's current chunk)."""
+        unused = reserved_tokens - used_tokens
+        if unused <= 0:
+            return
+        with self._lock:
+            chunk = self._chunks.get(key_id)
+            if chunk is not None and chunk.expires_at > self._clock():
+                chunk.tokens += unused
+
+    def _spend(self, key_id: str, requests: int, tokens: int) -> bool:
+        with self._lock:
+            chunk = self._chunks.get(key_id)
+            if chunk is None or chunk.expires_at <= self._clock():
+                return False
+            if chunk.requests < requests or chunk.tokens < tokens:
+                return False
+            chunk.requests -= requests
+            chunk.tokens -= tokens
+            return True
