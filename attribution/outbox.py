@@ -2,14 +2,19 @@
 
 Several processes of one node share an outbox: engine replicas `put` traces, one shipper reads them
 (attribution/shipper.py). Guarantees:
-- `put` returns only once `<dir>/<trace_id>.json` (canonical JSON) and its directory entry are fsync'd;
-  a file is written under a hidden staging name and renamed, so readers never see a partial trace;
+- `put` returns only once `<dir>/<trace_id>.pb` and its directory entry are fsync'd; a file is
+  written under a hidden staging name and renamed, so readers never see a partial trace;
 - a trace file leaves the outbox only by `remove` (the ledger acknowledged it) or `reject` (moved
   with a reason into `<dir>/rejected/`, never deleted);
 - the outbox holds at most `max_traces` traces (`OutboxFull` otherwise), checked against a count
   that costs at most one directory scan per second per process. The gateway checks the bound when
   it admits a request and writes the traces of admitted requests with `admitted=True`, so a trace
   of a request that was served is never dropped (the bound is exceeded by at most the requests in flight).
+
+A file holds the trace in its wire form (`gateway.ledger.v1.AttributionTrace`, deterministic
+serialization): the replica converts the trace once, when it stores it, and the shipper sends the
+message as it reads it (`read_message`), so the ledger's own conversion is the only other one.
+Files of an older gateway (`<trace_id>.json`, canonical JSON) are still read and shipped.
 """
 
 from __future__ import annotations
@@ -25,14 +30,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
+
 from ledger.client.trace import AttributionTrace
-from ledger.client.trace_wire import canonical_json
+from ledger.client.trace_wire import trace_from_pb, trace_to_bytes, trace_to_pb
 from statedir.durable_files import fsync_path, write_durably
+from wire.ledger.v1 import ledger_pb2
 
 log = logging.getLogger("attribution.outbox")
 
 TRACE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
-TRACE_SUFFIX = ".json"
+TRACE_SUFFIX = ".pb"
+LEGACY_SUFFIX = ".json"  # canonical JSON, written by gateways before the wire form
+SUFFIXES = (TRACE_SUFFIX, LEGACY_SUFFIX)
 STAGING_SUFFIX = ".tmp"
 REJECTED_DIR = "rejected"
 COUNT_REFRESH_SECONDS = 1.0
@@ -91,7 +101,7 @@ class Outbox:
         staging = self.directory / f".{trace_id}.{os.getpid()}.{secrets.token_hex(4)}{STAGING_SUFFIX}"
         final = self.directory / f"{trace_id}{TRACE_SUFFIX}"
         try:
-            write_durably(staging, canonical_json(trace))
+            write_durably(staging, trace_to_bytes(trace))
             os.replace(staging, final)
         except BaseException:
             staging.unlink(missing_ok=True)
@@ -136,20 +146,41 @@ class Outbox:
                       if trace_id not in exclude)
         return [(trace_id, path) for _, _, trace_id, path in heapq.nsmallest(limit, candidates)]
 
-    def read(self, path: Path) -> AttributionTrace:
-        """The trace in `path`; CorruptTrace when it cannot be parsed (FileNotFoundError when it is gone)."""
+    def read_message(self, path: Path) -> ledger_pb2.AttributionTrace:
+        """The trace in `path` as the ledger receives it; CorruptTrace when it cannot be parsed
+        (FileNotFoundError when it is gone)."""
         data = path.read_bytes()
         try:
-            trace = AttributionTrace.from_dict(json.loads(data))
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            if path.suffix == LEGACY_SUFFIX:
+                message = trace_to_pb(AttributionTrace.from_dict(json.loads(data)))
+            else:
+                message = ledger_pb2.AttributionTrace.FromString(data)
+        except (DecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise CorruptTrace(path, f"{type(error).__name__}: {error}") from error
-        if f"{trace.trace_id}{TRACE_SUFFIX}" != path.name:
-            raise CorruptTrace(path, f"it holds trace id {trace.trace_id!r}")
-        return trace
+        if f"{message.trace_id}{path.suffix}" != path.name:
+            raise CorruptTrace(path, f"it holds trace id {message.trace_id!r}")
+        return message
+
+    def read(self, path: Path) -> AttributionTrace:
+        """The trace in `path` (CorruptTrace when it cannot be parsed or is not a valid trace)."""
+        message = self.read_message(path)
+        try:
+            return trace_from_pb(message)
+        except ValueError as error:
+            raise CorruptTrace(path, f"ValueError: {error}") from error
+
+    def path_of(self, trace_id: str) -> Path | None:
+        """The file of a waiting trace, or None."""
+        for suffix in SUFFIXES:
+            path = self.directory / f"{check_trace_id(trace_id)}{suffix}"
+            if path.exists():
+                return path
+        return None
 
     def remove(self, trace_id: str) -> None:
         """Drop an acknowledged trace (a crash that undoes this only causes a DUPLICATE resend)."""
-        (self.directory / f"{check_trace_id(trace_id)}{TRACE_SUFFIX}").unlink(missing_ok=True)
+        for suffix in SUFFIXES:
+            (self.directory / f"{check_trace_id(trace_id)}{suffix}").unlink(missing_ok=True)
 
     def reject(self, trace_id: str, reason: str) -> Path | None:
         """Move a trace the ledger refused (or that cannot be read) into `rejected/`, beside a reason file.
@@ -157,13 +188,13 @@ class Outbox:
         An earlier rejected file of the same id is kept: the new one gets a `.<n>` suffix. Returns the
         rejected file, or None when the trace is no longer in the outbox.
         """
-        source = self.directory / f"{check_trace_id(trace_id)}{TRACE_SUFFIX}"
-        if not source.exists():
+        source = self.path_of(trace_id)
+        if source is None:
             return None
         self.rejected_dir.mkdir(exist_ok=True)
         stem = self._free_rejected_stem(trace_id)
         write_durably(self.rejected_dir / f"{stem}.reason.txt", reason.encode() + b"\n")
-        target = self.rejected_dir / f"{stem}{TRACE_SUFFIX}"
+        target = self.rejected_dir / f"{stem}{source.suffix}"
         os.replace(source, target)
         fsync_path(self.rejected_dir)
         fsync_path(self.directory)
@@ -172,7 +203,7 @@ class Outbox:
 
     def _free_rejected_stem(self, trace_id: str) -> str:
         stem, n = trace_id, 0
-        while (self.rejected_dir / f"{stem}{TRACE_SUFFIX}").exists():
+        while any((self.rejected_dir / f"{stem}{suffix}").exists() for suffix in SUFFIXES):
             n += 1
             stem = f"{trace_id}.{n}"
         return stem
@@ -183,7 +214,7 @@ class Outbox:
     def _trace_entries(self) -> Iterator[os.DirEntry[str]]:
         with os.scandir(self.directory) as entries:
             for entry in entries:
-                if entry.name.endswith(TRACE_SUFFIX) and not entry.name.startswith(".") and entry.is_file():
+                if entry.name.endswith(SUFFIXES) and not entry.name.startswith(".") and entry.is_file():
                     yield entry
 
     def _stat_traces(self) -> Iterator[tuple[int, str, Path]]:
@@ -192,7 +223,7 @@ class Outbox:
                 mtime_ns = entry.stat().st_mtime_ns
             except FileNotFoundError:  # acknowledged or rejected meanwhile
                 continue
-            yield mtime_ns, entry.name[: -len(TRACE_SUFFIX)], Path(entry.path)
+            yield mtime_ns, entry.name.rsplit(".", 1)[0], Path(entry.path)
 
     def _remove_stale_staging(self) -> None:
         cutoff_ns = time.time_ns() - int(STALE_STAGING_SECONDS * 1e9)

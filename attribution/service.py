@@ -3,7 +3,7 @@
 `AttributionService.submit` is called when a generation ends; the attribution itself runs on a
 worker thread (one by default, so the engine keeps the CPU it needs) and the finished trace is kept
 in a bounded in-memory store for `GET /v1/attributions/{trace_id}` and for shipping. With a trace
-directory, each trace is also written there as ``<trace_id>.json`` (atomically, the newest
+directory, each trace is also written there as ``<trace_id>.pb`` (its wire form, atomically, the newest
 `traces_max` of this process kept), so any process on the node can answer a look-up: the
 multi-replica ingress does, for traces of every replica.
 
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
 import os
 import re
@@ -46,10 +45,12 @@ from typing import Any, Protocol
 
 from attribution.attributor import MAX_CONTEXT_TOKENS, Attributor
 from attribution.metrics import AttributionMetrics, attribution_metrics
-from attribution.outbox import TRACE_SUFFIX, Outbox
+from attribution.outbox import TRACE_SUFFIX as TRACE_FILE_SUFFIX
+from attribution.outbox import Outbox
 from attribution.usage_log import UsageLog, UsageRecord, recover
 from ledger.client.access import LedgerUnavailable, LineageRecord
 from ledger.client.trace import AttributionTrace, TokenAttribution
+from ledger.client.trace_wire import trace_from_bytes, trace_to_bytes
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def read_trace_file(trace_dir: Path, trace_id: str) -> AttributionTrace | None:
     if not TRACE_ID.match(trace_id):
         return None
     try:
-        return AttributionTrace.from_dict(json.loads((trace_dir / f"{trace_id}.json").read_text()))
+        return trace_from_bytes((trace_dir / f"{trace_id}{TRACE_FILE_SUFFIX}").read_bytes())
     except (OSError, ValueError):
         return None
 
@@ -348,7 +349,7 @@ class AttributionService:
 
     def _recover_one(self, record: UsageRecord) -> None:
         outbox: Outbox = self.outbox  # type: ignore[assignment]
-        if (outbox.directory / f"{record.trace_id}{TRACE_SUFFIX}").exists():
+        if outbox.path_of(record.trace_id) is not None:
             return  # its trace made it to the outbox before the crash
         outbox.put(self._trace_of(record, recovered=True), admitted=True)
         self.recovered += 1
@@ -358,11 +359,11 @@ class AttributionService:
 
         A trace already in the outbox is hard-linked rather than written again (same bytes, same disk).
         """
-        target = self.trace_dir / f"{trace.trace_id}.json"  # type: ignore[operator]
+        target = self.trace_dir / f"{trace.trace_id}{TRACE_FILE_SUFFIX}"  # type: ignore[operator]
         staging = target.with_name(f".{target.name}.tmp")
         staging.unlink(missing_ok=True)
-        if queued is None or not _hard_link(queued, staging):
-            staging.write_text(json.dumps(trace.to_dict(), separators=(",", ":")))
+        if queued is None or queued.suffix != TRACE_FILE_SUFFIX or not _hard_link(queued, staging):
+            staging.write_bytes(trace_to_bytes(trace))
         os.replace(staging, target)
         self._written.append(target)
         while len(self._written) > self.traces_max:

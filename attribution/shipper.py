@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from attribution.outbox import CorruptTrace, Outbox
-from ledger.client.trace_wire import trace_to_pb
 from wire.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 log = logging.getLogger("attribution.shipper")
@@ -247,7 +246,7 @@ class TraceShipper:
         batch_bytes = 0
         for trace_id, path in found:
             try:
-                message = trace_to_pb(self.outbox.read(path))
+                message = self.outbox.read_message(path)
             except FileNotFoundError:
                 continue
             except CorruptTrace as error:

@@ -1,13 +1,15 @@
 """Added latency of auth + metering per request, on SQLite and PostgreSQL (goal: under 1 ms at p99).
 
-Runs the replica's real `AccessControl` against a real ledger database, in one process, the way a
-request meets it: `authenticate` (the key, cached after the first look-up as in a replica), `admit`
-(rate limits, then a hold of the worst-case cost on the account) and `finish` (the hold shrunk to
-the actual cost), next to the same request with auth off (the baseline: nothing to do). The ledger's
-side (the hold deleted when the trace is posted) runs afterwards, outside the timed path, as it
-does in production. Printed per backend: p50 / p99 / max in milliseconds, for a priced adapter
-(a hold is written) and for a free one (limits only); `finish` (the hold shrunk to the actual cost)
-is timed apart: it runs on a worker thread after the last token, off the request's path.
+Runs the replica's real `AccessControl` the way a request meets it, against the ledger's real
+Access API: `gateway ledger serve` as its own process on each backend, reached over gRPC as an
+engine replica reaches it. Timed per request: `authenticate` (the key, cached after the first
+look-up as in a replica) and `admit` (rate limits from the key's chunk, then a hold of the
+worst-case cost from the replica's credit lease), next to the same request with auth off (the
+baseline: nothing to do). `finish` (the unused part back to the lease) is timed apart: it runs
+after the last token, off the request's path. The background thread reports holds to the ledger
+and renews the lease while the loop runs, as in a replica. Printed per backend: p50 / p99 / max /
+mean in milliseconds for a priced adapter (a hold) and a free one (limits only), and how many
+leases the ledger granted.
 
     .venv/bin/python loadtests/bench_access.py --requests 2000
 """
@@ -23,8 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.support (PostgreSQL)
 
-from ledger.accounts.accounts import Accounts, release_holds  # noqa: E402
+from gateway.ledger_process import LedgerProcess  # noqa: E402
+from ledger.accounts.accounts import Accounts  # noqa: E402
 from ledger.accounts.api_keys import ApiKeys  # noqa: E402
+from ledger.accounts.transfers import LEASE, Transfers  # noqa: E402
+from ledger.client.access import LedgerAccessClient  # noqa: E402
 from registry.adapters import DEFAULT_PRICE_PER_1K_TOKENS  # noqa: E402
 from registry.models import Adapter  # noqa: E402
 from serving.access import AccessControl  # noqa: E402
@@ -33,6 +38,7 @@ from storage.database import open_database  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 from tests.support.postgres import PostgresServer  # noqa: E402
 
+TOKEN = "bench-access-token-0123456789"
 PROMPT_TOKENS, MAX_TOKENS, COMPLETION_TOKENS = 40, 64, 64
 
 
@@ -41,7 +47,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def measure(url: str, requests: int) -> dict[str, list[float]]:
+def measure(url: str, requests: int, state: Path) -> tuple[dict[str, list[float]], int]:
     engine = open_database(url)
     from sqlmodel import Session
 
@@ -52,37 +58,37 @@ def measure(url: str, requests: int) -> dict[str, list[float]]:
     Accounts(engine).create("bench")
     Accounts(engine).credit("bench", DEFAULT_PRICE_PER_1K_TOKENS * 10**9, "bench-credit")
     key = ApiKeys(engine).create("bench").presented
-    access = AccessControl(engine, AccessConfig(rate_requests_per_second=10**9, rate_tokens_per_minute=10**12,
-                                                key_cache_seconds=60))
-    off = AccessControl(engine, AccessConfig(auth=False))
+    env = {"GATEWAY_LEDGER_TOKEN": TOKEN, "DATABASE_URL": url, "GATEWAY_LEDGER_METRICS_PORT": str(free_port())}
+    ledger = LedgerProcess(state, "127.0.0.1", free_port(), env=env, log_file=state / "ledger.log").start()
+    client = LedgerAccessClient(ledger.target, TOKEN)
+    config = AccessConfig(rate_requests_per_second=10**9, rate_tokens_per_minute=10**12, key_cache_seconds=60)
+    access = AccessControl(client, config, "bench-replica")
+    off = AccessControl(client, AccessConfig(auth=False), "bench-replica-off")
     header = f"Bearer {key}"
-    access.authenticate(header)  # the first look-up reads the database; replicas then cache it
-    timings: dict[str, list[float]] = {"priced": [], "free": [], "auth off": [], "finish": []}
-    finished: list[str] = []
-    for i in range(requests):
-        for label, control, adapter in (("priced", access, "priced"), ("free", access, None),
-                                        ("auth off", off, "priced")):
-            request_id = f"{label}-{i}"
-            start = time.perf_counter()
-            caller = control.authenticate(header)
-            admission = control.admit(caller, request_id, adapter, PROMPT_TOKENS, MAX_TOKENS)
-            admitted = time.perf_counter()
-            control.finish(admission, PROMPT_TOKENS, COMPLETION_TOKENS, billed=True)
-            timings[label].append((admitted - start) * 1000)
-            if label == "priced":  # after the last token, on a worker thread: not on the request's path
-                timings["finish"].append((time.perf_counter() - admitted) * 1000)
-            if admission is not None and admission.held:
-                finished.append(request_id)
-        if len(finished) >= 64:  # what the ledger does when it posts these traces (not timed)
-            from sqlmodel import Session
-
-            with Session(engine) as session:
-                release_holds(session, finished)
-                session.commit()
-            finished.clear()
-    Accounts(engine).check("bench")
-    engine.dispose()
-    return timings
+    try:
+        access.authenticate(header)  # the first look-up asks the ledger; replicas then cache it
+        timings: dict[str, list[float]] = {"priced": [], "free": [], "auth off": [], "finish": []}
+        for i in range(requests):
+            for label, control, adapter in (("priced", access, "priced"), ("free", access, None),
+                                            ("auth off", off, "priced")):
+                start = time.perf_counter()
+                caller = control.authenticate(header)
+                admission = control.admit(caller, f"{label}-{i}", adapter, PROMPT_TOKENS, MAX_TOKENS)
+                admitted = time.perf_counter()
+                control.finish(admission, PROMPT_TOKENS, COMPLETION_TOKENS, billed=True)
+                timings[label].append((admitted - start) * 1000)
+                if label == "priced":  # after the last token: not on the request's path
+                    timings["finish"].append((time.perf_counter() - admitted) * 1000)
+        access.close()
+        off.close()
+        leases = sum(1 for t in Transfers(engine).list("bench") if t.kind == LEASE)
+        Transfers(engine).check("bench")
+        Accounts(engine).check("bench")
+    finally:
+        client.close()
+        ledger.stop()
+        engine.dispose()
+    return timings, leases
 
 
 def main() -> None:
@@ -104,9 +110,13 @@ def main() -> None:
             for name, url in backends.items():
                 if url is None:
                     continue
-                for label, values in measure(url, args.requests).items():
+                state = Path(scratch) / name
+                state.mkdir()
+                timings, leases = measure(url, args.requests, state)
+                for label, values in timings.items():
                     print(f"{name:<11} {label:<9} {percentile(values, 0.5):7.3f} {percentile(values, 0.99):7.3f} "
                           f"{max(values):7.3f} {statistics.fmean(values):7.3f}")
+                print(f"{name:<11} leases granted by the ledger: {leases} for {args.requests} priced requests")
         finally:
             if server is not None:
                 server.stop()

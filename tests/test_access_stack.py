@@ -239,3 +239,31 @@ def test_a_deposit_on_the_chain_is_credited_once_at_the_confirmation_depth(
         operator.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
     time.sleep(7)  # later scans see it again: nothing is credited twice
     assert cli(capsys, demo_state, "accounts", "balance", "depositor")["balance"] == str(amount)
+
+
+def test_the_engine_replica_holds_no_database_open(gateway: GatewayProcess, ledger_service: LedgerProcess,
+                                                   demo_state: Path) -> None:
+    """Keys, prices, lineage and credit come through the ledger's API: the engine replica's process
+    (and the vLLM engine core it starts) has no database file and no database server connection
+    open, while it does talk to the ledger. The ledger's own process is the control: it holds the file."""
+    import psutil
+
+    from statedir.layout import StateLayout
+
+    assert sdk(gateway, gateway.api_key).completions.create(model=PRICED, prompt="The river", max_tokens=2).choices
+    database = StateLayout(demo_state).database.name
+    ledger = psutil.Process(ledger_service.process.pid)  # type: ignore[union-attr]
+    assert any(Path(f.path).name.startswith(database) for f in ledger.open_files()), "the control: the ledger has it"
+    replicas = [p for p in psutil.process_iter(["cmdline"]) if "EngineReplica" in " ".join(p.info["cmdline"] or [])]
+    assert replicas, "the engine replica's process is found by its Ray title"
+    postgres_ports = {c.laddr.port for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"
+                      for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+    for replica in replicas:
+        for process in [replica, *replica.children(recursive=True)]:
+            files = [f.path for f in process.open_files()]
+            assert not [f for f in files if Path(f).name.startswith(database) or f.endswith((".db", ".sqlite"))], \
+                f"{process.pid} {process.name()} holds a database file: {files}"
+            remote = {c.raddr.port for c in process.net_connections("inet") if c.raddr}
+            assert not remote & postgres_ports, f"{process.pid} is connected to PostgreSQL"
+        remote = {c.raddr.port for c in replica.net_connections("inet") if c.raddr}
+        assert ledger_service.port in remote, "the replica reaches the ledger over its gRPC API"

@@ -59,7 +59,7 @@ def wait_for_trace(capsys: pytest.CaptureFixture[str], trace_id: str) -> dict:
 
 
 def outbox_depth(gateway: GatewayProcess) -> int:
-    return len(list((gateway.state_dir / "outbox").glob("*.json")))
+    return len(list((gateway.state_dir / "outbox").glob("*.pb")))
 
 
 def test_an_inference_is_billed_once_and_split_exactly(client: openai.OpenAI,
@@ -166,17 +166,16 @@ def test_settle_pays_balances_on_chain_and_chain_info_names_the_contracts(
     from ledger.chain.client import ChainClient
     from ledger.chain.settlement import PayoutToken
 
-    monkeypatch.setenv("GATEWAY_CHAIN_PORT", gateway.env["GATEWAY_CHAIN_PORT"])
-    monkeypatch.setenv("GATEWAY_SETTLE_THRESHOLD", "1")
-    state = ["--state-dir", str(gateway.state_dir)]
+    monkeypatch.setenv("GATEWAY_CHAIN_PORT", gateway.env["GATEWAY_CHAIN_PORT"])  # for `chain info`
+    state = ["--state-dir", str(gateway.state_dir)]  # the ledger settles: on its chain, with its settings
     contributor = demo_contributor_address(PASSAGE.contributor_index)
     owed = int(cli(capsys, "ledger", "balance", contributor)["payable"])
     assert owed > 0, "the earlier tests billed inferences"
-    plan = cli(capsys, *state, "settle", "--dry-run")
+    plan = cli(capsys, *state, "settle", "--dry-run", "--threshold", "1")
     planned = {line["address"]: int(line["amount"]) for batch in plan["batches"] for line in batch["lines"]}
     assert planned[contributor] == owed
     assert int(cli(capsys, "ledger", "balance", contributor)["payable"]) == owed, "a dry run changes nothing"
-    result = cli(capsys, *state, "settle")
+    result = cli(capsys, *state, "settle", "--threshold", "1")
     assert result["batches"] and {b["state"] for b in result["batches"]} == {"paid"}
     assert sum(b["payees"] for b in result["batches"]) == len(planned)
     balance = cli(capsys, "ledger", "balance", contributor)
@@ -192,7 +191,7 @@ def test_settle_pays_balances_on_chain_and_chain_info_names_the_contracts(
     assert paid["tx_hash"] == batches[paid["ref"]], "the statement names the payout batch and its transaction"
     assert paid["traces"] and set(paid["traces"]) <= {
         line["ref"] for line in statement["lines"] if line["kind"] == "inference"}, "and the traces it pays"
-    assert cli(capsys, *state, "settle")["batches"] == [], "nothing is paid twice"
+    assert cli(capsys, *state, "settle", "--threshold", "1")["batches"] == [], "nothing is paid twice"
 
 
 def test_traces_left_in_the_outbox_of_a_killed_gateway_are_shipped_after_restart(

@@ -1,5 +1,8 @@
 """Attribution traces on the wire (`gateway.ledger.v1.AttributionTrace`) and in canonical JSON.
 
+The wire form is also how a trace is kept on a node's disk (the outbox and the trace files), so it
+is converted once on its way: by the replica that stores it, and by the ledger that posts it.
+
 The canonical JSON (sorted keys, no spaces, floats in Python's shortest round-trip form) is what a
 trace's content hash is computed from, so the gateway's outbox, the wire and the ledger agree on
 what "the same trace" means: doubles survive protobuf and JSON unchanged.
@@ -9,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+
+from google.protobuf.message import DecodeError
 
 from ledger.client.trace import AttributionTrace, TokenAttribution
 from wire.ledger.v1 import ledger_pb2
@@ -66,3 +71,17 @@ def trace_from_pb(message: ledger_pb2.AttributionTrace) -> AttributionTrace:
         ),
         choice_tokens=tuple(message.choice_tokens), recovered=message.recovered,
     )
+
+
+def trace_to_bytes(trace: AttributionTrace) -> bytes:
+    """The wire form as bytes (deterministic), as the outbox and the trace files keep it."""
+    return trace_to_pb(trace).SerializeToString(deterministic=True)
+
+
+def trace_from_bytes(data: bytes) -> AttributionTrace:
+    """The trace in `data` (ValueError when it is not a valid wire-form trace)."""
+    try:
+        message = ledger_pb2.AttributionTrace.FromString(data)
+    except DecodeError as error:
+        raise ValueError(f"not a wire-form trace: {error}") from None
+    return trace_from_pb(message)

@@ -11,7 +11,7 @@ import pytest
 
 from attribution.outbox import CorruptTrace, Outbox, OutboxFull
 from ledger.client.trace import AttributionTrace, TokenAttribution
-from ledger.client.trace_wire import canonical_json
+from ledger.client.trace_wire import canonical_json, trace_to_pb
 
 A = "aa" * 32
 
@@ -27,14 +27,31 @@ def set_mtime(path: Path, seconds_ago: int, now_ns: int | None = None) -> None:
     os.utime(path, ns=(when_ns, when_ns))
 
 
-def test_put_writes_canonical_json_under_the_trace_id(tmp_path: Path) -> None:
+def wire(trace: AttributionTrace) -> bytes:
+    return trace_to_pb(trace).SerializeToString(deterministic=True)
+
+
+def test_put_writes_the_wire_form_under_the_trace_id(tmp_path: Path) -> None:
     outbox = Outbox(tmp_path)
     trace = make_trace("t-1")
     path = outbox.put(trace)
-    assert path == tmp_path / "t-1.json"
-    assert path.read_bytes() == canonical_json(trace)
+    assert path == tmp_path / "t-1.pb"
+    assert path.read_bytes() == wire(trace), "converted once: what the shipper sends as it is"
+    assert outbox.read_message(path) == trace_to_pb(trace)
     assert outbox.read(path) == trace
-    assert [p.name for p in tmp_path.iterdir()] == ["t-1.json"]  # no staging file left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["t-1.pb"]  # no staging file left behind
+
+
+def test_traces_an_older_gateway_left_as_json_are_still_read_shipped_and_removed(tmp_path: Path) -> None:
+    legacy = tmp_path / "old-1.json"
+    legacy.write_bytes(canonical_json(make_trace("old-1")))
+    outbox = Outbox(tmp_path)
+    outbox.put(make_trace("new-1"))
+    assert sorted(trace_id for trace_id, _ in outbox.pending(10)) == ["new-1", "old-1"]
+    assert outbox.read_message(legacy) == trace_to_pb(make_trace("old-1"))
+    assert outbox.path_of("old-1") == legacy
+    outbox.remove("old-1")
+    assert not legacy.exists() and outbox.depth() == 1
 
 
 def test_put_same_id_replaces_the_file(tmp_path: Path) -> None:
@@ -42,7 +59,7 @@ def test_put_same_id_replaces_the_file(tmp_path: Path) -> None:
     outbox.put(make_trace("t-1", 0.75))
     outbox.put(make_trace("t-1", 0.5))
     assert outbox.depth() == 1
-    assert outbox.read(tmp_path / "t-1.json") == make_trace("t-1", 0.5)
+    assert outbox.read(tmp_path / "t-1.pb") == make_trace("t-1", 0.5)
 
 
 @pytest.mark.parametrize("trace_id", ["../x", "a b", "a.json", "x" * 129, "é", "a\n"])
@@ -59,10 +76,10 @@ def test_pending_is_oldest_first_and_skips_excluded_and_staging(tmp_path: Path) 
         set_mtime(outbox.put(make_trace(trace_id)), age, now_ns)
     (tmp_path / ".e.123.abcd.tmp").write_bytes(b"{partial")  # a writer mid-put
     (tmp_path / "rejected").mkdir()
-    (tmp_path / "rejected" / "z.json").write_bytes(canonical_json(make_trace("z")))
+    (tmp_path / "rejected" / "z.pb").write_bytes(wire(make_trace("z")))
 
     assert [trace_id for trace_id, _ in outbox.pending(10)] == ["b", "c", "a", "d"]  # same mtime: by name
-    assert outbox.pending(2) == [("b", tmp_path / "b.json"), ("c", tmp_path / "c.json")]
+    assert outbox.pending(2) == [("b", tmp_path / "b.pb"), ("c", tmp_path / "c.pb")]
     assert [trace_id for trace_id, _ in outbox.pending(10, exclude={"b", "a"})] == ["c", "d"]
     assert outbox.depth() == 4
 
@@ -81,15 +98,15 @@ def test_reject_keeps_the_file_with_its_reason(tmp_path: Path, caplog: pytest.Lo
     outbox.put(trace)
     with caplog.at_level(logging.ERROR, logger="attribution.outbox"):
         target = outbox.reject("t-1", "ledger: conflict: different content")
-    assert target == tmp_path / "rejected" / "t-1.json"
-    assert target.read_bytes() == canonical_json(trace)
+    assert target == tmp_path / "rejected" / "t-1.pb"
+    assert target.read_bytes() == wire(trace)
     assert (tmp_path / "rejected" / "t-1.reason.txt").read_text() == "ledger: conflict: different content\n"
     assert outbox.depth() == 0
     assert "t-1" in caplog.text and "different content" in caplog.text
 
     outbox.put(make_trace("t-1", 0.5))  # rejected again later: the first rejected file is kept
-    assert outbox.reject("t-1", "again") == tmp_path / "rejected" / "t-1.1.json"
-    assert target.read_bytes() == canonical_json(trace)
+    assert outbox.reject("t-1", "again") == tmp_path / "rejected" / "t-1.1.pb"
+    assert target.read_bytes() == wire(trace)
     assert (tmp_path / "rejected" / "t-1.1.reason.txt").read_text() == "again\n"
     assert outbox.reject("missing", "gone") is None
 
@@ -119,11 +136,20 @@ def test_bound_counts_other_writers_after_a_rescan(tmp_path: Path, monkeypatch: 
     assert reader.is_full()
 
 
+def miscounted(trace_id: str) -> bytes:
+    """The wire form of a trace that claims more completion tokens than it attributes."""
+    message = trace_to_pb(make_trace(trace_id))
+    message.completion_tokens = 7
+    return message.SerializeToString()
+
+
 def test_corrupt_file_raises_corrupt_trace(tmp_path: Path) -> None:
     outbox = Outbox(tmp_path)
-    for name, data in [("bad-json", b"{not json"), ("bad-shape", b'{"trace_id": "bad-shape"}'),
-                       ("bad-bytes", b"\xff\xfe"), ("other-id", canonical_json(make_trace("t-9")))]:
-        path = tmp_path / f"{name}.json"
+    for name, data in [("bad-json.json", b"{not json"), ("bad-shape.json", b'{"trace_id": "bad-shape"}'),
+                       ("bad-bytes.pb", b"\xff\xfe"), ("other-id.pb", wire(make_trace("t-9"))),
+                       ("other-id.json", canonical_json(make_trace("t-9"))),
+                       ("bad-count.pb", miscounted("bad-count"))]:
+        path = tmp_path / name
         path.write_bytes(data)
         with pytest.raises(CorruptTrace) as raised:
             outbox.read(path)
@@ -136,8 +162,8 @@ def test_stale_staging_files_are_removed_on_construction(tmp_path: Path) -> None
     stale.write_bytes(b"{")
     fresh.write_bytes(b"{")
     set_mtime(stale, 120)
-    kept = tmp_path / "t-3.json"
-    kept.write_bytes(canonical_json(make_trace("t-3")))
+    kept = tmp_path / "t-3.pb"
+    kept.write_bytes(wire(make_trace("t-3")))
     set_mtime(kept, 120)
 
     Outbox(tmp_path)

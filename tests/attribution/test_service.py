@@ -124,7 +124,7 @@ async def test_trace_files_let_another_process_answer_and_stay_bounded(ledger, t
         written = [await writer.submit(usage(f"cmpl-{i}", "m", None, ids[:4], ids[4:])) for i in range(3)]
         assert await reader.get("cmpl-2") == written[2]
         assert await reader.get("cmpl-0") is None, "the writer keeps only its newest traces_max files"
-        assert sorted(p.name for p in traces.iterdir()) == ["cmpl-1.json", "cmpl-2.json"]
+        assert sorted(p.name for p in traces.iterdir()) == ["cmpl-1.pb", "cmpl-2.pb"]
         assert read_trace_file(traces, "../ledger") is None and read_trace_file(traces, "cmpl-9") is None
     finally:
         writer.close()
@@ -140,7 +140,7 @@ async def test_a_queued_trace_is_written_once_and_published_by_a_hard_link(ledge
         ids = tokenize(TEXTS[0])
         trace = await service.submit(usage("cmpl-1", "nature-guide", "nature-guide", ids[:8], ids[8:]))
         [(trace_id, queued)] = outbox.pending(10)
-        published = tmp_path / "traces" / "cmpl-1.json"
+        published = tmp_path / "traces" / "cmpl-1.pb"
         assert trace_id == "cmpl-1" and outbox.read(queued) == trace
         assert published.stat().st_ino == queued.stat().st_ino, "one file, two names: no second write"
         outbox.remove("cmpl-1")  # the ledger acknowledged it

@@ -195,10 +195,10 @@ def test_conflict_and_rejected_traces_are_kept_with_reasons(
         assert shipper.wait_until_empty(5.0)
     rejected = outbox.rejected_dir
     assert sorted(path.name for path in rejected.iterdir()) == [
-        "t-0001.json", "t-0001.reason.txt", "t-0002.json", "t-0002.reason.txt"]
+        "t-0001.pb", "t-0001.reason.txt", "t-0002.pb", "t-0002.reason.txt"]
     assert (rejected / "t-0001.reason.txt").read_text() == "ledger: conflict: stored with different content\n"
     assert (rejected / "t-0002.reason.txt").read_text() == "ledger: rejected: completion_tokens != len(tokens)\n"
-    assert outbox.read(rejected / "t-0001.json") == make_trace("t-0001")
+    assert outbox.read(rejected / "t-0001.pb") == make_trace("t-0001")
     stats = shipper.stats()
     assert (stats["shipped"], stats["conflicts"], stats["rejected"]) == (1, 1, 1)
     assert "t-0001" in caplog.text and "t-0002" in caplog.text
