@@ -8,7 +8,7 @@ directory, each trace is also written there as ``<trace_id>.pb`` (its wire form,
 multi-replica ingress does, for traces of every replica.
 
 An adapter's lineage (the indexes of the datanet versions it learned from, and who contributed
-each document) is read from the ledger's database and cached for `lineage_ttl_seconds`, so an
+each document) is asked of the ledger's Access API and cached for `lineage_ttl_seconds`, so an
 adapter trained on a newly published version is attributed without a restart. Adapters that are not
 registered, and the base model, have no lineage: their traces are entirely unattributed. One
 infini-gram engine is opened per distinct lineage and shared by every request of that lineage.
@@ -383,7 +383,7 @@ class AttributionService:
     def summary(self, trace: AttributionTrace, adapter: str | None) -> dict[str, Any]:
         """The `attribution` object of a response: weights as fractions of the completion, by contributor.
 
-        Runs on the event loop: it uses the lineage the trace was just computed with (no database read).
+        Runs on the event loop: it uses the lineage the trace was just computed with (no look-up).
         """
         owners = self.lineages.cached(adapter).owners
         by_contributor: dict[str, list[dict[str, Any]]] = {}

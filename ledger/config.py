@@ -62,8 +62,8 @@ class DepositConfig(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="GATEWAY_DEPOSITS_", extra="ignore")
 
-    watch: bool = Field(True, description="`gateway up` credits deposits to the accounts whose deposit address "
-                        "sent them.")
+    watch: bool = Field(True, description="The ledger service credits deposits to the accounts whose deposit "
+                        "address sent them.")
     confirmations: PositiveInt = Field(2, description="Blocks deep a transfer must be before it is credited.")
     interval_seconds: float = Field(5.0, gt=0, description="How often the chain is scanned for new deposits.")
     start_block: int = Field(0, ge=0, description="First block to scan (the settler's deployment block on a "

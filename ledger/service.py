@@ -1,4 +1,6 @@
-"""The ledger's gRPC service (`gateway.ledger.v1.Ledger`): ingest of traces, balances and look-ups.
+"""The ledger's gRPC server: `gateway.ledger.v1.Ledger` (ingest of traces, balances and look-ups), and
+on the same port `Access` (what engine replicas ask: ledger/access_service.py) and the services the
+caller adds (`Admin`).
 
 A synchronous gRPC server over `Journal`: each `IngestRequest` is posted in one database
 transaction and answered with one ack per trace, in order. Every call, on every address (loopback

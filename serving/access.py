@@ -38,6 +38,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ledger.client.access import AccessLedger, AdapterTerms, LedgerUnavailable, NoCredit
@@ -94,10 +95,13 @@ class AccessControl:
         self._callers: dict[str, tuple[float, Caller | None]] = {}
         self._terms: tuple[float, dict[str, AdapterTerms]] | None = None
         self._key_accounts: dict[str, str] = {}
+        self._refreshing: set[str] = set()
+        self._refresher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="key-refresh")
         self._lock = threading.Lock()
 
     def close(self) -> None:
         """Report what is queued and return this replica's leases to the ledger."""
+        self._refresher.shutdown(wait=False, cancel_futures=True)
         self.credit.close()
 
     # ---- who ------------------------------------------------------------------------------
@@ -116,12 +120,34 @@ class AccessControl:
         return caller
 
     def _lookup(self, presented: str) -> Caller | None:
+        """The key's caller, from the cache while it is fresh. Past half its life a look-up is
+        refreshed in the background (a busy key never waits for the ledger); once expired it is
+        looked up on the request's path (a revocation bites within `key_cache_seconds`)."""
         cache_key = hashlib.sha256(presented.encode()).hexdigest()  # the key itself is never kept in memory maps
         now = self._clock()
         with self._lock:
             cached = self._callers.get(cache_key)
+            refresh = (cached is not None and now < cached[0]
+                       and now >= cached[0] - self.config.key_cache_seconds / 2 and cache_key not in self._refreshing)
+            if refresh:
+                self._refreshing.add(cache_key)
+        if refresh:
+            self._refresher.submit(self._refresh, presented, cache_key)
         if cached is not None and now < cached[0]:
             return cached[1]
+        return self._ask(presented, cache_key)
+
+    def _refresh(self, presented: str, cache_key: str) -> None:
+        try:
+            self._ask(presented, cache_key)
+        except LedgerUnreachable:
+            pass  # the request path asks again once the entry expires
+        finally:
+            with self._lock:
+                self._refreshing.discard(cache_key)
+
+    def _ask(self, presented: str, cache_key: str) -> Caller | None:
+        now = self._clock()
         try:
             key = self.ledger.authenticate(presented)
         except LedgerUnavailable as away:

@@ -9,8 +9,9 @@ billed. The ledger posts a hold when the request's trace is ingested.
 
 Only when the lease cannot cover a request does admission call the ledger: a new lease replaces
 the old one (`Lease`, with the unreported holds sent along first). The background thread renews
-a lease ahead of need, when its remainder falls below `refill_below` of what was granted, and
-returns one idle for `idle_return_seconds`. A lease is asked for `lease_requests` times the cost
+a lease ahead of need, when its remainder falls below `refill_below` of what was granted or it is
+half way to the end of its life at the ledger (so a lease in use never expires), and returns one
+idle for `idle_return_seconds`. A lease is asked for `lease_requests` times the cost
 of the request that needs it, and granted what is available, up to that.
 
 What a replica can spend is bounded by what the ledger granted it: with the ledger down it keeps
@@ -33,6 +34,7 @@ from ledger.client.access import AccessLedger, HoldItem, LedgerUnavailable, NoCr
 log = logging.getLogger(__name__)
 
 LEASE_REQUESTS = 64
+LEASE_TTL_SECONDS = 300.0  # asked of the ledger; a lease is renewed at half its life, so it never expires in use
 REFILL_BELOW = 0.25
 REPORT_EVERY_SECONDS = 0.05
 IDLE_RETURN_SECONDS = 30.0
@@ -45,6 +47,7 @@ class _Lease:
     account_id: str
     granted: int
     unit: int  # the request cost the lease was sized for
+    granted_at: float
     used: int = 0  # worst cost of requests in flight + actual cost of finished ones
     in_flight: int = 0
     last_used: float = 0.0
@@ -63,13 +66,14 @@ class _Held:
 class CreditBook:
     def __init__(self, ledger: AccessLedger, owner: str, *, lease_requests: int = LEASE_REQUESTS,
                  refill_below: float = REFILL_BELOW, report_every_seconds: float = REPORT_EVERY_SECONDS,
-                 idle_return_seconds: float = IDLE_RETURN_SECONDS, clock: Callable[[], float] = time.monotonic,
-                 background: bool = True) -> None:
+                 idle_return_seconds: float = IDLE_RETURN_SECONDS, lease_ttl_seconds: float = LEASE_TTL_SECONDS,
+                 clock: Callable[[], float] = time.monotonic, background: bool = True) -> None:
         self.ledger = ledger
         self.owner = owner
         self.lease_requests = lease_requests
         self.refill_below = refill_below
         self.idle_return_seconds = idle_return_seconds
+        self.lease_ttl_seconds = lease_ttl_seconds
         self._clock = clock
         self._lock = threading.Lock()
         self._leases: dict[str, _Lease] = {}
@@ -175,7 +179,8 @@ class CreditBook:
         lease_id = f"lease-{uuid.uuid4().hex}"
         try:
             grant = self.ledger.lease(lease_id, account_id, unit * self.lease_requests, self.owner,
-                                      replaces=old.lease_id if old is not None else "", holds=items)
+                                      replaces=old.lease_id if old is not None else "", holds=items,
+                                      ttl_seconds=self.lease_ttl_seconds)
         except NoCredit:
             with self._lock:  # the old lease was closed before the ledger found nothing more
                 if self._leases.get(account_id) is old:
@@ -186,8 +191,9 @@ class CreditBook:
             raise
         self._count_refused(grant.holds)
         with self._lock:
-            self._leases[account_id] = _Lease(grant.lease_id, account_id, grant.granted, unit,
-                                              last_used=self._clock())
+            now = self._clock()
+            self._leases[account_id] = _Lease(grant.lease_id, account_id, grant.granted, unit, granted_at=now,
+                                              last_used=now)
 
     def flush(self) -> None:
         """Report the holds and voids queued so far (kept for the next try if the ledger is away)."""
@@ -208,11 +214,14 @@ class CreditBook:
                         refused[0].reason)
 
     def tend(self) -> None:
-        """One round of the background work: report, renew leases running low, return idle ones."""
+        """One round of the background work: report, renew leases running low or at half their life,
+        return idle ones."""
         self.flush()
         now = self._clock()
         with self._lock:
-            low = [lease for lease in self._leases.values() if lease.left < lease.granted * self.refill_below]
+            low = [lease for lease in self._leases.values() if lease.left < lease.granted * self.refill_below
+                   or (now - lease.granted_at >= self.lease_ttl_seconds / 2
+                       and now - lease.last_used < self.idle_return_seconds)]
             idle = [lease for lease in self._leases.values()
                     if lease.in_flight == 0 and now - lease.last_used >= self.idle_return_seconds]
         for lease in low:

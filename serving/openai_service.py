@@ -271,7 +271,7 @@ class OpenAIService:
                 self._settle(job, tracker.generated)
 
     def _settle(self, job: Prepared, generated: int) -> None:
-        """Return the request's unused limits and credit, off the event loop (a database write)."""
+        """Return the request's unused limits and credit, off the event loop (locks shared with admission)."""
         try:
             asyncio.get_running_loop().run_in_executor(self._metering, self._settle_now, job, generated)
         except RuntimeError:  # no loop (the generator was finalized outside one): do it here

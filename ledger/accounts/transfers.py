@@ -107,7 +107,7 @@ PENDING, POSTED, VOIDED, EXPIRED = "pending", "posted", "voided", "expired"
 POST = "post"  # `created_by` of a hold whose post arrived before its report
 INFERENCE_ENTRY = "inference"  # the journal's entry kind for a trace (ref = trace id = hold id)
 DEFAULT_LEASE_TTL_SECONDS = 300.0
-DEFAULT_HOLD_TTL_SECONDS = 3600.0  # as accounts.py's stale holds
+DEFAULT_HOLD_TTL_SECONDS = 3600.0  # no request runs this long
 MAX_ID_LENGTH = 128
 
 T = TypeVar("T")
