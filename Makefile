@@ -14,7 +14,7 @@ BROKEN_EXTRAS := torchvision torchaudio torchcodec
 # holds nothing else: proto/wire/<api>/v1/*.proto -> wire/<api>/v1/*_pb2*.py(i), each folder given an
 # empty __init__.py. The protos keep `package gateway.<api>.v1;`, the names of the gRPC methods on the wire.
 PROTOS := $(shell find proto -name '*.proto')
-STUBS := wire/inference/v1/inference_pb2.py wire/ledger/v1/ledger_pb2.py
+STUBS := wire/inference/v1/inference_pb2.py wire/ledger/v1/ledger_pb2.py wire/ledger/v1/access_pb2.py wire/ledger/v1/admin_pb2.py
 # The stubs are generated before the project's editable install, which maps only the packages that
 # exist then (wire/ included): the generator (grpcio-tools) is installed into the venv first.
 PROTOC_STAMP := $(VENV)/.protoc-installed

@@ -1,98 +1,76 @@
 """`gateway accounts create|list|balance|credit|share` and `gateway keys bootstrap|create|list|revoke`.
 
-They work on the ledger's database of the state directory (or `DATABASE_URL`). Amounts are integer
-base units of the payout token, printed as strings in `--json`. A key's secret is printed once, by
-`keys create`, and never again. All but `accounts balance` and `keys bootstrap` need an admin key
-(gateway/admin_access.py); `keys bootstrap` creates the first one, the local admin key in
-`<state>/local-api-key`, as `gateway up` does at its first start.
+They ask the ledger service's Admin API (`gateway up` or `gateway ledger serve` must be running) and
+open no database. Amounts are integer base units of the payout token, printed as strings in
+`--json`. A key's secret is printed once, by `keys create`, and never again. All but `accounts
+balance` and `keys bootstrap` present an admin key, which the ledger verifies
+(gateway/admin_access.py); `keys bootstrap` has the ledger create the first one, the local admin key
+in `<state>/local-api-key`, as `gateway up` does at its first start.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
-from gateway.admin_access import (LOCAL_ACCOUNT, create_local_key, describe_new_local_key, local_key_problem,
-                                  require_admin)
+from gateway.admin_access import LOCAL_ACCOUNT, bootstrap_local_key, describe_new_local_key, ledger_admin
 from gateway.cli_output import CommandError, emit, json_flag
 from gateway.config import GatewayConfig
-from ledger.accounts.accounts import Accounts
-from ledger.accounts.api_keys import ApiKeys
-from serving.config import AccessConfig
-from storage.database import database_url, open_database
-
-
-@contextmanager
-def _ledger(config: GatewayConfig, *, admin: bool = True) -> Iterator[Any]:
-    """The ledger's database; with `admin`, only for a caller holding an admin key (gateway/admin_access.py)."""
-    engine = open_database(database_url(config.state_dir))
-    try:
-        if admin:
-            require_admin(config, engine)
-        yield engine
-    except ValueError as error:  # bad input the ledger refused: one line, exit 2
-        raise CommandError(str(error)) from None
-    finally:
-        engine.dispose()
+from ledger.client.admin import AccountView, KeyView
 
 
 def _amount(text: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
+    if not (text.isascii() and text.isdigit()) or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer number of base units")
     return int(text)
 
 
-def _account_json(account: Any) -> dict[str, Any]:
+def _account_json(account: AccountView) -> dict[str, Any]:
     return {"id": account.id, "deposit_address": account.deposit_address, "balance": str(account.balance),
-            "held": str(account.held), "available": str(account.balance - account.held)}
+            "held": str(account.held), "available": str(account.available)}
 
 
-def _key_json(key: Any) -> dict[str, Any]:
+def _key_json(key: KeyView) -> dict[str, Any]:
     return {"id": key.id, "account": key.account_id, "name": key.name, "admin": key.admin,
             "requests_per_second": key.requests_per_second, "tokens_per_minute": key.tokens_per_minute,
-            "created_at": key.created_at.isoformat(), "revoked_at": key.revoked_at.isoformat() if key.revoked_at
-            else None}
+            "created_at": key.created_at, "revoked_at": key.revoked_at}
 
 
 def cmd_account_create(config: GatewayConfig, args: argparse.Namespace) -> None:
-    with _ledger(config) as engine:
-        account = Accounts(engine).create(args.account, args.deposit_address)
+    with ledger_admin(config) as ledger:
+        account = ledger.create_account(args.account, args.deposit_address)
     emit(args, _account_json(account), lambda p: f"account {p['id']} created (balance 0)")
 
 
 def cmd_account_list(config: GatewayConfig, args: argparse.Namespace) -> None:
-    with _ledger(config) as engine:
-        accounts = [_account_json(a) for a in Accounts(engine).list()]
+    with ledger_admin(config) as ledger:
+        accounts = [_account_json(a) for a in ledger.list_accounts()]
     emit(args, {"accounts": accounts}, lambda p: "\n".join(
         f"{a['id']}: available {a['available']} (balance {a['balance']}, held {a['held']})" for a in p["accounts"])
         or "no accounts")
 
 
 def cmd_account_balance(config: GatewayConfig, args: argparse.Namespace) -> None:
-    with _ledger(config, admin=False) as engine:
-        payload = _account_json(Accounts(engine).get(args.account))
+    with ledger_admin(config, admin=False) as ledger:
+        payload = _account_json(ledger.get_account(args.account))
     emit(args, payload, lambda p: f"{p['id']}: available {p['available']} (balance {p['balance']}, "
                                   f"held {p['held']}) base units")
 
 
 def cmd_account_credit(config: GatewayConfig, args: argparse.Namespace) -> None:
-    with _ledger(config) as engine:
-        accounts = Accounts(engine)
-        credited = accounts.credit(args.account, args.amount, args.ref)
-        payload = {**_account_json(accounts.get(args.account)), "entry_id": credited.entry_id,
-                   "created": credited.created}
+    with ledger_admin(config) as ledger:
+        credited = ledger.credit(args.account, args.amount, args.ref)
+    payload = {**_account_json(credited.account), "entry_id": credited.entry_id, "created": credited.created}
     emit(args, payload, lambda p: (f"credited {args.amount} to {p['id']} (entry {p['entry_id']})" if p["created"]
                                    else f"{args.ref!r} was credited before (entry {p['entry_id']}); nothing changed")
          + f"; available {p['available']}")
 
 
 def cmd_account_share(config: GatewayConfig, args: argparse.Namespace) -> None:
-    with _ledger(config) as engine:
-        accounts = Accounts(engine)
-        change = accounts.unshare_adapter if args.remove else accounts.share_adapter
+    with ledger_admin(config) as ledger:
+        change = ledger.unshare_adapter if args.remove else ledger.share_adapter
         shared = change(args.adapter, args.account)
     emit(args, {"adapter": args.adapter, "private": bool(shared), "accounts": shared},
          lambda p: f"{p['adapter']}: private to {', '.join(p['accounts'])}" if p["private"]
@@ -100,18 +78,18 @@ def cmd_account_share(config: GatewayConfig, args: argparse.Namespace) -> None:
 
 
 def cmd_key_create(config: GatewayConfig, args: argparse.Namespace) -> None:
-    with _ledger(config) as engine:
-        new = ApiKeys(engine).create(args.account, name=args.name, admin=args.admin,
-                                     requests_per_second=args.requests_per_second,
-                                     tokens_per_minute=args.tokens_per_minute)
+    with ledger_admin(config) as ledger:
+        new = ledger.create_key(args.account, name=args.name, admin=args.admin,
+                                requests_per_second=args.requests_per_second,
+                                tokens_per_minute=args.tokens_per_minute)
     payload = {**_key_json(new.key), "key": new.presented}
     emit(args, payload, lambda p: f"key {p['id']} for account {p['account']}:\n{p['key']}\n"
                                   "(shown once: store it now; only its hash is kept)")
 
 
 def cmd_key_list(config: GatewayConfig, args: argparse.Namespace) -> None:
-    with _ledger(config) as engine:
-        keys = [_key_json(k) for k in ApiKeys(engine).list(args.account)]
+    with ledger_admin(config) as ledger:
+        keys = [_key_json(k) for k in ledger.list_keys(args.account)]
     emit(args, {"keys": keys}, lambda p: "\n".join(
         f"{k['id']} account {k['account']}{' admin' if k['admin'] else ''}"
         f"{' REVOKED ' + k['revoked_at'] if k['revoked_at'] else ''} {k['name']}".rstrip() for k in p["keys"])
@@ -119,23 +97,21 @@ def cmd_key_list(config: GatewayConfig, args: argparse.Namespace) -> None:
 
 
 def cmd_key_bootstrap(config: GatewayConfig, args: argparse.Namespace) -> None:
-    path = config.layout.local_api_key
-    try:
-        key = create_local_key(config, AccessConfig().local_credit)
-    except FileExistsError:
-        if (problem := local_key_problem(config)) is not None:
-            raise CommandError(problem) from None
-        emit(args, {"created": False, "account": LOCAL_ACCOUNT, "path": str(path)},
+    key = bootstrap_local_key(config)
+    if not key.created:
+        if key.problem is not None:
+            raise CommandError(key.problem)
+        emit(args, {"created": False, "account": LOCAL_ACCOUNT, "path": str(key.path)},
              lambda p: f"the local admin key is in {p['path']} (nothing created)")
         return
-    payload = {"created": True, "id": key.key_id, "account": LOCAL_ACCOUNT, "credit": str(key.credit),
-               "path": str(path)}  # never the key: the file holds it
+    payload = {"created": True, "id": key.key_id, "account": key.account_id, "credit": str(key.credit),
+               "path": str(key.path)}  # never the key: the file holds it
     emit(args, payload, lambda _: describe_new_local_key(key, sys.stdout))
 
 
 def cmd_key_revoke(config: GatewayConfig, args: argparse.Namespace) -> None:
-    with _ledger(config) as engine:
-        key = ApiKeys(engine).revoke(args.key_id)
+    with ledger_admin(config) as ledger:
+        key = ledger.revoke_key(args.key_id)
     emit(args, _key_json(key), lambda p: f"key {p['id']} revoked at {p['revoked_at']}")
 
 

@@ -1,7 +1,9 @@
 """`gateway ledger serve|balance|statement|trace|totals`.
 
-`serve` runs the ledger service in this process until Ctrl-C/SIGTERM; it owns the API token
-(`<state>/ledger-token`, generated at its first start, or GATEWAY_LEDGER_TOKEN). The other commands
+`serve` runs the ledger service in this process until Ctrl-C/SIGTERM: the Ledger and Admin APIs,
+the periodic settler and the deposit watcher (gateway/ledger_process.py), the only writers of money
+state. It owns the API token (`<state>/ledger-token`, generated at its first start, or
+GATEWAY_LEDGER_TOKEN) and checks every setting it reads before it starts. The other commands
 ask the running service over gRPC (GATEWAY_LEDGER_ADDRESS, default 127.0.0.1:50051) with that
 token, read from the state directory or the environment. Amounts are integer
 base units of the payout token, printed as decimal strings (they exceed what JSON numbers hold
@@ -11,7 +13,6 @@ exactly).
 from __future__ import annotations
 
 import argparse
-import logging
 import threading
 from typing import Any
 
@@ -22,26 +23,27 @@ from sqlalchemy.engine import make_url
 
 from gateway.cli_output import EXIT_BAD_INPUT, EXIT_FAILED, CommandError, emit, json_flag, progress
 from gateway.config import GatewayConfig
-from ledger.accounts.accounts import Accounts
+from gateway.ledger_process import admin_api, deposit_watching, periodic_settlement, settlement
+from ledger.chain.config import ChainConfig
 from ledger.client.token import (TOKEN_ENV, LedgerTokenInvalid, LedgerTokenMissing, bearer_metadata, configured_token,
                                  read_ledger_token)
 from ledger.client.trace_wire import trace_from_pb
-from ledger.config import LedgerConfig
+from ledger.config import DepositConfig, LedgerConfig, SettlementConfig
 from ledger.journal.journal import Journal
 from ledger.metrics import SettlementCollector
 from ledger.service import ensure_ledger_token, start_server
+from serving.config import AccessConfig
 from serving.metrics_endpoint import serve_metrics
 from storage.database import database_url, open_database
 from wire.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 RPC_TIMEOUT_SECONDS = 30.0
-STALE_HOLD_SECONDS = 3600  # no request runs this long
-STALE_HOLD_CHECK_SECONDS = 60.0
-log = logging.getLogger(__name__)
 
 
 def cmd_serve(config: GatewayConfig, args: argparse.Namespace) -> None:
     ledger = LedgerConfig()
+    settle, deposits = SettlementConfig(), DepositConfig()  # every setting checked before anything starts
+    ChainConfig(), AccessConfig()
     host = args.host or ledger.host
     port = args.port or ledger.port
     try:
@@ -51,21 +53,22 @@ def cmd_serve(config: GatewayConfig, args: argparse.Namespace) -> None:
     url = database_url(config.state_dir)
     progress(f"[ledger] database {_redacted(url)} (migrating to the newest schema if needed)")
     journal = Journal(open_database(url), ledger.fee_split())
-    server = start_server(journal, host, port, token=token)
+    rounds = settlement(config, journal.engine, settle)
+    server = start_server(journal, host, port, token=token, servicers=[admin_api(config, journal.engine, rounds)])
     metrics = None
     stopped = threading.Event()
     try:  # from here on a SIGTERM (KeyboardInterrupt) stops the server cleanly, also while starting
         source = TOKEN_ENV if configured_token() is not None else f"the owner-only file {config.layout.ledger_token}"
-        progress(f"[ledger] every call but health needs the API token of {source}")
+        progress(f"[ledger] every call but health needs the API token of {source}; administration also an "
+                 "admin API key")
         REGISTRY.register(SettlementCollector(journal))
         metrics = serve_metrics(host, ledger.metrics_port, state_dir=config.state_dir, target_name=f"ledger-{port}")
         policy = journal.policy
         progress(f"[ledger] listening on {host}:{port}; fee split contributors {policy.contributors_bps / 100:g}% "
                  f"/ adapter owner {policy.owner_bps / 100:g}% / treasury {policy.treasury_bps / 100:g}%; "
                  f"metrics at {metrics.url}; Ctrl-C stops")
-        threading.Thread(target=_release_stale_holds, args=(journal.engine, stopped), name="stale-holds",
-                         daemon=True).start()
-        stopped.wait()
+        with periodic_settlement(rounds), deposit_watching(config, journal.engine, deposits):
+            stopped.wait()
     except KeyboardInterrupt:
         progress("[ledger] stopping")
     finally:
@@ -75,20 +78,6 @@ def cmd_serve(config: GatewayConfig, args: argparse.Namespace) -> None:
         server.stop(grace=2.0).wait()
         journal.engine.dispose()
     progress("[ledger] stopped")
-
-
-def _release_stale_holds(engine: Any, stopped: threading.Event) -> None:
-    """Holds of requests that never ran to the end, or whose trace was lost, stop reserving credit."""
-    accounts = Accounts(engine)
-    while not stopped.wait(STALE_HOLD_CHECK_SECONDS):
-        try:
-            released = accounts.release_stale_holds(STALE_HOLD_SECONDS)
-        except Exception:  # a database hiccup: try again next time
-            log.exception("could not release stale holds")
-            continue
-        if released:
-            log.warning("released %d holds older than %d s (requests that never finished)", released,
-                        STALE_HOLD_SECONDS)
 
 
 def _redacted(url: str) -> str:

@@ -1,29 +1,129 @@
-"""Run `gateway ledger serve` as a child process: started by `gateway up`, and by tests that stop it.
+"""The ledger service as the gateway runs it: its Admin API and background work wired to the state
+directory, and `gateway ledger serve` as a child process (started by `gateway up`, and by tests that stop it).
 
 `ledger_answers` asks the standard gRPC health service (the one call the ledger answers without
 its token), so a ledger someone else runs on the address (another `gateway up`, an operator's
 service) is used as it is and left alone. Every other call needs the ledger's token: `token` is the
 one this child requires (its GATEWAY_LEDGER_TOKEN, else `<state>/ledger-token`, which it writes at
 its first start).
+
+The ledger process is the only writer of money state: besides its APIs it runs the periodic settler
+(`periodic_settlement`, GATEWAY_SETTLE_*) and the deposit watcher (`deposit_watching`,
+GATEWAY_DEPOSITS_*) on the chain of its settings (GATEWAY_CHAIN_*). Neither starts a local chain:
+while the state directory's anvil does not answer they wait (`gateway up` starts it before the ledger).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import Engine
 
+from gateway.cli_output import progress
+from gateway.config import GatewayConfig
+from gateway.ledger_access import rpc_answers, settlement_chain
+from ledger.accounts.deposits import DepositWatcher
+from ledger.admin_service import AdminServicer, Settlement, admin_servicer
+from ledger.chain.config import ChainConfig
+from ledger.chain.errors import ChainError
 from ledger.client.token import TOKEN_ENV, bearer_metadata, check_token, read_ledger_token
+from ledger.config import DepositConfig, SettlementConfig
+from serving.config import AccessConfig
 
 START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 15.0
+ROUND_TIMEOUT_INTERVALS = 5  # a periodic round gives up (and is resumed by the next) after this many intervals
+log = logging.getLogger(__name__)
+
+
+def settlement(config: GatewayConfig, engine: Engine, settings: SettlementConfig) -> Settlement:
+    """Settlement rounds on the ledger's database and the configured chain (`gateway.ledger_access`)."""
+    return Settlement(engine, lambda: settlement_chain(config), settings, report=progress)
+
+
+def admin_api(config: GatewayConfig, engine: Engine, rounds: Settlement) -> Callable[[grpc.Server], str]:
+    """The Admin API for `ledger.service.start_server`: the local key in `<state>/local-api-key`, credited
+    with GATEWAY_LOCAL_CREDIT."""
+    return admin_servicer(AdminServicer(engine, local_key_path=config.layout.local_api_key,
+                                        local_credit=AccessConfig().local_credit, settlement=rounds))
+
+
+def chain_answers() -> bool:
+    """True for a configured remote chain (its errors are retried), else when the local anvil answers."""
+    chain = ChainConfig()
+    return chain.rpc_url is not None or rpc_answers(f"http://127.0.0.1:{chain.port}")
+
+
+@contextmanager
+def periodic_settlement(rounds: Settlement) -> Iterator[None]:
+    """A settlement round every GATEWAY_SETTLE_INTERVAL_SECONDS (payable balances >= the threshold are paid)."""
+    settings = rounds.settings
+    if not settings.periodic:
+        yield
+        return
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(settings.interval_seconds):
+            if not chain_answers():
+                log.info("settlement round skipped: the local chain does not answer")
+                continue
+            try:
+                rounds.run_round(timeout_seconds=settings.interval_seconds * ROUND_TIMEOUT_INTERVALS)
+            except (ChainError, OSError, ValueError) as error:
+                log.warning("settlement round failed (%s); retrying in %.0f s", error, settings.interval_seconds)
+            except Exception:
+                log.exception("settlement round failed; retrying in %.0f s", settings.interval_seconds)
+
+    threading.Thread(target=run, name="settler", daemon=True).start()
+    progress(f"[ledger] settling payable balances >= {settings.threshold} base units every "
+             f"{settings.interval_seconds:.0f} s ({settings.confirmations} confirmations)")
+    try:
+        yield
+    finally:
+        stop.set()
+
+
+@contextmanager
+def deposit_watching(config: GatewayConfig, engine: Engine, settings: DepositConfig) -> Iterator[None]:
+    """Credit on-chain deposits (token transfers to the treasury) to their accounts, once each."""
+    if not settings.watch or not AccessConfig().auth:
+        yield
+        return
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            if not chain_answers():
+                stop.wait(settings.interval_seconds)
+                continue
+            try:
+                with settlement_chain(config) as chain:
+                    watcher = DepositWatcher(engine, chain.client, chain.settler.token_address, chain.settler.address,
+                                             settings.confirmations, start_block=settings.start_block, report=progress)
+                    watcher.run(stop, settings.interval_seconds)
+            except (ChainError, OSError, ValueError) as error:
+                log.warning("deposit watching failed (%s); retrying in %.0f s", error, settings.interval_seconds)
+                stop.wait(settings.interval_seconds)
+
+    threading.Thread(target=watch, name="deposit-watcher", daemon=True).start()
+    progress(f"[ledger] crediting deposits to the treasury after {settings.confirmations} confirmations")
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 def ledger_answers(target: str, timeout: float = 1.0) -> bool:

@@ -1,44 +1,50 @@
-"""`gateway settle` (one settlement round to the end) and `gateway chain info` (the addresses in use)."""
+"""`gateway settle` (one settlement round to the end, run by the ledger) and `gateway chain info` (addresses in use).
+
+The ledger service runs the round (`Admin.Settle`) with its own settings (GATEWAY_SETTLE_*, the chain
+and operator key of GATEWAY_CHAIN_*), as its periodic settler does; this command asks for it with an
+admin key and prints what the ledger answers. It opens no database.
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from sqlmodel import Session
-
-from gateway.admin_access import require_admin_of
+from gateway.admin_access import ledger_admin
 from gateway.cli_output import emit, json_flag, progress
 from gateway.config import GatewayConfig
 from gateway.ledger_access import registry_contract, settlement_chain
-from ledger.config import SettlementConfig
-from ledger.settlement.payouts import PayoutPolicy, payable_balances
-from ledger.settlement.settler import Settler, SettlerConfig
-from storage.database import database_url, open_database
+from ledger.client.admin import BatchView
+
+
+def _threshold(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer number of base units")
+    return int(text)
+
+
+def _batch_json(batch: BatchView) -> dict[str, Any]:
+    return {"id": batch.id, "state": batch.state, "tx_hash": batch.tx_hash, "payees": batch.payees,
+            "total": str(batch.total), **({"reason": batch.reason} if batch.reason else {})}
 
 
 def cmd_settle(config: GatewayConfig, args: argparse.Namespace) -> None:
-    require_admin_of(config)
-    settle = SettlementConfig()
-    policy = PayoutPolicy(settle.threshold, settle.max_payees)
-    engine = open_database(database_url(config.state_dir))
+    with ledger_admin(config) as ledger:
+        if not args.dry_run:
+            progress(f"[settle] the ledger at {ledger.target} runs a settlement round until its batches are paid "
+                     "(its log shows the steps)")
+        result = ledger.settle(dry_run=args.dry_run, threshold=args.threshold)
     if args.dry_run:
-        with Session(engine) as session:
-            lines = payable_balances(session, policy.threshold)
-        batches = [lines[i:i + policy.max_payees] for i in range(0, len(lines), policy.max_payees)]
-        payload: dict[str, Any] = {"dry_run": True, "threshold": str(policy.threshold), "batches": [
-            {"payees": len(batch), "total": str(sum(line.amount for line in batch)),
-             "lines": [{"address": line.address, "amount": str(line.amount)} for line in batch]} for batch in batches]}
-        emit(args, payload, lambda p: "\n".join([f"would pay {len(lines)} addresses in {len(batches)} batches "
-                                                 f"(threshold {policy.threshold} base units)"]
-                                                + [f"  batch {i + 1}: {b['payees']} payees, {b['total']} base units"
-                                                   for i, b in enumerate(p["batches"])]))
+        payload: dict[str, Any] = {"dry_run": True, "threshold": str(result.threshold), "batches": [
+            {"payees": b.payees, "total": str(b.total),
+             "lines": [{"address": address, "amount": str(amount)} for address, amount in b.lines]}
+            for b in result.batches]}
+        emit(args, payload, lambda p: "\n".join(
+            [f"would pay {sum(b['payees'] for b in p['batches'])} addresses in {len(p['batches'])} batches "
+             f"(threshold {p['threshold']} base units)"]
+            + [f"  batch {i + 1}: {b['payees']} payees, {b['total']} base units" for i, b in enumerate(p["batches"])]))
         return
-    settler_config = SettlerConfig(confirmations=settle.confirmations, stuck_after_seconds=settle.stuck_after_seconds,
-                                   fee_bump_percent=settle.fee_bump_percent, pause_after=settle.pause_after)
-    with settlement_chain(config) as chain:
-        views = Settler(engine, chain, policy, settler_config, report=progress).run_round()
-    payload = {"batches": [view.to_json() for view in views]}
+    payload = {"batches": [_batch_json(batch) for batch in result.batches]}
     emit(args, payload, lambda p: "\n".join(
         [f"{b['id']}  {b['state']:<9} {b['payees']:>4} payees {b['total']:>28}  {b['tx_hash'] or '-'}"
          for b in p["batches"]] or ["nothing to pay (no payable balance at or above the threshold)"]))
@@ -53,8 +59,11 @@ def cmd_chain_info(config: GatewayConfig, args: argparse.Namespace) -> None:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    settle = commands.add_parser("settle", help="pay payable balances on-chain: one settlement round to the end")
+    settle = commands.add_parser("settle", help="have the ledger pay payable balances on-chain: one settlement round "
+                                 "to the end")
     settle.add_argument("--dry-run", action="store_true", help="print the batches that would be paid; change nothing")
+    settle.add_argument("--threshold", type=_threshold, help="pay balances at or above this many base units (default: "
+                        "the ledger's GATEWAY_SETTLE_THRESHOLD)")
     json_flag(settle)
     settle.set_defaults(func=cmd_settle)
 

@@ -1,8 +1,12 @@
-"""Starts the whole stack on one node (Ray, the Serve application), waits for it, stops it cleanly."""
+"""Starts the whole stack on one node (Ray, the Serve application), waits for it, stops it cleanly.
+
+The supervisor opens no database for money state: the ledger child (`gateway ledger serve`) owns it,
+with the periodic settler and the deposit watcher; the local admin key is asked of the ledger once it
+answers (gateway/admin_access.py).
+"""
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import socket
@@ -20,24 +24,18 @@ from gateway import admin_access
 from gateway.cli_output import EXIT_FAILED, CommandError
 from gateway.config import GatewayConfig
 from gateway.demo_data import ensure_demo_datanets
-from gateway.ledger_access import registry_contract, settlement_chain
+from gateway.ledger_access import registry_contract
 from gateway.ledger_process import LedgerProcess, ledger_answers
 from gateway.ray_runtime import RayNodeOptions, start_ray
 from gateway.readiness import READY_TIMEOUT_SECONDS, wait_until_gateway_ready
-from ledger.accounts.deposits import DepositWatcher
-from ledger.chain.errors import ChainError
+from ledger.chain.config import ChainConfig
 from ledger.client.token import read_ledger_token
-from ledger.config import DepositConfig, LedgerConfig, SettlementConfig
-from ledger.settlement.payouts import PayoutPolicy
-from ledger.settlement.settler import Settler, SettlerConfig
-from serving.config import AccessConfig, EngineConfig, ReplicaConfig
+from ledger.config import LedgerConfig
+from serving.config import EngineConfig, ReplicaConfig
 from serving.metrics_endpoint import serve_metrics
 from statedir.layout import StateLayout
-from storage.database import database_url, open_database
 from training.demo_assets import ensure_base_model, ensure_demo_adapters
 from training.pretrained_model import ModelInstallError, install_pretrained_model
-
-log = logging.getLogger(__name__)
 
 # Keep the idle stack quiet (measured: loadtests/bench_serving.py prints idle CPU). Ray's own
 # metrics are off: the gateway exports its metrics itself. Every value can be overridden by env.
@@ -89,13 +87,13 @@ def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> 
     config.state_dir.mkdir(parents=True, exist_ok=True)
     forget_engine_targets(config.state_dir)
     ensure_demo_assets(config)
-    ensure_local_key(config)
     ledger = LedgerConfig()
-    with registry_contract(config) as registry:
+    with registry_contract(config) as registry:  # the chain first: the ledger's settler and deposit watcher use it
         print(f"[gateway] chain {registry.client.rpc_url}: DatanetRegistry at {registry.address}", flush=True)
         if config.demo_datanets and not config.base_model_path:
             ensure_demo_datanets(config, registry, lambda line: print(line, flush=True))
         with ledger_service(config, ledger) as watch_ledger:
+            ensure_local_key(config)  # through the ledger's Admin API, before the doors open
             _serve(config, engine, replica, watch_ledger, background_work(config, ledger))
 
 
@@ -112,7 +110,8 @@ def check_front_doors_free(config: GatewayConfig) -> None:
 
 
 def ensure_local_key(config: GatewayConfig) -> None:
-    """First start with auth on: the local admin key, in `<state>/local-api-key` (gateway/admin_access.py)."""
+    """First start with auth on: the ledger creates the local admin key in `<state>/local-api-key`
+    (gateway/admin_access.py)."""
     admin_access.ensure_local_key(config)
 
 
@@ -134,9 +133,12 @@ def ledger_service(config: GatewayConfig, ledger: LedgerConfig) -> Iterator[Call
         print(f"[gateway] ledger service at {ledger.target} (not started by this gateway)", flush=True)
         yield lambda: None
         return
-    child = LedgerProcess(config.state_dir, ledger.host, ledger.port)
+    child = LedgerProcess(config.state_dir, ledger.host, ledger.port, env=ledger_child_env())
     try:
         child.start()
+    except RuntimeError as error:  # it refused to start (a bad setting, a taken port): its reason is printed above
+        child.stop()
+        raise CommandError(f"{error}; see the ledger's message above", EXIT_FAILED) from None
     except BaseException:  # interrupted while it was starting: do not leave it behind
         child.stop()
         raise
@@ -154,42 +156,18 @@ def ledger_service(config: GatewayConfig, ledger: LedgerConfig) -> Iterator[Call
         child.stop()
 
 
+def ledger_child_env() -> dict[str, str]:
+    """What the ledger child needs beside this process's environment (which it inherits): the chain its
+    settler and deposit watcher use, the local anvil this supervisor runs unless GATEWAY_CHAIN_RPC_URL is set."""
+    chain = ChainConfig()
+    return {} if chain.rpc_url is not None else {"GATEWAY_CHAIN_PORT": str(chain.port)}
+
+
 @contextmanager
 def background_work(config: GatewayConfig, ledger: LedgerConfig) -> Iterator[None]:
-    """What runs beside serving: the scrape endpoint, trace shipping and periodic settlement."""
-    with metrics_endpoint(config), trace_shipping(config, ledger), periodic_settlement(config), \
-            deposit_watching(config):
+    """What runs beside serving: the scrape endpoint and trace shipping (settlement and deposits run in the ledger)."""
+    with metrics_endpoint(config), trace_shipping(config, ledger):
         yield
-
-
-@contextmanager
-def deposit_watching(config: GatewayConfig) -> Iterator[None]:
-    """Credit on-chain deposits (token transfers to the treasury) to their accounts, once each."""
-    deposits = DepositConfig()
-    if not deposits.watch or not AccessConfig().auth:
-        yield
-        return
-    stop = threading.Event()
-
-    def watch() -> None:
-        engine = open_database(database_url(config.state_dir))
-        while not stop.is_set():
-            try:
-                with settlement_chain(config) as chain:
-                    watcher = DepositWatcher(engine, chain.client, chain.settler.token_address, chain.settler.address,
-                                             deposits.confirmations, start_block=deposits.start_block,
-                                             report=lambda line: print(line, flush=True))
-                    watcher.run(stop, deposits.interval_seconds)
-            except (ChainError, OSError, ValueError) as error:
-                log.warning("deposit watching failed (%s); retrying in %.0f s", error, deposits.interval_seconds)
-                stop.wait(deposits.interval_seconds)
-
-    thread = threading.Thread(target=watch, name="deposit-watcher", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
 
 
 @contextmanager
@@ -202,40 +180,6 @@ def metrics_endpoint(config: GatewayConfig) -> Iterator[None]:
         yield
     finally:
         endpoint.close()
-
-
-@contextmanager
-def periodic_settlement(config: GatewayConfig) -> Iterator[None]:
-    """A settlement round every GATEWAY_SETTLE_INTERVAL_SECONDS (payable balances >= the threshold are paid)."""
-    settle = SettlementConfig()
-    if not settle.periodic:
-        yield
-        return
-    stop = threading.Event()
-
-    def rounds() -> None:
-        engine = open_database(database_url(config.state_dir))
-        policy = PayoutPolicy(settle.threshold, settle.max_payees)
-        settler_config = SettlerConfig(confirmations=settle.confirmations, fee_bump_percent=settle.fee_bump_percent,
-                                       stuck_after_seconds=settle.stuck_after_seconds)
-        while not stop.wait(settle.interval_seconds):
-            try:
-                with settlement_chain(config) as chain:
-                    Settler(engine, chain, policy, settler_config,
-                            report=lambda line: print(line, flush=True)).run_round(settle.interval_seconds * 5)
-            except (ChainError, OSError, ValueError) as error:
-                log.warning("settlement round failed (%s); retrying in %.0f s", error, settle.interval_seconds)
-            except Exception:
-                log.exception("settlement round failed; retrying in %.0f s", settle.interval_seconds)
-
-    thread = threading.Thread(target=rounds, name="settler", daemon=True)
-    thread.start()
-    print(f"[gateway] settling payable balances >= {settle.threshold} base units every "
-          f"{settle.interval_seconds:.0f} s ({settle.confirmations} confirmations)", flush=True)
-    try:
-        yield
-    finally:
-        stop.set()
 
 
 @contextmanager

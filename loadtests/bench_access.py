@@ -35,7 +35,7 @@ from registry.models import Adapter  # noqa: E402
 from serving.access import AccessControl  # noqa: E402
 from serving.config import AccessConfig  # noqa: E402
 from storage.database import open_database  # noqa: E402
-from tests.support.ports import free_port  # noqa: E402
+from tests.support.ports import NO_CHAIN, free_port  # noqa: E402
 from tests.support.postgres import PostgresServer  # noqa: E402
 
 TOKEN = "bench-access-token-0123456789"
@@ -58,7 +58,8 @@ def measure(url: str, requests: int, state: Path) -> tuple[dict[str, list[float]
     Accounts(engine).create("bench")
     Accounts(engine).credit("bench", DEFAULT_PRICE_PER_1K_TOKENS * 10**9, "bench-credit")
     key = ApiKeys(engine).create("bench").presented
-    env = {"GATEWAY_LEDGER_TOKEN": TOKEN, "DATABASE_URL": url, "GATEWAY_LEDGER_METRICS_PORT": str(free_port())}
+    env = {"GATEWAY_LEDGER_TOKEN": TOKEN, "DATABASE_URL": url, "GATEWAY_LEDGER_METRICS_PORT": str(free_port()),
+           **NO_CHAIN}
     ledger = LedgerProcess(state, "127.0.0.1", free_port(), env=env, log_file=state / "ledger.log").start()
     client = LedgerAccessClient(ledger.target, TOKEN)
     config = AccessConfig(rate_requests_per_second=10**9, rate_tokens_per_minute=10**12, key_cache_seconds=60)

@@ -43,7 +43,7 @@ from registry.config import DatanetConfig  # noqa: E402
 from registry.contribution_content import content_id, normalize, sign_contribution  # noqa: E402
 from registry.datanets import DatanetRegistry, SignedText  # noqa: E402
 from storage.database import open_database, utcnow  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from tests.support.ports import NO_CHAIN, free_port  # noqa: E402
 from tests.support.memory_anchor import MemoryAnchor, listing_index  # noqa: E402
 from tests.support.postgres import PostgresServer  # noqa: E402
 from wire.ledger.v1 import ledger_pb2, ledger_pb2_grpc  # noqa: E402
@@ -160,7 +160,7 @@ def bench_backend(name: str, url: str, state: Path, count: int) -> dict[str, flo
     contribution_ids = populate(url, state / "indexes")
     traces = make_traces(count, contribution_ids)
     attributed = sum(t.attributed_fraction * t.completion_tokens for t in traces)
-    ledger = LedgerProcess(state, "127.0.0.1", free_port(), env={"DATABASE_URL": url},
+    ledger = LedgerProcess(state, "127.0.0.1", free_port(), env={"DATABASE_URL": url, **NO_CHAIN},
                            log_file=state / "ledger.log").start()
     try:
         log(f"{name}: ingesting {count} traces through `gateway ledger serve`")

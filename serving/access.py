@@ -17,8 +17,10 @@ Access API (ledger/client/access.py), cached; the replica opens no database:
    the ledger posts the hold when it ingests the trace (which carries the key id, never the key),
    debiting the account by exactly the fee, or voids it when no trace will bill the request.
 
-With the ledger unreachable, requests that need it (a key not cached, a chunk or lease run out)
-get 503 `ledger_unavailable`; the rest go on.
+With the ledger unreachable, serving goes on: a key looked up in the last `KEY_STALE_SECONDS` is
+trusted as last answered (a revocation waits for the ledger), rate limits hold per replica
+(serving/rate_grants.py), and credit is spent from the leases the replica holds. Requests that
+need the ledger (a key never seen, a lease run out) get 503 `ledger_unavailable`.
 
 Reads follow ownership (`may_read`, `check_read`, `require_admin`; used by every door):
 
@@ -55,6 +57,7 @@ INVALID_KEY = "The API key is not valid (unknown, malformed or revoked)."
 ADMIN_ONLY = "This is an operator view: it needs an admin key (`gateway keys create --admin`)."
 KEY_ACCOUNTS_MAX = 10_000  # key id -> account look-ups kept (a key never changes account)
 CALLERS_MAX = 10_000
+KEY_STALE_SECONDS = 300.0  # with the ledger unreachable, a key look-up this old is still used
 TERMS_SECONDS = 5.0  # prices and private-adapter lists are re-read this often
 
 
@@ -151,6 +154,10 @@ class AccessControl:
         try:
             key = self.ledger.authenticate(presented)
         except LedgerUnavailable as away:
+            with self._lock:
+                cached = self._callers.get(cache_key)
+            if cached is not None and now < cached[0] - self.config.key_cache_seconds + KEY_STALE_SECONDS:
+                return cached[1]  # the ledger is away: the last answer stands a while (revocations wait for it)
             raise _unavailable(away) from None
         caller = None if key is None else Caller(
             key.key_id, key.account_id, key.admin,

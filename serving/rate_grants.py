@@ -1,14 +1,15 @@
 """Per-key rate limits for the whole deployment, spent locally: a replica takes chunks from the ledger.
 
-The ledger keeps each key's token buckets (ledger/accounts/rate_limits.py, through `TakeRate`). A
+The ledger keeps each key's token buckets (ledger/client/rate_limits.py, through `TakeRate`). A
 replica takes `chunk_seconds` worth of a key's rate at a time (at least what the request at hand
 needs) and admits requests against it without a call; what a finished request did not use goes
 back into the chunk. A chunk is dropped `grant_seconds` after it was taken, used or not, so a
 replica never sits on a key's rate: across replicas a key gets at most its limit plus one chunk
 per replica inside any `grant_seconds`. A key without limits is never looked up.
 
-With the ledger unreachable a key whose chunk ran out is refused (`LedgerUnavailable`), like a
-request that needs a new credit lease.
+With the ledger unreachable, a key whose chunk ran out is limited by this replica alone (a
+`RateLimiter` of its own, the same rule): serving goes on, and the key's limit holds per replica
+until the ledger answers again.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ledger.client.access import AccessLedger
+from ledger.client.access import AccessLedger, LedgerUnavailable
+from ledger.client.rate_limits import RateLimit, RateLimiter
 
 CHUNK_SECONDS = 0.1
 GRANT_SECONDS = 1.0
@@ -65,6 +67,8 @@ class RateGrants:
         self._clock = clock
         self._lock = threading.Lock()
         self._chunks: dict[str, _Chunk] = {}
+        self._local = RateLimiter(clock)  # while the ledger is away
+        self.local_admissions = 0
 
     def admit(self, key_id: str, limit: KeyLimit, tokens: int) -> Refusal | None:
         """Take one request and `tokens` for `key_id`; a Refusal when its limits do not allow it now."""
@@ -79,8 +83,11 @@ class RateGrants:
             return None
         ask_requests = max(need_requests, math.ceil(rps * self.chunk_seconds)) if rps is not None else 0
         ask_tokens = max(need_tokens, math.ceil(tpm / 60 * self.chunk_seconds)) if tpm is not None else 0
-        grant = self.ledger.take_rate(key_id, rps, tpm, ask_requests, ask_tokens, min_requests=need_requests,
-                                      min_tokens=need_tokens)
+        try:
+            grant = self.ledger.take_rate(key_id, rps, tpm, ask_requests, ask_tokens, min_requests=need_requests,
+                                          min_tokens=need_tokens)
+        except LedgerUnavailable:
+            return self._admit_locally(key_id, limit, tokens)
         if grant.requests < need_requests or grant.tokens < need_tokens:
             return Refusal(grant.reason or "rate limit", grant.retry_after_seconds)
         with self._lock:
@@ -92,6 +99,13 @@ class RateGrants:
                 chunk = self._chunks[key_id] = _Chunk(0, 0, now + self.grant_seconds)
             chunk.requests += grant.requests - need_requests
             chunk.tokens += grant.tokens - need_tokens
+        return None
+
+    def _admit_locally(self, key_id: str, limit: KeyLimit, tokens: int) -> Refusal | None:
+        decision = self._local.admit(key_id, RateLimit(limit.requests_per_second, limit.tokens_per_minute), tokens)
+        if not decision.allowed:
+            return Refusal(decision.reason, decision.retry_after_seconds)
+        self.local_admissions += 1
         return None
 
     def settle(self, key_id: str, reserved_tokens: int, used_tokens: int) -> None:

@@ -38,15 +38,29 @@ def demo_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ledger_service(demo_state: Path) -> Iterator[LedgerProcess]:
-    """The session gateway's ledger service, run by the tests (not by `gateway up`) so a test can stop it."""
-    process = LedgerProcess(demo_state, "127.0.0.1", free_port(), log_file=demo_state / "ledger.log").start()
+def chain_port() -> int:
+    """The port of the session gateway's local chain (its anvil, started by `gateway up`)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def ledger_service(demo_state: Path, chain_port: int) -> Iterator[LedgerProcess]:
+    """The session gateway's ledger service, run by the tests (not by `gateway up`) so a test can stop it.
+    Its settler and deposit watcher use the session gateway's chain (they wait until it answers)."""
+    process = LedgerProcess(demo_state, "127.0.0.1", free_port(), env={"GATEWAY_CHAIN_PORT": str(chain_port)},
+                            log_file=demo_state / "ledger.log").start()
     yield process
     assert process.stop() == 0, f"the ledger did not stop cleanly; see {process.log_file}"
 
 
+@pytest.fixture()
+def session_ledger_env(monkeypatch: pytest.MonkeyPatch, ledger_service: LedgerProcess) -> None:
+    """Point the CLI the test runs at the session gateway's ledger (administration is asked of it)."""
+    monkeypatch.setenv("GATEWAY_LEDGER_PORT", str(ledger_service.port))
+
+
 @pytest.fixture(scope="session")
-def gateway(demo_state: Path, ledger_service: LedgerProcess) -> Iterator[GatewayProcess]:
+def gateway(demo_state: Path, ledger_service: LedgerProcess, chain_port: int) -> Iterator[GatewayProcess]:
     """One gateway (one engine replica serving HTTP directly) shared by the whole session.
 
     It runs `gateway up` on the embedded defaults but ports: a local anvil in the state directory,
@@ -62,7 +76,10 @@ def gateway(demo_state: Path, ledger_service: LedgerProcess) -> Iterator[Gateway
             "GATEWAY_ENGINE_MAX_LORAS": "4",
             "GATEWAY_ENGINE_MAX_CPU_LORAS": "16",
             "GATEWAY_REPLICA_MAX_ONGOING_REQUESTS": str(MAX_ONGOING_REQUESTS),
-            "GATEWAY_CHAIN_PORT": str(free_port()),
+            # A lease for 256 requests: the ledger outage test serves 40 requests of one account with
+            # the ledger down, from the lease the replica holds (docs/access.md, "Ledger unreachable").
+            "GATEWAY_LEASE_REQUESTS": "256",
+            "GATEWAY_CHAIN_PORT": str(chain_port),
             "GATEWAY_LEDGER_PORT": str(ledger_service.port),
         },
     )

@@ -24,7 +24,7 @@ from tests.support.launcher import GatewayProcess
 from wire.inference.v1 import inference_pb2 as pb
 from wire.inference.v1 import inference_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.stack
+pytestmark = [pytest.mark.stack, pytest.mark.usefixtures("session_ledger_env")]
 PRICED = "python-docs-notes-lora"  # a demo datanet adapter: priced, registered with lineage
 FREE = "demo-adapter-005"  # a load-test adapter: not registered, costs nothing
 CACHE_SECONDS = 1.0  # GATEWAY_KEY_CACHE_SECONDS default: how long a revocation may take to bite
@@ -254,7 +254,8 @@ def test_the_engine_replica_holds_no_database_open(gateway: GatewayProcess, ledg
     database = StateLayout(demo_state).database.name
     ledger = psutil.Process(ledger_service.process.pid)  # type: ignore[union-attr]
     assert any(Path(f.path).name.startswith(database) for f in ledger.open_files()), "the control: the ledger has it"
-    replicas = [p for p in psutil.process_iter(["cmdline"]) if "EngineReplica" in " ".join(p.info["cmdline"] or [])]
+    replicas = [p for p in psutil.process_iter(["cmdline"])
+                if " ".join(p.info["cmdline"] or []).startswith("ray::ServeReplica:gateway:engine")]
     assert replicas, "the engine replica's process is found by its Ray title"
     postgres_ports = {c.laddr.port for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"
                       for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}

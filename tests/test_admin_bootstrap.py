@@ -2,7 +2,8 @@
 live admin key, the last live admin key cannot be revoked, and the first one comes from the state
 directory (`gateway keys bootstrap`, as `gateway up` does), shown once and only on a terminal.
 
-Real CLI (`gateway.cli.main` and the installed `gateway` executable), real databases.
+Real CLI (`gateway.cli.main` and the installed `gateway` executable), a real ledger service (in this
+process, on loopback) that the CLI reaches through its Admin API, real databases.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import stat
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,14 +28,24 @@ from ledger.accounts.accounts import Accounts
 from ledger.accounts.api_keys import ApiKeys, LastAdminKey
 from ledger.models import ApiKey, JournalEntry, RequesterAccount
 from storage.database import database_url, open_database
+from tests.support.ledger_server import ServedLedger, served_ledger
 
 GATEWAY = Path(sys.executable).with_name("gateway")
 
 
 @pytest.fixture(autouse=True)
 def no_admin_key_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("GATEWAY_ADMIN_KEY", raising=False)
-    monkeypatch.delenv("DATABASE_URL", raising=False)
+    for name in ("GATEWAY_ADMIN_KEY", "DATABASE_URL", "GATEWAY_LEDGER_ADDRESS", "GATEWAY_LEDGER_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture()
+def ledger(no_admin_key_in_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ServedLedger]:
+    """The state directory's ledger service, where the CLI (and its subprocesses) find it."""
+    with served_ledger(tmp_path) as served:
+        for name, value in served.env.items():
+            monkeypatch.setenv(name, value)
+        yield served
 
 
 def run(capsys: pytest.CaptureFixture[str], state: Path, *args: str) -> tuple[int, str, str]:
@@ -73,7 +85,7 @@ ADMIN_COMMANDS = [
 
 
 def test_bootstrap_writes_an_owner_only_key_file_once_and_never_prints_the_key_off_a_terminal(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, ledger: ServedLedger) -> None:
     created = bootstrap(capsys, tmp_path)
     path = tmp_path / "local-api-key"
     key = path.read_text().strip()
@@ -89,7 +101,7 @@ def test_bootstrap_writes_an_owner_only_key_file_once_and_never_prints_the_key_o
     assert row.id == created["id"] and row.admin and row.revoked_at is None
 
 
-def test_the_key_is_shown_once_on_a_terminal(tmp_path: Path) -> None:
+def test_the_key_is_shown_once_on_a_terminal(tmp_path: Path, ledger: ServedLedger) -> None:
     """`gateway keys bootstrap` with stdout on a pseudo-terminal prints the key (and `gateway up` does the same)."""
     leader, follower = pty.openpty()
     try:
@@ -116,8 +128,8 @@ def test_the_key_is_shown_once_on_a_terminal(tmp_path: Path) -> None:
 
 
 def test_revoking_the_last_admin_key_is_refused_and_stores_nothing(capsys: pytest.CaptureFixture[str],
-                                                                   tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   ledger: ServedLedger) -> None:
     first = bootstrap(capsys, tmp_path)["id"]
     before = snapshot(tmp_path)
     code, out, err = run(capsys, tmp_path, "keys", "revoke", first)
@@ -146,7 +158,7 @@ def test_revoking_the_last_admin_key_is_refused_and_stores_nothing(capsys: pytes
 
 @pytest.mark.parametrize("gone", ["revoked", "deleted"])
 def test_with_every_admin_key_gone_from_the_database_admin_commands_still_need_one(
-        capsys: pytest.CaptureFixture[str], tmp_path: Path, gone: str) -> None:
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, gone: str, ledger: ServedLedger) -> None:
     bootstrap(capsys, tmp_path)
     assert run(capsys, tmp_path, "accounts", "create", "acme")[0] == 0
     engine = open_database(database_url(tmp_path))

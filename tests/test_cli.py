@@ -5,20 +5,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from gateway.cli import main
-from tests.support.credentials import bootstrap_admin
+from tests.support.credentials import operator_ledger
 
 
 @pytest.fixture()
-def state(demo_state: Path, tmp_path: Path) -> Path:
-    """A state dir sharing the demo model, with an empty adapter store of its own and its operator's admin key."""
+def state(demo_state: Path, tmp_path: Path) -> Iterator[Path]:
+    """A state dir sharing the demo model, with an empty adapter store of its own, its ledger and its
+    operator's admin key."""
     (tmp_path / "models").symlink_to(demo_state / "models")
-    bootstrap_admin(tmp_path)
-    return tmp_path
+    with operator_ledger(tmp_path):
+        yield tmp_path
 
 
 OWNER = "0x" + "ab" * 20

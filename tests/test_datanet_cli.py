@@ -7,6 +7,7 @@ answers every bad input with a non-zero exit and one line on stderr, leaving sto
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from attribution.index_reader import open_index
 from gateway.cli import main
 from registry.contribution_content import content_id, normalize
 from tests.conftest import free_port
-from tests.support.credentials import bootstrap_admin
+from tests.support.credentials import operator_ledger
 
 ALICE = Account.from_key("0x" + "a1" * 32)
 BOB = Account.from_key("0x" + "b2" * 32)
@@ -30,12 +31,12 @@ PASSAGES = [
 
 
 @pytest.fixture(scope="module")
-def state(demo_state: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def state(demo_state: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A state dir sharing the demo model (its tokenizer indexes the datanets), with its own ledger and chain."""
     state = tmp_path_factory.mktemp("cli-state")
     (state / "models").symlink_to(demo_state / "models")
-    bootstrap_admin(state)  # `adapter register` is administration
-    return state
+    with operator_ledger(state):  # `adapter register` is administration: asked of the ledger
+        yield state
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,7 @@ from tests.support.launcher import GatewayProcess
 from wire.inference.v1 import inference_pb2 as pb
 from wire.inference.v1 import inference_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.stack
+pytestmark = [pytest.mark.stack, pytest.mark.usefixtures("session_ledger_env")]
 FREE = "demo-adapter-005"  # not registered: costs nothing, so empty accounts may use it
 OWNER = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
 KEY_CACHE_SECONDS = 1.0  # GATEWAY_KEY_CACHE_SECONDS default

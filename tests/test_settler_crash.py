@@ -1,15 +1,17 @@
-"""A real `gateway settle` process killed with SIGKILL at each state boundary of a payout batch, then run again.
+"""A real ledger process killed with SIGKILL at each state boundary of a payout batch it settles, then run again.
 
-The settle command's test hook (`GATEWAY_SETTLE_PAUSE_AFTER`, docs/settlement.md) blocks the process
-right after a batch's state is committed and says so on stderr; the test kills the whole process group
-there, checks what the crash left (database and chain), runs `gateway settle` again without the hook,
-and checks the outcome on the chain, not only in the database: every payee's token balance equals its
-`paid` balance in the ledger, each batch id has exactly one `BatchSettled` event, the operator sent
-exactly one transaction per batch, and the journal still balances.
+`gateway settle` asks the ledger service (`gateway ledger serve`), which runs the round. The ledger's
+test hook (`GATEWAY_SETTLE_PAUSE_AFTER`, docs/settlement.md) blocks the round right after a batch's
+state is committed and says so in the ledger's log; the test kills the ledger's whole process group
+there (the waiting `gateway settle` then says the ledger stopped answering), checks what the crash
+left (database and chain), starts the ledger again without the hook, runs `gateway settle` again,
+and checks the outcome on the chain, not only in the database: every payee's token balance equals
+its `paid` balance in the ledger, each batch id has exactly one `BatchSettled` event, the operator
+sent exactly one transaction per batch, and the journal still balances.
 
 Three payees and at most two per batch make two batches, so a kill also lands while the other batch
-is one step behind. Everything is real: anvil from node_modules on a free loopback port, the CLI as a
-subprocess, SQLite in the state directory (and PostgreSQL for one boundary).
+is one step behind. Everything is real: anvil from node_modules on a free loopback port, the ledger
+and the CLI as subprocesses, SQLite in the state directory (and PostgreSQL for one boundary).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import pytest
 from sqlalchemy import Engine, func
 from sqlmodel import Session, col, select
 
+from gateway.ledger_process import LedgerProcess
 from ledger.accounts.accounts import Accounts
 from ledger.accounts.api_keys import ApiKeys
 from ledger.chain.anvil import ANVIL_DEV_KEYS, AnvilNode
@@ -37,7 +40,6 @@ from ledger.journal.fee_split import FeeSplitPolicy
 from ledger.journal.journal import Journal
 from ledger.models import JournalEntry, PayoutAttempt, PayoutBatch
 from ledger.settlement.payouts import CONFIRMED, PAID, PLANNED, SENT, SIGNED
-from storage.database import open_database
 from tests.conftest import free_port
 from tests.ledger.conftest import OWNER, rivers_ledger
 from tests.ledger.test_settler_anvil import earn, rpc
@@ -95,7 +97,8 @@ class Setup:
     client: ChainClient
     settler: PayoutSettler
     token: PayoutToken
-    env: dict[str, str]
+    env: dict[str, str]  # of the ledger processes
+    admin: str  # the admin key `gateway settle` presents
 
 
 @pytest.fixture()
@@ -117,40 +120,50 @@ def setup(request: pytest.FixtureRequest, anvil: AnvilNode, tmp_path: Path) -> I
     # Deployed before the CLI runs (it finds them in the state directory), so automine can be off for its run.
     client = ChainClient(anvil.rpc_url, ANVIL_DEV_KEYS[0])
     token, settler = ensure_settlement(client, state / "chain" / "deployment.json", fund=10**30)
-    env |= {"GATEWAY_CHAIN_PORT": str(anvil.port), "GATEWAY_ADMIN_KEY": admin, "GATEWAY_SETTLE_THRESHOLD": "1",
-            "GATEWAY_SETTLE_MAX_PAYEES": str(MAX_PAYEES), "GATEWAY_SETTLE_CONFIRMATIONS": str(CONFIRMATIONS)}
-    yield Setup(scenario, state, engine, journal, client, settler, token, env)
+    # The ledger settles with these settings (and only when asked: no periodic round, no deposit watching).
+    env |= {"GATEWAY_CHAIN_PORT": str(anvil.port), "GATEWAY_SETTLE_THRESHOLD": "1",
+            "GATEWAY_SETTLE_MAX_PAYEES": str(MAX_PAYEES), "GATEWAY_SETTLE_CONFIRMATIONS": str(CONFIRMATIONS),
+            "GATEWAY_SETTLE_PERIODIC": "false", "GATEWAY_DEPOSITS_WATCH": "false"}
+    yield Setup(scenario, state, engine, journal, client, settler, token, env, admin)
     engine.dispose()
 
 
-def settle(setup: Setup, run: str, **env: str) -> subprocess.Popen[bytes]:
-    """`gateway settle --json` in a process group of its own; stdout and stderr go to `<state>/<run>.out|err`."""
+def start_ledger(setup: Setup, run: str, **env: str) -> LedgerProcess:
+    """`gateway ledger serve` on the state directory (in a process group of its own), logging to `<state>/<run>.log`."""
+    return LedgerProcess(setup.state, "127.0.0.1", free_port(), env=setup.env | env,
+                         log_file=setup.state / f"{run}.log").start()
+
+
+def settle(setup: Setup, run: str, ledger: LedgerProcess) -> subprocess.Popen[bytes]:
+    """`gateway settle --json` asking `ledger`; stdout and stderr go to `<state>/<run>.out|err`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k != "DATABASE_URL"}
+    env |= {"GATEWAY_LEDGER_PORT": str(ledger.port), "GATEWAY_ADMIN_KEY": setup.admin}
     with open(setup.state / f"{run}.out", "wb") as out, open(setup.state / f"{run}.err", "wb") as err:
         return subprocess.Popen([str(GATEWAY), "--state-dir", str(setup.state), "settle", "--json"],
-                                env=setup.env | env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                start_new_session=True)
+                                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
 
 
 def output(setup: Setup, run: str) -> tuple[str, str]:
-    """(stdout, stderr) of a run so far."""
+    """(stdout, stderr) of a `gateway settle` run so far."""
     out, err = ((setup.state / f"{run}.{kind}").read_text(errors="replace") for kind in ("out", "err"))
     return out, err
 
 
-def kill_when_paused(setup: Setup, process: subprocess.Popen[bytes], state: str) -> str:
-    """Wait for the hook's marker, SIGKILL the process group; the id of the batch it paused on."""
+def kill_when_paused(setup: Setup, ledger: LedgerProcess, state: str) -> str:
+    """Wait for the hook's marker in the ledger's log, SIGKILL its process group; the id of the batch it paused on."""
     marker = f"[settle] paused after {state} (batch "
     deadline = time.monotonic() + MARKER_TIMEOUT_SECONDS
+    assert ledger.process is not None and ledger.log_file is not None
     try:
-        while marker not in (err := output(setup, "killed")[1]):
-            assert process.poll() is None, f"gateway settle exited ({process.returncode}) before pausing:\n{err}"
-            assert time.monotonic() < deadline, f"no pause after {state} within {MARKER_TIMEOUT_SECONDS:g} s:\n{err}"
+        while marker not in (log := ledger.log_file.read_text(errors="replace")):
+            assert ledger.running(), f"the ledger exited ({ledger.process.returncode}) before pausing:\n{log}"
+            assert time.monotonic() < deadline, f"no pause after {state} within {MARKER_TIMEOUT_SECONDS:g} s:\n{log}"
             time.sleep(0.05)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-    assert process.returncode == -signal.SIGKILL
-    return err.split(marker, 1)[1].split(")", 1)[0]
+        os.killpg(ledger.process.pid, signal.SIGKILL)
+        ledger.process.wait(timeout=10)
+    assert ledger.process.returncode == -signal.SIGKILL
+    return log.split(marker, 1)[1].split(")", 1)[0]
 
 
 def batches(engine: Engine) -> dict[str, PayoutBatch]:
@@ -206,7 +219,7 @@ def check_what_the_crash_left(setup: Setup, scenario: Scenario, paused: str, owe
 
 
 @pytest.mark.parametrize("setup", SCENARIOS, ids=str, indirect=True)
-def test_a_settle_process_killed_at_a_state_boundary_resumes_and_pays_every_batch_once(setup: Setup) -> None:
+def test_a_ledger_killed_while_settling_at_a_state_boundary_resumes_and_pays_every_batch_once(setup: Setup) -> None:
     scenario = setup.scenario
     owed = {address: setup.journal.balance(address).payable for address in PAYEES}
     assert all(amount > 0 for amount in owed.values())
@@ -215,9 +228,13 @@ def test_a_settle_process_killed_at_a_state_boundary_resumes_and_pays_every_batc
 
     if not scenario.automine:
         rpc(setup.client, "evm_setAutomine", False)
+    rerun_ledger: LedgerProcess | None = None
     try:
-        killed = settle(setup, "killed", GATEWAY_SETTLE_PAUSE_AFTER=scenario.pause_after)
-        paused = kill_when_paused(setup, killed, scenario.pause_after)
+        killed_ledger = start_ledger(setup, "killed-ledger", GATEWAY_SETTLE_PAUSE_AFTER=scenario.pause_after)
+        killed = settle(setup, "killed", killed_ledger)
+        paused = kill_when_paused(setup, killed_ledger, scenario.pause_after)
+        assert killed.wait(timeout=30) == 1, "the waiting `gateway settle` exits when its ledger dies"
+        assert "is not answering" in output(setup, "killed")[1]
         check_what_the_crash_left(setup, scenario, paused, owed)
         if not scenario.automine:
             rpc(setup.client, "evm_mine")  # the pending payout lands in a block while no settler runs
@@ -229,7 +246,8 @@ def test_a_settle_process_killed_at_a_state_boundary_resumes_and_pays_every_batc
             rpc(setup.client, "evm_mine")
             assert setup.client.w3.eth.get_block("latest")["baseFeePerGas"] > stale.max_fee_per_gas
         # Run again, automine still as it was: the settler mines the confirmation blocks on the local chain.
-        rerun = settle(setup, "rerun")
+        rerun_ledger = start_ledger(setup, "rerun-ledger")
+        rerun = settle(setup, "rerun", rerun_ledger)
         try:
             rerun.wait(timeout=RERUN_TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired:
@@ -238,9 +256,12 @@ def test_a_settle_process_killed_at_a_state_boundary_resumes_and_pays_every_batc
             pytest.fail(f"the rerun did not finish within {RERUN_TIMEOUT_SECONDS:g} s:\n{output(setup, 'rerun')[1]}")
     finally:
         rpc(setup.client, "evm_setAutomine", True)
+        if rerun_ledger is not None:
+            assert rerun_ledger.stop() == 0, f"the ledger did not stop cleanly; see {rerun_ledger.log_file}"
     out, err = output(setup, "rerun")
     assert rerun.returncode == 0, err
-    assert "paused" not in err, "the hook is off by default"
+    assert rerun_ledger.log_file is not None and "paused" not in rerun_ledger.log_file.read_text(), \
+        "the hook is off by default"
     rows = batches(setup.engine)
     assert {b["id"]: b["state"] for b in json.loads(out)["batches"]} == {batch_id: PAID for batch_id in rows}
 
@@ -272,15 +293,13 @@ def test_a_settle_process_killed_at_a_state_boundary_resumes_and_pays_every_batc
 def test_the_pause_hook_takes_only_a_state_a_batch_can_be_killed_in(capsys: pytest.CaptureFixture[str],
                                                                      monkeypatch: pytest.MonkeyPatch,
                                                                      tmp_path: Path) -> None:
+    """The ledger checks the hook's setting before it starts, and starts nothing with a wrong one."""
     from gateway.cli import main
 
     monkeypatch.delenv("DATABASE_URL", raising=False)
-    engine = open_database(f"sqlite:///{tmp_path / 'ledger.db'}")
-    Accounts(engine).create("ops")
-    monkeypatch.setenv("GATEWAY_ADMIN_KEY", ApiKeys(engine).create("ops", admin=True).presented)
-    engine.dispose()
     for value in ("paid", "voided", "sometime"):
         monkeypatch.setenv("GATEWAY_SETTLE_PAUSE_AFTER", value)
-        assert main(["--state-dir", str(tmp_path), "settle", "--json"]) == 2
+        assert main(["--state-dir", str(tmp_path), "ledger", "serve", "--port", str(free_port())]) == 2
         out, err = capsys.readouterr()
         assert out == "" and err.startswith("gateway: invalid setting pause_after:"), err
+    assert list(tmp_path.iterdir()) == [], "nothing was started or created"

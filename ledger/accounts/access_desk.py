@@ -19,7 +19,7 @@ from sqlmodel import Session, select
 
 from ledger.accounts.accounts import InsufficientCredit, UnknownAccount
 from ledger.accounts.api_keys import ApiKeys
-from ledger.accounts.rate_limits import RateLimit, RateLimiter
+from ledger.client.rate_limits import RateLimit, RateLimiter
 from ledger.accounts.transfers import (
     DEFAULT_HOLD_TTL_SECONDS,
     DEFAULT_LEASE_TTL_SECONDS,

@@ -10,16 +10,20 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, create_engine
 from sqlmodel import Session, select
 
+from gateway.ledger_process import LedgerProcess
 from ledger.accounts.accounts import Accounts
 from ledger.accounts.deposits import DepositConfigError, DepositWatcher
 from ledger.chain.anvil import ANVIL_DEV_KEYS, AnvilNode
 from ledger.chain.client import ChainClient
-from ledger.chain.settlement import PayoutSettler, PayoutToken, block_number, send_raw, sign_transaction
+from ledger.chain.settlement import (PayoutSettler, PayoutToken, block_number, ensure_settlement, send_raw,
+                                     sign_transaction)
+from ledger.client.admin import admin_client
 from ledger.journal.fee_split import FeeSplitPolicy
 from ledger.journal.journal import Journal
 from ledger.models import Deposit, DepositScan
@@ -261,3 +265,41 @@ def test_bad_configuration_is_refused_with_the_parameter_named(anvil_client: Cha
     with pytest.raises(DepositConfigError, match=message):
         DepositWatcher(engine, anvil_client, **arguments)  # type: ignore[arg-type]
     engine.dispose()
+
+
+def test_the_ledger_service_watches_deposits_and_credits_them_once(anvil_node: AnvilNode, anvil_client: ChainClient,
+                                                                   tmp_path: Path) -> None:
+    """`gateway ledger serve` runs the deposit watcher (no other process writes credits): an account created
+    through its Admin API is credited once for a transfer from its deposit address."""
+    rpc(anvil_client, "evm_setAutomine", True)
+    state = tmp_path / "state"
+    token, settler = ensure_settlement(anvil_client, state / "chain" / "deployment.json")  # as `gateway up` leaves it
+    alice = PayoutToken(ChainClient(anvil_node.rpc_url, ANVIL_DEV_KEYS[1]), token.address)
+    token.mint(alice.client.address, 10 * AMOUNT)
+    env = {"GATEWAY_CHAIN_PORT": str(anvil_node.port), "GATEWAY_DEPOSITS_CONFIRMATIONS": "1",
+           "GATEWAY_DEPOSITS_INTERVAL_SECONDS": "0.2", "GATEWAY_DEPOSITS_START_BLOCK": str(block_number(anvil_client)),
+           "GATEWAY_SETTLE_PERIODIC": "false", "GATEWAY_AUTH": "true", "GATEWAY_LOCAL_CREDIT": "0"}
+    ledger = LedgerProcess(state, "127.0.0.1", free_port(), env=env, log_file=tmp_path / "ledger.log").start()
+    try:
+        with admin_client(state, target=ledger.target) as client:
+            local = client.bootstrap_local_key()
+        with admin_client(state, local.path.read_text().strip(), ledger.target) as client:
+            client.create_account("alice", alice.client.address)
+            alice.transfer(settler.address, AMOUNT)
+            deadline = time.monotonic() + 30
+            while (balance := client.get_account("alice").balance) == 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert balance == AMOUNT, (tmp_path / "ledger.log").read_text()
+            rpc(anvil_client, "anvil_mine", hex(5))
+            time.sleep(1.0)  # several more scans
+            assert client.get_account("alice").balance == AMOUNT, "credited once"
+    finally:
+        assert ledger.stop() == 0, (tmp_path / "ledger.log").read_text()
+    engine = open_database(f"sqlite:///{state / 'ledger.db'}")
+    try:
+        Accounts(engine).check("alice")
+        with Session(engine) as session:
+            [deposit] = session.exec(select(Deposit)).all()
+        assert (deposit.account_id, deposit.amount) == ("alice", AMOUNT) and deposit.entry_id is not None
+    finally:
+        engine.dispose()

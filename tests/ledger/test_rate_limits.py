@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from ledger.accounts.rate_limits import (
+from ledger.client.rate_limits import (
     REASON_REQUEST_LARGER_THAN_TOKENS_PER_MINUTE,
     REASON_REQUESTS_PER_SECOND,
     REASON_TOKENS_PER_MINUTE,

@@ -30,7 +30,7 @@ from ledger.client.trace_wire import trace_to_pb
 from ledger.journal.journal import Journal
 from ledger.models import IngestedTrace, JournalEntry, Posting, TraceConflict
 from statedir.layout import StateLayout
-from tests.conftest import free_port
+from tests.support.ports import NO_CHAIN, free_port
 from tests.ledger.test_service import make_trace
 from tests.registry.test_datanet_registry import ALICE
 from wire.ledger.v1 import ledger_pb2, ledger_pb2_grpc
@@ -52,7 +52,7 @@ def no_token_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture()
 def ledger(journal: Journal, database_url: str, tmp_path: Path) -> Iterator[LedgerProcess]:
     """`gateway ledger serve` on the journal's database, with a fresh state directory."""
-    process = LedgerProcess(tmp_path / "state", "127.0.0.1", free_port(), env={"DATABASE_URL": database_url},
+    process = LedgerProcess(tmp_path / "state", "127.0.0.1", free_port(), env={"DATABASE_URL": database_url, **NO_CHAIN},
                             log_file=tmp_path / "ledger.log").start()
     yield process
     assert process.stop() == 0
@@ -116,7 +116,7 @@ def test_the_environment_token_wins_and_no_file_is_written(journal: Journal, dat
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     token = "operator-chosen-token-0123456789"
     process = LedgerProcess(tmp_path / "state", "127.0.0.1", free_port(),
-                            env={"DATABASE_URL": database_url, TOKEN_ENV: token}).start()
+                            env={"DATABASE_URL": database_url, TOKEN_ENV: token, **NO_CHAIN}).start()
     try:
         assert not StateLayout(tmp_path / "state").ledger_token.exists()
         with grpc.insecure_channel(process.target) as channel:

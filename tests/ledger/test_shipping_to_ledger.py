@@ -13,7 +13,7 @@ from attribution.outbox import Outbox
 from attribution.shipper import TraceShipper
 from gateway.ledger_process import LedgerProcess
 from ledger.journal.journal import Journal
-from tests.conftest import free_port
+from tests.support.ports import NO_CHAIN, free_port
 from tests.ledger.test_service import make_trace
 from wire.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
@@ -27,7 +27,7 @@ def totals(ledger: LedgerProcess) -> ledger_pb2.Totals:
 
 
 def test_every_trace_arrives_once_across_a_ledger_crash(journal: Journal, database_url: str, tmp_path: Path) -> None:
-    ledger = LedgerProcess(tmp_path, "127.0.0.1", free_port(), env={"DATABASE_URL": database_url},
+    ledger = LedgerProcess(tmp_path, "127.0.0.1", free_port(), env={"DATABASE_URL": database_url, **NO_CHAIN},
                            log_file=tmp_path / "ledger.log").start()
     outbox = Outbox(tmp_path / "outbox")
     shipper = TraceShipper(outbox, ledger.target, token=ledger.token, batch_size=16, window=2, backoff_initial=0.05,

@@ -8,6 +8,7 @@ account's `held` is what its pending leases and holds reserve, and its balance i
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from serving.errors import InsufficientQuota, LedgerUnreachable, RateLimited
 from storage.database import database_url
 from tests.ledger.conftest import CIDS, PRICE, rivers_ledger
 from tests.ledger.test_journal import token
-from tests.support.ports import free_port
+from tests.support.ports import NO_CHAIN, free_port
 from wire.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 TOKEN = "access-test-token-0123456789"
@@ -175,7 +176,7 @@ def test_a_ledger_killed_and_restarted_in_the_middle_loses_no_hold_and_lends_not
     engine = rivers_ledger(database_url(state), tmp_path)
     key = funded(engine, 10 * WORST)
     port = free_port()
-    process = LedgerProcess(state, "127.0.0.1", port, env={"GATEWAY_LEDGER_TOKEN": TOKEN},
+    process = LedgerProcess(state, "127.0.0.1", port, env={"GATEWAY_LEDGER_TOKEN": TOKEN, **NO_CHAIN},
                             log_file=tmp_path / "ledger.log").start()
     ledger = Ledger(engine, process.target, key)
     try:
@@ -184,8 +185,17 @@ def test_a_ledger_killed_and_restarted_in_the_middle_loses_no_hold_and_lends_not
         first = [admit(replica, caller, f"r-{i}") for i in range(2)]  # leases 4 x WORST
         replica.credit.flush()
 
+        limited = ledger.replica("replica-b", AccessConfig(rate_requests_per_second=1, rate_tokens_per_minute=None,
+                                                         key_cache_seconds=0.2))
+        limited_caller = limited.authenticate(f"Bearer {key}")
         process.stop(kill=True)  # SIGKILL: mid-way, with a lease out and holds reported
         during = [admit(replica, caller, f"r-{i}") for i in range(2, 4)]  # the lease needs no ledger
+        time.sleep(0.3)  # past the key cache: the last answer stands while the ledger is away
+        assert limited.authenticate(f"Bearer {key}") == limited_caller
+        assert limited.admit(limited_caller, "free-1", None, 1, 1).held == 0, "rate limits fall back to this replica"
+        with pytest.raises(RateLimited):
+            limited.admit(limited_caller, "free-2", None, 1, 1)
+        assert limited.rates.local_admissions == 1
         with pytest.raises(LedgerUnreachable) as away:
             admit(replica, caller, "r-needs-a-new-lease")
         assert away.value.status == 503 and away.value.headers["retry-after"] == "1"
@@ -206,6 +216,7 @@ def test_a_ledger_killed_and_restarted_in_the_middle_loses_no_hold_and_lends_not
         assert balance.balance == 10 * WORST - 4 * fee >= 0
         ledger.check()
         replica.close()
+        limited.close()
         assert Accounts(engine).balance("acme").held == 0
         ledger.check()
     finally:

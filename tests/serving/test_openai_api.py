@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -281,6 +282,7 @@ def register(gateway: GatewayProcess, name: str, path: Path) -> subprocess.Compl
         [str(gateway_cli), "--state-dir", str(gateway.state_dir), "adapter", "register", name, "--path", str(path),
          "--owner", "0x" + "ab" * 20],
         capture_output=True, text=True, timeout=120,
+        env={**os.environ, "GATEWAY_LEDGER_PORT": gateway.env["GATEWAY_LEDGER_PORT"]},  # the admin check asks it
     )
 
 

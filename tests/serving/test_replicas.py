@@ -197,7 +197,8 @@ def as_key(key: str | None) -> dict[str, str]:
 
 
 def test_traces_through_the_ingress_are_read_by_their_account_and_admins_only(
-        capsys: pytest.CaptureFixture[str], two_replicas: GatewayProcess) -> None:
+        capsys: pytest.CaptureFixture[str], two_replicas: GatewayProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_LEDGER_PORT", two_replicas.env["GATEWAY_LEDGER_PORT"])  # its own ledger
     state = two_replicas.state_dir
     member = account_key(capsys, state, "reader")
     sibling = cli(capsys, state, "keys", "create", "--account", "reader")["key"]
@@ -225,7 +226,8 @@ def test_traces_through_the_ingress_are_read_by_their_account_and_admins_only(
 
 
 def test_a_private_adapter_is_invisible_to_non_members_through_both_ingresses(
-        capsys: pytest.CaptureFixture[str], two_replicas: GatewayProcess) -> None:
+        capsys: pytest.CaptureFixture[str], two_replicas: GatewayProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_LEDGER_PORT", two_replicas.env["GATEWAY_LEDGER_PORT"])  # its own ledger
     from gateway.config import GatewayConfig
     from gateway.ledger_access import open_registries
 

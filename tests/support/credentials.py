@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
+
+from tests.support.ledger_server import served_ledger
 
 
-def bootstrap_admin(state: Path, credit: int = 0) -> str:
-    """The local admin key of `state`, created as `gateway up` / `gateway keys bootstrap` do (returned)."""
-    from gateway.admin_access import create_local_key
-    from gateway.config import GatewayConfig
-
-    return create_local_key(GatewayConfig(state_dir=state), credit).presented
+@contextmanager
+def operator_ledger(state: Path) -> Iterator[str]:
+    """The ledger of `state` served in the test's process with the CLI pointed at it
+    (`GATEWAY_LEDGER_PORT`), and the local admin key bootstrapped through it, as `gateway up` has it
+    done (its value is yielded). Administration goes through the ledger's Admin API."""
+    with served_ledger(state) as ledger, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GATEWAY_LEDGER_PORT", str(ledger.port))
+        yield ledger.bootstrap()
 
 
 class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from sqlalchemy import Engine
 
 from ledger.accounts.access_desk import AccessDesk
-from ledger.accounts.rate_limits import RateLimiter
+from ledger.client.rate_limits import RateLimiter
 from serving.access import AccessControl
 from serving.config import AccessConfig
 

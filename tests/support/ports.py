@@ -29,3 +29,9 @@ def free_port() -> int:
         _given.add(port)
         return port
     raise RuntimeError(f"no free port in {LOW}-{HIGH}")
+
+
+# Environment for a `gateway ledger serve` the tests start without a chain: its settler and deposit
+# watcher are pointed at a port where nothing answers (so they wait), never at the default
+# 127.0.0.1:8545, where a developer's own `make up` chain may run.
+NO_CHAIN: dict[str, str] = {"GATEWAY_CHAIN_PORT": str(free_port())}

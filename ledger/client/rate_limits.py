@@ -2,6 +2,8 @@
 
 The ledger keeps one `RateLimiter` for the whole deployment; engine replicas take chunks of a key's
 budget from it (`take`, through the Access API) and spend them locally (serving/rate_grants.py).
+While the ledger is unreachable a replica limits each key with a `RateLimiter` of its own (the
+same rule, per replica), so it is here, in the part of the ledger both sides use.
 
 Each key has up to two buckets, both starting full:
 
