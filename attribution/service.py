@@ -107,14 +107,19 @@ class Lineage:
 class LedgerLineages:
     """Adapter → Lineage from the ledger's Access API, cached for `ttl_seconds`.
 
-    A look-up the ledger does not answer is retried for up to `retry_seconds` (attribution runs off
-    the response path, so it waits for the ledger rather than attribute a trace to no one); past that,
-    the last lineage read is used, and without one the error is raised."""
+    A look-up the ledger does not answer is retried for up to `retry_seconds`; past that, the last
+    lineage read is used, and without one the error is raised (the trace is then written
+    unattributed, as for any failed attribution, so billing never waits for the ledger). After a
+    failure, look-ups of adapters never read fail at once for `down_seconds`: one outage costs one
+    wait, not one per trace."""
 
-    def __init__(self, ledger: LineageSource, ttl_seconds: float = 5.0, retry_seconds: float = 60.0) -> None:
+    def __init__(self, ledger: LineageSource, ttl_seconds: float = 5.0, retry_seconds: float = 2.0,
+                 down_seconds: float = 5.0) -> None:
         self.ledger = ledger
         self.ttl_seconds = ttl_seconds
         self.retry_seconds = retry_seconds
+        self.down_seconds = down_seconds
+        self._down_until = 0.0
         self._cache: dict[str, tuple[float, Lineage]] = {}
         self._lock = threading.Lock()
 
@@ -127,10 +132,13 @@ class LedgerLineages:
             if cached and now - cached[0] < self.ttl_seconds:
                 return cached[1]
         try:
+            if now < self._down_until:
+                raise LedgerUnavailable("the ledger did not answer a moment ago")
             found = self._read(adapter)
         except LedgerUnavailable:
             if cached:
                 return cached[1]
+            self._down_until = max(self._down_until, time.monotonic() + self.down_seconds)
             raise
         with self._lock:
             self._cache[adapter] = (now, found)

@@ -187,39 +187,13 @@ class RateLimiter:
         """Take one request and ``tokens`` (worst case: prompt + max_tokens) if both buckets allow, else nothing."""
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
             raise ValueError(f"tokens must be a non-negative integer, got {tokens!r}")
-        if limit.tokens_per_minute is not None and tokens > limit.tokens_per_minute:
-            return Decision(allowed=False, reason=REASON_REQUEST_LARGER_THAN_TOKENS_PER_MINUTE)
-        with self._lock:
-            now = self._clock()
-            self._sweep(now)
-            if limit.unlimited:
-                self._keys.pop(key_id, None)
-                return ALLOWED
-            state = self._keys.get(key_id)
-            if state is None:
-                state = self._keys[key_id] = _KeyState(limit, now)
-            else:
-                self._keys.move_to_end(key_id)
-                state.advance(now)
-                state.apply(limit)
-            requests_wait = 0.0 if state.requests is None else state.requests.wait_seconds(1)
-            tokens_wait = 0.0 if state.tokens is None else state.tokens.wait_seconds(tokens)
-            if requests_wait > 0 or tokens_wait > 0:
-                state.update_full_at()  # the limit may have changed
-                reason = REASON_REQUESTS_PER_SECOND if requests_wait >= tokens_wait else REASON_TOKENS_PER_MINUTE
-                return Decision(allowed=False, retry_after_seconds=max(requests_wait, tokens_wait), reason=reason)
-            if state.requests is not None:
-                state.requests.level = max(0.0, state.requests.level - 1)
-            if state.tokens is not None:
-                state.tokens.level = max(0.0, state.tokens.level - tokens)
-            state.update_full_at()
-            return ALLOWED
+        return self.take(key_id, limit, 1, tokens, min_requests=1, min_tokens=tokens).decision
 
     def take(self, key_id: str, limit: RateLimit, requests: int, tokens: int, *, min_requests: int = 1,
              min_tokens: int = 0) -> Grant:
         """Take up to `requests` requests and `tokens` tokens at once (a replica's chunk), at least
         `min_requests` and `min_tokens` (else nothing, with the refusal's reason and retry-after). An
-        unlimited bucket grants all that was asked. `admit` is `take` of exactly (1, tokens)."""
+        unlimited bucket grants all that was asked."""
         for name, value in (("requests", requests), ("tokens", tokens), ("min_requests", min_requests),
                             ("min_tokens", min_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
