@@ -7,11 +7,12 @@ cost (`finish`). Each admission becomes a **hold** at the ledger, reported in ba
 background thread every `report_every_seconds`, together with voids of requests that will not be
 billed. The ledger posts a hold when the request's trace is ingested.
 
-Only when the lease cannot cover a request does admission call the ledger: a new lease replaces
-the old one (`Lease`, with the unreported holds sent along first). The background thread renews
-a lease ahead of need, when its remainder falls below `refill_below` of what was granted or it is
-half way to the end of its life at the ledger (so a lease in use never expires), and returns one
-idle for `idle_return_seconds`. A lease is asked for `lease_requests` times the cost
+A lease is renewed ahead of need by the background thread, woken as soon as a lease's remainder
+falls below `refill_below` of what was granted (and at half the lease's life at the ledger, so a
+lease in use never expires): a new lease replaces it, and the old one is returned once the holds
+drawn from it are reported (so they are drawn from it, not from the account). Only a request the
+lease cannot cover waits for a new lease on its own path. An idle lease (`idle_return_seconds`) is
+returned. A lease is asked for `lease_requests` times the cost
 of the request that needs it, and granted what is available, up to that.
 
 What a replica can spend is bounded by what the ledger granted it: with the ledger down it keeps
@@ -79,6 +80,8 @@ class CreditBook:
         self._leases: dict[str, _Lease] = {}
         self._held: dict[str, _Held] = {}
         self._unreported: OrderedDict[str, HoldItem] = OrderedDict()
+        self._retiring: list[_Lease] = []  # replaced; returned once their holds are reported
+        self._wake = threading.Event()
         self._account_locks: dict[str, threading.Lock] = {}
         self._stopped = threading.Event()
         self.refused_reports = 0
@@ -101,8 +104,15 @@ class CreditBook:
                 return
             try:
                 self._renew(account_id, amount)
-            except NoCredit as short:  # the ledger speaks of the lease; the caller of this request
-                raise NoCredit(account_id, amount, short.available) from None
+            except NoCredit:
+                # What this replica's own lease holds unspent may be just what is missing: return it
+                # (its holds reported first) and ask once more.
+                if not self._retire_current(account_id):
+                    raise NoCredit(account_id, amount, 0) from None
+                try:
+                    self._renew(account_id, amount)
+                except NoCredit as short:  # the ledger speaks of the lease; the caller of this request
+                    raise NoCredit(account_id, amount, short.available) from None
             if not self._take(request_id, account_id, amount):
                 raise NoCredit(account_id, amount, self._give_back_short(account_id))
 
@@ -130,6 +140,8 @@ class CreditBook:
             lease.used += amount
             lease.in_flight += 1
             lease.last_used = self._clock()
+            if lease.left < lease.granted * self.refill_below:
+                self._wake.set()  # renew now, in the background
             self._held[request_id] = _Held(lease, amount)
             self._unreported[request_id] = HoldItem(request_id, account_id, amount, lease.lease_id)
             return True
@@ -170,30 +182,46 @@ class CreditBook:
             self._unreported.update(queued)
 
     def _renew(self, account_id: str, unit: int) -> None:
-        """Replace this replica's lease on the account with a new one sized for `unit`-cost requests
-        (called with the account's lock held). NoCredit when the ledger has nothing to lend."""
+        """Take a new lease on the account sized for `unit`-cost requests (called with the account's lock
+        held); the old one retires: it is returned once its holds are reported. NoCredit when the
+        ledger has nothing to lend."""
+        self._return_retiring(account_id)  # at most two leases per account: the one spent, the one returned
         with self._lock:
             old = self._leases.get(account_id)
         unit = max(unit, old.unit if old is not None else 0)
-        items = self._drain()
-        lease_id = f"lease-{uuid.uuid4().hex}"
-        try:
-            grant = self.ledger.lease(lease_id, account_id, unit * self.lease_requests, self.owner,
-                                      replaces=old.lease_id if old is not None else "", holds=items,
-                                      ttl_seconds=self.lease_ttl_seconds)
-        except NoCredit:
-            with self._lock:  # the old lease was closed before the ledger found nothing more
-                if self._leases.get(account_id) is old:
-                    self._leases.pop(account_id, None)
-            raise
-        except LedgerUnavailable:
-            self._requeue(items)
-            raise
-        self._count_refused(grant.holds)
+        grant = self.ledger.lease(f"lease-{uuid.uuid4().hex}", account_id, unit * self.lease_requests, self.owner,
+                                  ttl_seconds=self.lease_ttl_seconds)
         with self._lock:
             now = self._clock()
             self._leases[account_id] = _Lease(grant.lease_id, account_id, grant.granted, unit, granted_at=now,
                                               last_used=now)
+            if old is not None:
+                self._retiring.append(old)
+        self._wake.set()  # report the old one's holds and return it soon
+
+    def _return_retiring(self, account_id: str) -> None:
+        """Report the holds and return the replaced leases of the account (account lock held)."""
+        with self._lock:
+            mine = [lease for lease in self._retiring if lease.account_id == account_id]
+            self._retiring = [lease for lease in self._retiring if lease.account_id != account_id]
+        for index, lease in enumerate(mine):
+            try:
+                self._return(lease)
+            except LedgerUnavailable:
+                with self._lock:
+                    self._retiring.extend(mine[index:])
+                raise
+
+    def _retire_current(self, account_id: str) -> bool:
+        """Return the account's current lease, its holds reported first (account lock held); whether
+        there was one."""
+        with self._lock:
+            lease = self._leases.pop(account_id, None)
+            if lease is not None:
+                self._retiring.append(lease)
+        if lease is not None:
+            self._return_retiring(account_id)
+        return lease is not None
 
     def flush(self) -> None:
         """Report the holds and voids queued so far (kept for the next try if the ledger is away)."""
@@ -214,16 +242,13 @@ class CreditBook:
                         refused[0].reason)
 
     def tend(self) -> None:
-        """One round of the background work: report, renew leases running low or at half their life,
-        return idle ones."""
-        self.flush()
+        """One round of the background work: renew leases running low or at half their life, report the
+        holds, return the leases they replaced, return idle ones."""
         now = self._clock()
         with self._lock:
             low = [lease for lease in self._leases.values() if lease.left < lease.granted * self.refill_below
                    or (now - lease.granted_at >= self.lease_ttl_seconds / 2
                        and now - lease.last_used < self.idle_return_seconds)]
-            idle = [lease for lease in self._leases.values()
-                    if lease.in_flight == 0 and now - lease.last_used >= self.idle_return_seconds]
         for lease in low:
             with self._account_lock(lease.account_id):
                 if self._leases.get(lease.account_id) is lease:
@@ -231,6 +256,14 @@ class CreditBook:
                         self._renew(lease.account_id, lease.unit)
                     except NoCredit:
                         pass  # the account is running dry: requests will say so
+        self.flush()
+        with self._lock:
+            retiring = {lease.account_id for lease in self._retiring}
+            idle = [lease for lease in self._leases.values()
+                    if lease.in_flight == 0 and now - lease.last_used >= self.idle_return_seconds]
+        for account_id in sorted(retiring):
+            with self._account_lock(account_id):
+                self._return_retiring(account_id)
         for lease in idle:
             with self._account_lock(lease.account_id):
                 with self._lock:
@@ -248,7 +281,11 @@ class CreditBook:
             raise
 
     def _run(self, every_seconds: float) -> None:
-        while not self._stopped.wait(every_seconds):
+        while not self._stopped.is_set():
+            self._wake.wait(every_seconds)
+            self._wake.clear()
+            if self._stopped.is_set():
+                return
             try:
                 self.tend()
             except LedgerUnavailable as away:
@@ -259,11 +296,13 @@ class CreditBook:
     def close(self) -> None:
         """Stop the background work, report what is queued and return every lease (best effort)."""
         self._stopped.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
         with self._lock:
-            leases = list(self._leases.values())
+            leases = self._retiring + list(self._leases.values())
             self._leases.clear()
+            self._retiring = []
         try:
             self.flush()
             for lease in leases:

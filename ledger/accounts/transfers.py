@@ -27,7 +27,8 @@ Where each amount goes (`balance` and `held` are the account row's columns; avai
 
 - `lease(id, account, amount, owner)`: grants min(amount, available); `held += granted`. Nothing
   available (available <= 0): InsufficientCredit(needed=amount, available), nothing stored. A
-  replica has at most one pending lease per account (a second one is refused: LeaseOutstanding).
+  replica has at most two pending leases per account: the one it spends and the one it is
+  returning once that one's holds are reported (a third is refused: LeaseOutstanding).
 - `hold(id, account, amount, lease_id)`: drawn from the lease when it is pending and its undrawn part
   (amount - drawn) covers it: `lease.drawn += amount`, `held` unchanged (the lease already reserved
   it). Otherwise straight from the account: `held += amount`, refused (InsufficientCredit, nothing
@@ -67,10 +68,12 @@ therefore exceed the account's available credit: the replica already admitted it
 under one lease is capped at that lease's amount (beyond it: InsufficientCredit). A hold naming no
 lease, or a lease that never existed, is never allowed past the available credit. The bound:
 the overdraw of an account is at most the sum, over its leases with overdrawn holds still pending,
-of each lease's amount. A replica has at most one pending lease per account, so while it keeps its
-lease (the protocol: lease, admit, report, close when idle) that is at most one lease per replica,
-only through requests admitted under that lease; a replica that closes a lease and takes another
-before the first one's overdrawn holds are posted can have both counted, for that while. The
+of each lease's amount. A replica spends from one lease per account at a time and closes the one
+it replaced only after reporting that one's holds (lease, admit, report, close), so overdrawn holds
+come from the lease it spends (what a finished request did not cost comes back to the replica at
+once, to the ledger only when the trace is posted) or from a lease that expired under them: about
+one lease per replica; a replica that closes a lease and takes another before the first one's
+overdrawn holds are posted can have both counted, for that while. The
 ledger trusts the lease a hold names (the replicas are the operator's own processes).
 Posts are never refused for want of credit: a late post, or a charge above its hold, can take
 the balance itself below zero (the compute was spent; accounts.py documents the same for late traces).
@@ -107,6 +110,7 @@ PENDING, POSTED, VOIDED, EXPIRED = "pending", "posted", "voided", "expired"
 POST = "post"  # `created_by` of a hold whose post arrived before its report
 INFERENCE_ENTRY = "inference"  # the journal's entry kind for a trace (ref = trace id = hold id)
 DEFAULT_LEASE_TTL_SECONDS = 300.0
+MAX_PENDING_LEASES_PER_OWNER = 2  # the lease a replica spends and the one it is returning
 DEFAULT_HOLD_TTL_SECONDS = 3600.0  # no request runs this long
 MAX_ID_LENGTH = 128
 
@@ -244,10 +248,11 @@ def _lease(session: Session, account: RequesterAccount, lease_id: str, amount: i
         return row
     outstanding = session.exec(select(Transfer).where(
         Transfer.account_id == account.id, Transfer.kind == LEASE, Transfer.state == PENDING,
-        Transfer.owner == owner)).first()
-    if outstanding is not None:
-        raise LeaseOutstanding(outstanding.id, _describe(outstanding),
-                               f"lease {lease_id!r}: {owner!r} holds a pending lease on {account.id!r} already")
+        Transfer.owner == owner).order_by(Transfer.created_at)).all()
+    if len(outstanding) >= MAX_PENDING_LEASES_PER_OWNER:
+        raise LeaseOutstanding(outstanding[0].id, _describe(outstanding[0]),
+                               f"lease {lease_id!r}: {owner!r} holds {len(outstanding)} pending leases on "
+                               f"{account.id!r} already")
     available = account.balance - account.held
     if available <= 0:
         raise InsufficientCredit(account.id, amount, available)

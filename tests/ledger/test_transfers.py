@@ -257,7 +257,11 @@ def test_a_lease_grants_what_is_available_and_refuses_when_nothing_is(ledger: Le
     error = refused(ledger, InsufficientCredit, ledger.transfers.lease, "lease-2", acme, 500, owner="replica-b")
     assert (error.needed, error.available) == (500, 0)
     assert ledger.transfers.get("lease-2") is None
-    refused(ledger, LeaseOutstanding, ledger.transfers.lease, "lease-3", acme, 1, owner="replica-a")
+    zeta = ledger.funded("zeta", 100)  # a replica spends one lease and returns another: a third is refused
+    ledger.transfers.lease("zeta-1", zeta, 10, owner="replica-a")
+    ledger.transfers.lease("zeta-2", zeta, 10, owner="replica-a")
+    refused(ledger, LeaseOutstanding, ledger.transfers.lease, "zeta-3", zeta, 10, owner="replica-a")
+    assert ledger.transfers.lease("zeta-3", zeta, 10, owner="replica-b").amount == 10, "per owner"
     refused(ledger, TransferConflict, ledger.transfers.lease, "lease-1", acme, 400, owner="replica-a")
     refused(ledger, TransferConflict, ledger.transfers.lease, "lease-1", acme, 500, owner="replica-b")
     refused(ledger, UnknownAccount, ledger.transfers.lease, "lease-4", "ghost", 1, owner="replica-a")
