@@ -99,6 +99,7 @@ class AccessControl:
         self._terms: tuple[float, dict[str, AdapterTerms]] | None = None
         self._key_accounts: dict[str, str] = {}
         self._refreshing: set[str] = set()
+        self._terms_refreshing = False
         self._refresher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="key-refresh")
         self._lock = threading.Lock()
 
@@ -184,22 +185,38 @@ class AccessControl:
         return terms.price_per_1k_tokens if terms is not None else 0
 
     def _read_terms(self) -> dict[str, AdapterTerms]:
-        """Prices and shares, re-read every TERMS_SECONDS; with the ledger away, the last ones read
-        (never read yet: 503)."""
+        """Prices and shares, re-read every TERMS_SECONDS in the background (requests use the last
+        ones read meanwhile, also while the ledger is away); read on the request's path only the
+        first time (the ledger away then: 503)."""
         now = self._clock()
         with self._lock:
             terms = self._terms
-        if terms is None or now >= terms[0]:
-            try:
-                fresh = self.ledger.terms()
-            except LedgerUnavailable as away:
-                if terms is None:
-                    raise _unavailable(away) from None
-                return terms[1]
-            terms = (now + TERMS_SECONDS, fresh)
-            with self._lock:
-                self._terms = terms
+            stale = terms is not None and now >= terms[0] and not self._terms_refreshing
+            if stale:
+                self._terms_refreshing = True
+        if terms is None:
+            return self._fetch_terms()
+        if stale:
+            self._refresher.submit(self._refresh_terms)
         return terms[1]
+
+    def _fetch_terms(self) -> dict[str, AdapterTerms]:
+        try:
+            fresh = self.ledger.terms()
+        except LedgerUnavailable as away:
+            raise _unavailable(away) from None
+        with self._lock:
+            self._terms = (self._clock() + TERMS_SECONDS, fresh)
+        return fresh
+
+    def _refresh_terms(self) -> None:
+        try:
+            self._fetch_terms()
+        except LedgerUnreachable:
+            pass  # the last terms stand; the next request tries again
+        finally:
+            with self._lock:
+                self._terms_refreshing = False
 
     # ---- who may read what -----------------------------------------------------------------
     def may_read(self, caller: Caller | None, requester: str | None) -> bool:

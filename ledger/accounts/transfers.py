@@ -265,8 +265,9 @@ def _lease(session: Session, account: RequesterAccount, lease_id: str, amount: i
 
 
 def _hold(session: Session, account: RequesterAccount, report: HoldReport, ttl: timedelta,
-          now: datetime) -> Transfer:
-    row = session.get(Transfer, report.id)
+          now: datetime, rows: dict[str, Transfer]) -> Transfer:
+    """`rows`: the transfers this batch may touch, loaded at once (and the ones it creates)."""
+    row = rows.get(report.id)
     asked = f"a hold of {report.amount} on account {account.id!r}"
     if row is not None:
         if row.kind != HOLD or row.account_id != account.id:
@@ -276,7 +277,7 @@ def _hold(session: Session, account: RequesterAccount, report: HoldReport, ttl: 
         if row.requested != report.amount:
             raise TransferConflict(report.id, _describe(row), asked)
         return row
-    lease = session.get(Transfer, report.lease_id) if report.lease_id is not None else None
+    lease = rows.get(report.lease_id) if report.lease_id is not None else None
     if lease is not None and (lease.kind != LEASE or lease.account_id != account.id):
         raise TransferConflict(lease.id, _describe(lease), f"the lease of hold {report.id!r} on account "
                                                            f"{account.id!r}")
@@ -291,6 +292,7 @@ def _hold(session: Session, account: RequesterAccount, report: HoldReport, ttl: 
             if lease is None:
                 raise InsufficientCredit(account.id, report.amount, available)
             overdraw = report.amount - max(available, 0)
+            session.flush()  # the batch's earlier holds count too
             already = session.exec(select(exact_sum(Transfer.overdraw)).where(
                 Transfer.under_lease == lease.id, Transfer.kind == HOLD, Transfer.state == PENDING)).one()
             if int(already or 0) + overdraw > lease.amount:  # the bound: one lease's worth per lease
@@ -303,6 +305,7 @@ def _hold(session: Session, account: RequesterAccount, report: HoldReport, ttl: 
                    overdraw=overdraw, state=PENDING, created_by=HOLD, owner=owner, expires_at=now + ttl,
                    created_at=now)
     session.add(row)
+    rows[row.id] = row
     return row
 
 
@@ -446,16 +449,19 @@ class Transfers:
 
         def work(session: Session) -> list[TransferRecord | Exception]:
             accounts = self._lock_known(session, {r.account_id for r in reports})
+            wanted = {r.id for r in reports} | {r.lease_id for r in reports if r.lease_id is not None}
+            rows = {row.id: row for row in session.exec(select(Transfer).where(col(Transfer.id).in_(list(wanted))))}
             now, results = utcnow(), list[TransferRecord | Exception]()
-            for report in reports:
-                account = accounts.get(report.account_id)
-                try:
-                    if account is None:
-                        raise UnknownAccount(report.account_id)
-                    row = _hold(session, account, report, _check_ttl(report.ttl_seconds), now)
-                    results.append(TransferRecord.of(row))
-                except (InsufficientCredit, TransferConflict, UnknownAccount) as refused:
-                    results.append(refused)
+            with session.no_autoflush:  # one read above, the writes at commit: a batch costs a few round trips
+                for report in reports:
+                    account = accounts.get(report.account_id)
+                    try:
+                        if account is None:
+                            raise UnknownAccount(report.account_id)
+                        row = _hold(session, account, report, _check_ttl(report.ttl_seconds), now, rows)
+                        results.append(TransferRecord.of(row))
+                    except (InsufficientCredit, TransferConflict, UnknownAccount) as refused:
+                        results.append(refused)
             return results
 
         return self._transaction(work)
