@@ -185,18 +185,24 @@ class AccessControl:
         return terms.price_per_1k_tokens if terms is not None else 0
 
     def _read_terms(self) -> dict[str, AdapterTerms]:
-        """Prices and shares, re-read every TERMS_SECONDS in the background (requests use the last
-        ones read meanwhile, also while the ledger is away); read on the request's path only the
-        first time (the ledger away then: 503)."""
+        """Prices and shares, never older than TERMS_SECONDS: past half that age they are re-read in
+        the background (a busy replica never waits for them); once expired, on the request's path
+        (with the ledger away, the last ones read stand; never read: 503)."""
         now = self._clock()
         with self._lock:
             terms = self._terms
-            stale = terms is not None and now >= terms[0] and not self._terms_refreshing
-            if stale:
+            refresh = (terms is not None and terms[0] - TERMS_SECONDS / 2 <= now < terms[0]
+                       and not self._terms_refreshing)
+            if refresh:
                 self._terms_refreshing = True
-        if terms is None:
-            return self._fetch_terms()
-        if stale:
+        if terms is None or now >= terms[0]:
+            try:
+                return self._fetch_terms()
+            except LedgerUnreachable:
+                if terms is None:
+                    raise
+                return terms[1]
+        if refresh:
             self._refresher.submit(self._refresh_terms)
         return terms[1]
 
