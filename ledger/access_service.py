@@ -76,11 +76,10 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
 
     def Lease(self, request: access_pb2.LeaseRequest,  # noqa: N802
               context: grpc.ServicerContext) -> access_pb2.LeaseGrant:
-        holds = self._holds(request.holds, context)
         try:
             amount = int(request.amount)
             grant = self.desk.lease(request.lease_id, request.account_id, amount, request.owner,
-                                    replaces=request.replaces, holds=holds, ttl_seconds=request.ttl_seconds)
+                                    ttl_seconds=request.ttl_seconds)
         except NoCredit as short:
             context.set_trailing_metadata((("available", str(short.available)),))
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(short))
@@ -90,7 +89,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
             log.exception("ledger database error on a lease")
             context.abort(grpc.StatusCode.UNAVAILABLE, f"ledger database error: {type(error).__name__}; retry")
         return access_pb2.LeaseGrant(lease_id=grant.lease_id, granted=str(grant.granted),
-                                     available=str(grant.available), holds=_results_pb(grant.holds))
+                                     available=str(grant.available))
 
     def ReturnLease(self, request: access_pb2.ReturnLeaseRequest,  # noqa: N802
                     context: grpc.ServicerContext) -> access_pb2.LeaseState:

@@ -46,6 +46,8 @@ KNOWN_METRICS: dict[str, MetricType] = {
     "gateway_attribution_seconds": "histogram",
     "gateway_attribution_per_token_seconds": "histogram",
     "gateway_attributed_fraction": "histogram",
+    "gateway_hold_reports_refused_total": "counter",
+    "gateway_rate_local_admissions_total": "counter",
     "vllm:num_requests_running": "gauge",
     "vllm:num_requests_waiting": "gauge",
     "vllm:kv_cache_usage_perc": "gauge",
@@ -310,6 +312,14 @@ def attribution_ledger() -> dict[str, Any]:
         timeseries("Ledger ingest batch latency",
                    _percentiles("ledger_ingest_batch_seconds", 0.5, 0.99), unit="s",
                    description="Time to ingest one batch of traces into the journal, p50/p99."),
+    ).new_row().add(
+        timeseries("Replicas and the ledger",
+                   [Target(f"sum by (replica) ({rate('gateway_rate_local_admissions_total')})",
+                           "local rate admissions/s {{replica}}"),
+                    Target(f"sum by (replica) ({rate('gateway_hold_reports_refused_total')})",
+                           "refused holds/s {{replica}}")], width=24,
+                   description="Requests admitted on a replica's own rate limits while the ledger was away, and "
+                               "request holds the ledger refused (those requests are still billed by their trace)."),
     )
     return dashboard("datanet-gateway-attribution-ledger", "Datanet Gateway / Attribution & ledger",
                      "Per-token attribution cost and coverage, trace shipping through the outbox, ledger ingest.",

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ledger.client.access import AccessLedger, HoldItem, LedgerUnavailable, NoCredit
+from serving.metrics import ledger_dealings
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class CreditBook:
         self._account_locks: dict[str, threading.Lock] = {}
         self._stopped = threading.Event()
         self.refused_reports = 0
+        self._dealings = ledger_dealings()  # exported from the start, at zero
         self._thread = None
         if background:
             self._thread = threading.Thread(target=self._run, args=(report_every_seconds,), name="credit-book",
@@ -238,6 +240,7 @@ class CreditBook:
         refused = [r for r in results if r.state == "refused"]
         if refused:
             self.refused_reports += len(refused)
+            self._dealings.refused_holds.inc(len(refused))
             log.warning("the ledger refused %d hold reports, e.g. %s: %s", len(refused), refused[0].hold_id,
                         refused[0].reason)
 

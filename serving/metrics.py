@@ -1,4 +1,5 @@
-"""Prometheus metrics of an engine replica: requests, latencies, tokens and the adapter cache.
+"""Prometheus metrics of an engine replica: requests, latencies, tokens, the adapter cache and its
+dealings with the ledger.
 
 The metrics live in the process's default registry beside vLLM's own `vllm:*` metrics, and are
 created on first use so that a process which only imports this module (the supervisor) exports
@@ -108,6 +109,24 @@ class AdapterMetrics:
 
     def watch_residency(self, count: Callable[[], int]) -> None:
         self.resident.set_function(count)
+
+
+class LedgerDealings:
+    """What a replica's credit book and rate grants see of the ledger: hold reports it refused and
+    requests admitted on local rate limits while it was away."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        on = {"registry": registry}
+        self.refused_holds = Counter("gateway_hold_reports_refused_total",
+                                     "Request holds the ledger refused (the request is billed by its trace).", **on)
+        self.local_rate_admissions = Counter(
+            "gateway_rate_local_admissions_total",
+            "Requests admitted on this replica's own rate limits while the ledger was away.", **on)
+
+
+@functools.cache
+def ledger_dealings() -> LedgerDealings:
+    return LedgerDealings()
 
 
 @functools.cache

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from ledger.client.access import AccessLedger, LedgerUnavailable
 from ledger.client.rate_limits import RateLimit, RateLimiter
+from serving.metrics import ledger_dealings
 
 CHUNK_SECONDS = 0.1
 PREFETCH_WAIT_SECONDS = 0.5  # a request whose chunk ran out waits this long at most for the next one on its way
@@ -73,6 +74,7 @@ class RateGrants:
         self._chunks: dict[str, _Chunk] = {}
         self._local = RateLimiter(clock)  # while the ledger is away
         self.local_admissions = 0
+        self._dealings = ledger_dealings()  # exported from the start, at zero
         self._prefetching: dict[str, Future[None] | None] = {}
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rate-prefetch")
 
@@ -145,6 +147,7 @@ class RateGrants:
         if not decision.allowed:
             return Refusal(decision.reason, decision.retry_after_seconds)
         self.local_admissions += 1
+        self._dealings.local_rate_admissions.inc()
         return None
 
     def settle(self, key_id: str, reserved_tokens: int, used_tokens: int) -> None:

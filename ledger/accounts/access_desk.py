@@ -84,17 +84,9 @@ class AccessDesk:
         return LineageRecord(tuple(contents.index_paths), dict(contents.contributions))
 
     # ---- credit ---------------------------------------------------------------------------
-    def lease(self, lease_id: str, account_id: str, amount: int, owner: str, *, replaces: str = "",
-              holds: Sequence[HoldItem] = (), ttl_seconds: float = 0.0) -> LeaseGrant:
-        """Report `holds`, close `replaces`, then lease: each in its own short transaction, in that
-        order (the holds are drawn from the old lease before it closes). NoCredit when nothing is
-        available (the holds and the close stand)."""
-        results = self.report(holds)
-        if replaces:
-            try:
-                self.transfers.close_lease(replaces)
-            except UnknownTransfer:
-                pass  # never granted (the ledger restarted on an older database): nothing to close
+    def lease(self, lease_id: str, account_id: str, amount: int, owner: str, *,
+              ttl_seconds: float = 0.0) -> LeaseGrant:
+        """Lease min(amount, available) of the account to `owner`; NoCredit when nothing is available."""
         try:
             lease = self.transfers.lease(lease_id, account_id, amount, owner,
                                          ttl_seconds or self.lease_ttl_seconds)
@@ -103,7 +95,7 @@ class AccessDesk:
         except UnknownAccount:
             raise NoCredit(account_id, amount, 0) from None
         available = self._available(account_id)
-        return LeaseGrant(lease.id, lease.amount, available, results)
+        return LeaseGrant(lease.id, lease.amount, available)
 
     def return_lease(self, lease_id: str, holds: Sequence[HoldItem] = ()) -> tuple[HoldResult, ...]:
         results = self.report(holds)

@@ -87,7 +87,6 @@ class LeaseGrant:
     lease_id: str
     granted: int
     available: int  # the account's available credit after the grant
-    holds: tuple[HoldResult, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,8 +102,8 @@ class AccessLedger(Protocol):
     def key_account(self, key_id: str) -> str | None: ...
     def terms(self) -> dict[str, AdapterTerms]: ...
     def lineage(self, adapter: str) -> LineageRecord: ...
-    def lease(self, lease_id: str, account_id: str, amount: int, owner: str, *, replaces: str = "",
-              holds: Sequence[HoldItem] = (), ttl_seconds: float = 0.0) -> LeaseGrant: ...
+    def lease(self, lease_id: str, account_id: str, amount: int, owner: str, *,
+              ttl_seconds: float = 0.0) -> LeaseGrant: ...
     def return_lease(self, lease_id: str, holds: Sequence[HoldItem] = ()) -> tuple[HoldResult, ...]: ...
     def report(self, holds: Sequence[HoldItem]) -> tuple[HoldResult, ...]: ...
     def take_rate(self, key_id: str, requests_per_second: float | None, tokens_per_minute: int | None,
@@ -180,10 +179,9 @@ class LedgerAccessClient:
         return LineageRecord(tuple(reply.index_dirs),  # type: ignore[attr-defined]
                              {o.contribution_id: (o.contributor, o.datanet) for o in reply.owners})  # type: ignore[attr-defined]
 
-    def lease(self, lease_id: str, account_id: str, amount: int, owner: str, *, replaces: str = "",
-              holds: Sequence[HoldItem] = (), ttl_seconds: float = 0.0) -> LeaseGrant:
+    def lease(self, lease_id: str, account_id: str, amount: int, owner: str, *,
+              ttl_seconds: float = 0.0) -> LeaseGrant:
         request = access_pb2.LeaseRequest(lease_id=lease_id, account_id=account_id, amount=str(amount), owner=owner,
-                                          replaces=replaces, holds=[hold_to_pb(h) for h in holds],
                                           ttl_seconds=ttl_seconds)
         try:
             reply = self._stub.Lease(request, metadata=self._metadata, timeout=self._timeout)
@@ -195,7 +193,7 @@ class LedgerAccessClient:
                 raise ValueError(error.details()) from None  # type: ignore[attr-defined]
             raise LedgerUnavailable(f"the ledger at {self.target} did not answer Lease: "
                                     f"{error.code().name}: {error.details()}") from None  # type: ignore[attr-defined]
-        return LeaseGrant(reply.lease_id, int(reply.granted), int(reply.available), _results(reply.holds))
+        return LeaseGrant(reply.lease_id, int(reply.granted), int(reply.available))
 
     def return_lease(self, lease_id: str, holds: Sequence[HoldItem] = ()) -> tuple[HoldResult, ...]:
         reply = self._call("ReturnLease", access_pb2.ReturnLeaseRequest(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import Engine
 
 from gateway.ledger_process import LedgerProcess
@@ -192,10 +193,12 @@ def test_a_ledger_killed_and_restarted_in_the_middle_loses_no_hold_and_lends_not
         during = [admit(replica, caller, f"r-{i}") for i in range(2, 4)]  # the lease needs no ledger
         time.sleep(0.3)  # past the key cache: the last answer stands while the ledger is away
         assert limited.authenticate(f"Bearer {key}") == limited_caller
+        exported = REGISTRY.get_sample_value("gateway_rate_local_admissions_total")
         assert limited.admit(limited_caller, "free-1", None, 1, 1).held == 0, "rate limits fall back to this replica"
         with pytest.raises(RateLimited):
             limited.admit(limited_caller, "free-2", None, 1, 1)
         assert limited.rates.local_admissions == 1
+        assert REGISTRY.get_sample_value("gateway_rate_local_admissions_total") == exported + 1, "on /metrics"
         with pytest.raises(LedgerUnreachable) as away:
             admit(replica, caller, "r-needs-a-new-lease")
         assert away.value.status == 503 and away.value.headers["retry-after"] == "1"

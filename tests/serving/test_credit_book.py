@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from ledger.accounts.access_desk import AccessDesk
 from ledger.accounts.accounts import Accounts
@@ -65,4 +66,17 @@ def test_a_lease_running_low_is_renewed_in_the_background(book) -> None:  # noqa
     credit.hold("r-8", "acme", 100)  # from the new lease, no call needed
     credit.flush()
     assert transfers.get("r-8").state == PENDING
+    transfers.check("acme")
+
+
+def test_a_hold_report_the_ledger_refuses_is_counted_and_exported(book) -> None:  # noqa: ANN001
+    credit, transfers, _ = book
+    transfers.hold("r-taken", "acme", 5)  # the same id, another amount: the report conflicts
+    exported = REGISTRY.get_sample_value("gateway_hold_reports_refused_total")
+    credit.hold("r-taken", "acme", 100)
+    credit.hold("r-fine", "acme", 100)
+    credit.flush()
+    assert credit.refused_reports == 1
+    assert REGISTRY.get_sample_value("gateway_hold_reports_refused_total") == exported + 1
+    assert (transfers.get("r-taken").amount, transfers.get("r-fine").state) == (5, PENDING), "the refused one changed nothing"
     transfers.check("acme")
