@@ -140,29 +140,52 @@ class SpanWeightingPolicy:
 
     def token_weights(self, spans: Sequence[MatchedSpan], completion_ids: Sequence[int],
                       completion_start: int) -> list[TokenAttribution]:
-        """Weights for the completion tokens, at query positions completion_start .. +len(completion_ids)."""
-        evidence: list[dict[str, float]] = [{} for _ in completion_ids]
-        end_of_query = completion_start + len(completion_ids)
+        """Weights for the completion tokens, at query positions completion_start .. +len(completion_ids).
+
+        Tokens covered by the same accepted spans get the same weights: they are computed once per
+        run of such tokens, adding each span's share in span order (the sums are those of a token-by-token
+        loop, bit for bit).
+        """
+        count = len(completion_ids)
+        accepted = []  # (first, end) in completion positions, share per contribution, contributions
         for span in spans:
             if not self.accepts(span):
                 continue
-            share = self.span_evidence(span.length, len(span.contribution_ids), span.surprisal_nats)
-            share /= len(span.contribution_ids)
-            for position in range(max(span.start, completion_start), min(span.end, end_of_query)):
-                per_contribution = evidence[position - completion_start]
-                for contribution_id in span.contribution_ids:
-                    per_contribution[contribution_id] = per_contribution.get(contribution_id, 0.0) + share
-        tokens = []
-        for token_id, per_contribution in zip(completion_ids, evidence, strict=True):
-            total = math.fsum(per_contribution.values())
-            if total <= 0:
-                tokens.append(TokenAttribution.unattributed_token(int(token_id)))
+            first, end = max(span.start - completion_start, 0), min(span.end - completion_start, count)
+            if first >= end:
                 continue
-            attributed = self.attributed_share(total)
-            weights = tuple((cid, attributed * value / total) for cid, value in sorted(per_contribution.items()))
-            unattributed = max(0.0, 1.0 - math.fsum(weight for _, weight in weights))
-            tokens.append(TokenAttribution(token_id=int(token_id), weights=weights, unattributed=unattributed))
+            share = self.span_evidence(span.length, len(span.contribution_ids), span.surprisal_nats)
+            accepted.append((first, end, share / len(span.contribution_ids), span.contribution_ids))
+        bounds = sorted({0, count, *(a[0] for a in accepted), *(a[1] for a in accepted)})
+        tokens: list[TokenAttribution] = []
+        for low, high in zip(bounds, bounds[1:]):
+            evidence: dict[str, float] = {}
+            for first, end, share, contribution_ids in accepted:
+                if first <= low and high <= end:
+                    for contribution_id in contribution_ids:
+                        evidence[contribution_id] = evidence.get(contribution_id, 0.0) + share
+            tokens.extend(self._run_of_tokens(completion_ids[low:high], evidence))
         return tokens
+
+    def _run_of_tokens(self, token_ids: Sequence[int], evidence: dict[str, float]) -> list[TokenAttribution]:
+        """The attributions of tokens that share `evidence` (contribution -> summed evidence)."""
+        total = math.fsum(evidence.values())
+        if total <= 0:
+            return [TokenAttribution.unattributed_token(int(token_id)) for token_id in token_ids]
+        attributed = self.attributed_share(total)
+        weights = tuple((cid, attributed * value / total) for cid, value in sorted(evidence.items()))
+        unattributed = max(0.0, 1.0 - math.fsum(weight for _, weight in weights))
+        first = TokenAttribution(token_id=int(token_ids[0]), weights=weights, unattributed=unattributed)
+        return [first, *(_same_weights(first, int(token_id)) for token_id in token_ids[1:])]
+
+
+def _same_weights(checked: TokenAttribution, token_id: int) -> TokenAttribution:
+    """`checked` for another token id, without validating its weights again (they were, for `checked`)."""
+    if token_id < 0:
+        raise ValueError(f"token_id must be a non-negative int, got {token_id!r}")
+    token = object.__new__(TokenAttribution)
+    token.__dict__.update(token_id=token_id, weights=checked.weights, unattributed=checked.unattributed)
+    return token
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Per-token attribution of every inference, off the client's critical path.
 
 `AttributionService.submit` is called when a generation ends; the attribution itself runs on a
-worker thread (one by default, so the engine keeps the CPU it needs) and the finished trace is kept
+worker (one by default, so the engine keeps the CPU it needs) and the finished trace is kept
 in a bounded in-memory store for `GET /v1/attributions/{trace_id}` and for shipping. With a trace
 directory, each trace is also written there as ``<trace_id>.pb`` (its wire form, atomically, the newest
 `traces_max` of this process kept), so any process on the node can answer a look-up: the
@@ -10,8 +10,8 @@ multi-replica ingress does, for traces of every replica.
 An adapter's lineage (the indexes of the datanet versions it learned from, and who contributed
 each document) is asked of the ledger's Access API and cached for `lineage_ttl_seconds`, so an
 adapter trained on a newly published version is attributed without a restart. Adapters that are not
-registered, and the base model, have no lineage: their traces are entirely unattributed. One
-infini-gram engine is opened per distinct lineage and shared by every request of that lineage.
+registered, and the base model, have no lineage: their traces are entirely unattributed. A lineage's
+indexes are opened once per worker and shared by every request of that lineage.
 With n > 1 choices every choice is attributed on its own (each continues the same prompt) and the
 trace holds them one after the other (`choice_tokens`).
 
@@ -25,6 +25,24 @@ recovers them (at start and every `RECOVER_SECONDS`), as `recovered` traces.
 
 With an outbox (attribution/outbox.py), every trace is also written there durably (fsync'd) on the
 worker thread, for the shipper to deliver to the ledger; the request path only reads `outbox_full()`.
+
+The search and the weighting run in worker processes (`processes=True`, attribution/search_pool.py),
+`workers` of them, one per worker thread here: they hold no GIL of this process, and `workers`
+processes use `workers` cores.
+
+When attribution falls behind (the lag policy). At most `queue_max` responses are held in memory
+waiting for (or under) attribution. A response that ends while that many are held, or while older
+ones are already waiting on disk, is not queued: its usage record -- already durable in the usage
+log, the billing record -- is what waits (spill to disk); only its trace id and end time stay in
+memory. As room comes back, waiting records are read back from the usage log, oldest first, and
+attributed; one that has waited longer than `max_lag_seconds` is not attributed but written at once
+with every token unattributed (`OVERLOAD_METHOD`: shed), so it is still billed exactly once, and
+the ledger hears of every response within about `max_lag_seconds`. A response waiting on disk gets
+no `attribution` summary in its body (its trace is readable once written). Without a usage log there
+is nothing durable to wait in: such a response is shed at once, on the calling thread. Records left
+waiting when the process stops are recovered from the usage log like those of a crashed process.
+Metrics: `gateway_attribution_queue_depth`, `gateway_attribution_deferred`,
+`gateway_attribution_lag_seconds`, `gateway_attribution_shed_total`.
 """
 
 from __future__ import annotations
@@ -43,10 +61,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from attribution.attributor import MAX_CONTEXT_TOKENS, Attributor
+from attribution.attributor import MAX_CONTEXT_TOKENS
 from attribution.metrics import AttributionMetrics, attribution_metrics
 from attribution.outbox import TRACE_SUFFIX as TRACE_FILE_SUFFIX
 from attribution.outbox import Outbox
+from attribution.search_pool import LocalAttributors, ProcessAttributors, TokenAttributor
 from attribution.usage_log import UsageLog, UsageRecord, recover
 from ledger.client.access import LedgerUnavailable, LineageRecord
 from ledger.client.trace import AttributionTrace, TokenAttribution
@@ -56,10 +75,13 @@ log = logging.getLogger(__name__)
 
 TRACES_MAX = 10_000
 OUTBOX_CHECK_SECONDS = 1.0
-ATTRIBUTORS_MAX = 32
 TRACE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 METHOD = "verbatim-span-v1"
 FALLBACK_METHOD = "unattributed-after-failure"  # attribution failed: every token unattributed
+OVERLOAD_METHOD = "unattributed-overload"  # attribution was too far behind: every token unattributed
+QUEUE_MAX = 1024
+MAX_LAG_SECONDS = 120.0
+CATCH_UP_SECONDS = 0.5
 ATTEMPTS = 2
 RETRY_DELAY_SECONDS = 0.5
 RECOVER_SECONDS = 10.0
@@ -168,13 +190,30 @@ class LineageSource(Protocol):
     def lineage(self, adapter: str) -> LineageRecord: ...
 
 
+class AttributionDeferred(Exception):
+    """The response's attribution waits in the usage log (attribution is behind); no summary for it."""
+
+
+@dataclass
+class _Waiting:
+    """A response whose attribution waits on disk: when it ended, and its record until that is durable."""
+
+    ended: float  # time.monotonic()
+    record: UsageRecord | None
+
+
 class AttributionService:
     """Runs attribution for finished generations and keeps their traces."""
 
     def __init__(self, lineages: LedgerLineages, *, trace_dir: Path | None = None, outbox: Outbox | None = None,
                  usage_log: UsageLog | None = None, workers: int = 1, traces_max: int = TRACES_MAX,
                  metrics: AttributionMetrics | None = None, recover_seconds: float = RECOVER_SECONDS,
-                 delay_seconds: float = 0.0) -> None:
+                 delay_seconds: float = 0.0, processes: bool = True, attributors: TokenAttributor | None = None,
+                 queue_max: int = QUEUE_MAX, max_lag_seconds: float = MAX_LAG_SECONDS) -> None:
+        """`workers` threads (and as many processes with `processes`) attribute; `attributors` replaces
+        where the search runs (tests); `queue_max` and `max_lag_seconds` are the lag policy's bounds."""
+        if queue_max < 1:
+            raise ValueError(f"queue_max must be >= 1, got {queue_max}")
         self.lineages = lineages
         self.metrics = metrics or attribution_metrics()
         self.trace_dir = trace_dir
@@ -187,8 +226,14 @@ class AttributionService:
         if trace_dir is not None:
             trace_dir.mkdir(parents=True, exist_ok=True)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attribution")
-        self._attributors: OrderedDict[tuple[str, ...], Attributor] = OrderedDict()
-        self._attributors_lock = threading.Lock()
+        self._attributors: TokenAttributor = attributors or (
+            ProcessAttributors(workers) if processes else LocalAttributors())
+        self.queue_max = queue_max
+        self.max_lag_seconds = max_lag_seconds
+        self._held = 0  # responses in memory, queued or being attributed (<= queue_max)
+        self._waiting: OrderedDict[str, _Waiting] = OrderedDict()  # spilled: their records wait in the usage log
+        self._lag_lock = threading.Lock()
+        self.shed = 0
         self._traces: OrderedDict[str, AttributionTrace] = OrderedDict()
         self._pending: dict[str, asyncio.Future[AttributionTrace]] = {}
         self._work: set[concurrent.futures.Future[AttributionTrace]] = set()  # queued or running, for close()
@@ -197,6 +242,10 @@ class AttributionService:
         self.outbox_failures = 0
         self._outbox_full = False
         self._closed = threading.Event()
+        self.metrics.queue_depth.set(0)
+        self.metrics.deferred.set(0)
+        if usage_log is not None:
+            threading.Thread(target=self._catch_up_periodically, name="attribution-catch-up", daemon=True).start()
         if outbox is not None:
             self._outbox_full = outbox.is_full()
             threading.Thread(target=self._watch_outbox, name="outbox-watch", daemon=True).start()
@@ -206,11 +255,34 @@ class AttributionService:
 
     def record_usage(self, record: UsageRecord) -> concurrent.futures.Future[None] | None:
         """Queue the response's usage record; the future resolves once it is durable (None: no usage log)."""
-        return self.usage_log.append(record) if self.usage_log is not None else None
+        if self.usage_log is None:
+            return None
+        written = self.usage_log.append(record)
+        written.add_done_callback(lambda done: self._usage_written(record.trace_id, done))
+        return written
 
     def submit(self, record: UsageRecord) -> asyncio.Future[AttributionTrace]:
-        """Start attributing a finished generation; the returned future resolves to its trace."""
-        work = self._executor.submit(self._attribute, record)
+        """Start attributing a finished generation; the returned future resolves to its trace.
+
+        Past the lag policy's bound it fails at once with `AttributionDeferred` (the record waits in the
+        usage log), or, without a usage log, resolves to the trace written unattributed (shed)."""
+        ended = time.monotonic()
+        with self._lag_lock:
+            queued = self._held < self.queue_max and not self._waiting
+            if queued:
+                self._held += 1
+            elif self.usage_log is not None:
+                durable = self.usage_log.is_written(record.trace_id)
+                self._waiting[record.trace_id] = _Waiting(ended, None if durable else record)
+            self._show_depth()
+        if queued:
+            work = self._executor.submit(self._attribute_held, record, ended)
+        elif self.usage_log is not None:
+            return self._settled_future(exception=AttributionDeferred(record.trace_id))
+        else:
+            trace = self._shed(record, ended)
+            self._keep(trace)
+            return self._settled_future(result=trace)
         with self._work_lock:
             self._work.add(work)
         work.add_done_callback(self._forget_work)
@@ -222,6 +294,12 @@ class AttributionService:
         self._pending[record.trace_id] = future
         future.add_done_callback(lambda done: self._finish(record.trace_id, done))
         return future
+
+    def lag_state(self) -> tuple[int, int, int]:
+        """(responses held in memory for attribution, responses whose attribution waits on disk, of those
+        the ones still in memory because their usage record is being written)."""
+        with self._lag_lock:
+            return self._held, len(self._waiting), sum(1 for w in self._waiting.values() if w.record is not None)
 
     async def get(self, trace_id: str) -> AttributionTrace | None:
         """A trace by id (waiting for it if it is still being computed); None when unknown."""
@@ -248,8 +326,11 @@ class AttributionService:
                 log.exception("cannot count the outbox")
 
     def stats(self) -> dict[str, int]:
+        held, waiting, _ = self.lag_state()
         return {"traces_kept": len(self._traces), "traces_pending": len(self._pending),
-                "attribution_failures_total": self.failures, "attribution_indexes_open": len(self._attributors),
+                "attribution_queue_depth": held, "attribution_deferred": waiting, "attribution_shed_total": self.shed,
+                "attribution_failures_total": self.failures,
+                "attribution_indexes_open": self._attributors.indexes_open(),
                 "outbox_write_failures_total": self.outbox_failures, "usage_records_recovered_total": self.recovered,
                 "usage_records_unsettled": self.usage_log.unsettled() if self.usage_log is not None else 0}
 
@@ -263,10 +344,7 @@ class AttributionService:
         concurrent.futures.wait(queued, timeout=wait_seconds)
         if self.usage_log is not None:
             self.usage_log.close()
-        with self._attributors_lock:
-            for attributor in self._attributors.values():
-                attributor.close()
-            self._attributors.clear()
+        self._attributors.close()
 
     # ---- internals ---------------------------------------------------------------------
     def _forget_work(self, work: concurrent.futures.Future[AttributionTrace]) -> None:
@@ -278,20 +356,117 @@ class AttributionService:
         if done.cancelled() or done.exception() is not None:
             self.failures += 1
             return
-        self._traces[trace_id] = done.result()
+        self._keep(done.result())
+
+    def _keep(self, trace: AttributionTrace) -> None:
+        """Remember the trace for look-ups (the newest `traces_max`; on the event loop)."""
+        self._traces[trace.trace_id] = trace
         while len(self._traces) > self.traces_max:
             self._traces.popitem(last=False)
 
-    def _attribute(self, record: UsageRecord) -> AttributionTrace:
+    def _attribute_held(self, record: UsageRecord, ended: float) -> AttributionTrace:
+        """A held response: attributed (or shed when it waited too long), then its place is freed."""
+        try:
+            if time.monotonic() - ended > self.max_lag_seconds:
+                return self._shed(record, ended)
+            return self._attribute(record, ended)
+        finally:
+            with self._lag_lock:
+                self._held -= 1
+                self._show_depth()
+            self._catch_up()
+
+    def _attribute(self, record: UsageRecord, ended: float | None = None) -> AttributionTrace:
         if self.delay_seconds:
             self._closed.wait(self.delay_seconds)
         started = time.perf_counter()
         trace = self._trace_of(record)
         self.metrics.observe(time.perf_counter() - started, trace.completion_tokens, trace.attributed_fraction)
+        return self._store(trace, ended)
+
+    def _store(self, trace: AttributionTrace, ended: float | None) -> AttributionTrace:
         queued = self._queue_for_ledger(trace) if self.outbox is not None else None
-        if self.trace_dir is not None and TRACE_ID.match(record.trace_id):
+        if self.trace_dir is not None and TRACE_ID.match(trace.trace_id):
             self._write(trace, queued)
+        if ended is not None:
+            self.metrics.lag.observe(time.monotonic() - ended)
         return trace
+
+    def _shed(self, record: UsageRecord, ended: float) -> AttributionTrace:
+        """Write the record's trace unattributed: billed, not attributed (the lag policy)."""
+        self.shed += 1
+        self.metrics.shed.inc()
+        return self._store(self._attributed(record, OVERLOAD_METHOD, recovered=False), ended)
+
+    # ---- the lag policy: records waiting in the usage log ---------------------------------
+    def _usage_written(self, trace_id: str, written: concurrent.futures.Future[None]) -> None:
+        """The usage log wrote (or failed to write) a record: a waiting one need not stay in memory."""
+        if written.cancelled() or written.exception() is not None:
+            return  # kept in memory: it is attributed (or shed) from there
+        with self._lag_lock:
+            waiting = self._waiting.get(trace_id)
+            if waiting is not None:
+                waiting.record = None
+
+    def _catch_up_periodically(self) -> None:
+        while not self._closed.wait(CATCH_UP_SECONDS):
+            try:
+                self._catch_up()
+            except Exception:
+                log.exception("taking up responses waiting for attribution failed")
+
+    def _catch_up(self) -> None:
+        """Move waiting records, oldest first, into the room left under `queue_max`."""
+        if self._closed.is_set() or self.usage_log is None:
+            return
+        taken: list[tuple[str, _Waiting]] = []
+        with self._lag_lock:
+            room = self.queue_max - self._held
+            while self._waiting and len(taken) < room:
+                taken.append(self._waiting.popitem(last=False))
+            self._held += len(taken)
+            self._show_depth()
+        if not taken:
+            return
+        from_disk = self.usage_log.read_written([t for t, w in taken if w.record is None])
+        for trace_id, waiting in taken:
+            record = waiting.record or from_disk.get(trace_id)
+            if record is None:  # its trace reached the outbox some other way (cannot happen today)
+                log.error("the usage record of %s is gone; it was not attributed here", trace_id)
+                with self._lag_lock:
+                    self._held -= 1
+                    self._show_depth()
+                continue
+            try:
+                work = self._executor.submit(self._attribute_held, record, waiting.ended)
+            except RuntimeError:  # shutting down: the record stays in the usage log for recovery
+                with self._lag_lock:
+                    self._held -= 1
+                    self._show_depth()
+                continue
+            with self._work_lock:
+                self._work.add(work)
+            work.add_done_callback(self._forget_work)
+
+    def _show_depth(self) -> None:
+        """Update the gauges (call with _lag_lock held)."""
+        self.metrics.queue_depth.set(self._held)
+        self.metrics.deferred.set(len(self._waiting))
+
+    @staticmethod
+    def _settled_future(result: AttributionTrace | None = None,
+                        exception: BaseException | None = None) -> asyncio.Future[AttributionTrace]:
+        try:
+            future: asyncio.Future[AttributionTrace] = asyncio.get_running_loop().create_future()
+        except RuntimeError:
+            future = concurrent.futures.Future()  # type: ignore[assignment]
+        if exception is not None:
+            future.set_exception(exception)
+            if isinstance(future, asyncio.Future):
+                future.add_done_callback(lambda done: done.exception())  # nobody may await it: not an error
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+        return future
 
     def _trace_of(self, record: UsageRecord, recovered: bool = False) -> AttributionTrace:
         """The record's trace: attributed (tried `ATTEMPTS` times), else every token unattributed."""
@@ -311,7 +486,7 @@ class AttributionService:
         tokens: list[TokenAttribution] = []
         for choice in record.choices:
             if lineage.index_dirs:
-                tokens += self._attributor(lineage.index_dirs).attribute(record.prompt_tail, choice)
+                tokens += self._attributors.attribute(lineage.index_dirs, record.prompt_tail, choice)
             else:
                 tokens += [TokenAttribution.unattributed_token(t) for t in choice]
         return AttributionTrace(
@@ -376,17 +551,6 @@ class AttributionService:
         self._written.append(target)
         while len(self._written) > self.traces_max:
             self._written.popleft().unlink(missing_ok=True)
-
-    def _attributor(self, index_dirs: tuple[str, ...]) -> Attributor:
-        with self._attributors_lock:
-            attributor = self._attributors.get(index_dirs)
-            if attributor is None:
-                attributor = Attributor([Path(d) for d in index_dirs])
-                self._attributors[index_dirs] = attributor
-                while len(self._attributors) > ATTRIBUTORS_MAX:
-                    self._attributors.popitem(last=False)[1].close()
-            self._attributors.move_to_end(index_dirs)
-            return attributor
 
     def summary(self, trace: AttributionTrace, adapter: str | None) -> dict[str, Any]:
         """The `attribution` object of a response: weights as fractions of the completion, by contributor.

@@ -119,6 +119,28 @@ class UsageLog:
             del self._unsettled[batch]
         batch.unlink(missing_ok=True)
 
+    def is_written(self, trace_id: str) -> bool:
+        """True when the record of `trace_id` is durably in a batch file and its trace not yet settled."""
+        with self._cond:
+            return trace_id in self._batch_of
+
+    def read_written(self, trace_ids: Sequence[str]) -> dict[str, UsageRecord]:
+        """The records of `trace_ids` that are written and unsettled, read back from their batch files."""
+        with self._cond:
+            paths = {trace_id: self._batch_of.get(trace_id) for trace_id in trace_ids}
+        wanted: dict[Path, set[str]] = {}
+        for trace_id, path in paths.items():
+            if path is not None:
+                wanted.setdefault(path, set()).add(trace_id)
+        found: dict[str, UsageRecord] = {}
+        for path, ids in wanted.items():
+            try:
+                records = read_batch(path)
+            except FileNotFoundError:  # settled meanwhile: nothing left to read
+                continue
+            found.update((record.trace_id, record) for record in records if record.trace_id in ids)
+        return found
+
     def unsettled(self) -> int:
         """Records written whose traces are not yet in the outbox (for stats and tests)."""
         with self._cond:

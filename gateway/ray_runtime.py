@@ -37,6 +37,10 @@ RAY_LOOPBACK_ENV: Mapping[str, str] = {
     "RAY_AUTH_MODE": "token",  # every Ray RPC needs the cluster's token
 }
 
+# Ray starts its workers at nice 15; the engine replica is a worker, and the serving work must not
+# yield the cores to every other process on the machine. An operator's own value wins.
+RAY_WORKER_PRIORITY_ENV: Mapping[str, str] = {"RAY_worker_niceness": "0"}
+
 # torch's gloo binds the address the host name resolves to (often the host's own) unless told an
 # interface: the one holding 127.0.0.1 (`GLOO_SOCKET_IFNAME` set by the operator wins).
 GLOO_INTERFACE_ENV = "GLOO_SOCKET_IFNAME"
@@ -150,6 +154,8 @@ def start_ray(options: RayNodeOptions) -> Any:
     """
     os.environ.update(RAY_LOOPBACK_ENV)  # for this process and every process Ray starts
     os.environ.setdefault(GLOO_INTERFACE_ENV, loopback_interface())
+    for key, value in RAY_WORKER_PRIORITY_ENV.items():
+        os.environ.setdefault(key, value)
     keep_ray_token_private()
     import ray
     from ray._private import ray_constants

@@ -33,6 +33,7 @@ from ledger.client.token import read_ledger_token
 from ledger.config import LedgerConfig
 from serving.config import EngineConfig, ReplicaConfig
 from serving.metrics_endpoint import serve_metrics
+from serving.precision import resolve_precision
 from statedir.layout import StateLayout
 from training.demo_assets import ensure_base_model, ensure_demo_adapters
 from training.pretrained_model import ModelInstallError, install_pretrained_model
@@ -246,7 +247,8 @@ def _serve(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig,
             logging_config={"log_level": "WARNING", "enable_access_log": False},
         )
         with background:
-            print("[gateway] deploying the engine (first start builds the vLLM engine, ~30 s)", flush=True)
+            print(f"[gateway] deploying the engine in {resolve_precision(engine.dtype).reason} (first start builds "
+                  "the vLLM engine, ~30 s)", flush=True)
             serve.run(build_application(config, engine, replica), name="gateway", route_prefix="/", blocking=False)
             base = f"http://{config.host}:{config.http_port}"
 

@@ -3,7 +3,9 @@ on the same port `Access` (what engine replicas ask: ledger/access_service.py) a
 caller adds (`Admin`).
 
 A synchronous gRPC server over `Journal`: each `IngestRequest` is posted in one database
-transaction and answered with one ack per trace, in order. Every call, on every address (loopback
+transaction and answered with one ack per trace, in order. A stream's next requests are read ahead
+and prepared (decoded, checked, hashed: ledger/journal/prepared.py) in a helper process while the
+current one is written (ledger/journal/prepare_pool.py). Every call, on every address (loopback
 too), must carry ``authorization: Bearer <token>`` (`ensure_ledger_token` below; clients read it with
 `ledger/client/token.py`); a call without it, or with another token, is answered UNAUTHENTICATED
 before any servicer code runs, so it reads and writes nothing. Only the standard health check
@@ -17,11 +19,15 @@ import hmac
 import ipaddress
 import logging
 import os
+import queue
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
+from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -32,8 +38,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from ledger.access_service import SERVICE_NAME as ACCESS_SERVICE_NAME
 from ledger.access_service import TransferExpiry, add_access_service
 from ledger.client.token import configured_token, read_ledger_token
-from ledger.client.trace_wire import trace_from_pb, trace_to_pb
+from ledger.client.trace_wire import trace_to_pb
 from ledger.journal.journal import AddressBalance, IngestResult, Journal
+from ledger.journal.prepare_pool import BatchPreparer, Outcome
 from ledger.metrics import ingest_metrics
 from statedir.layout import StateLayout
 from wire.ledger.v1 import ledger_pb2, ledger_pb2_grpc
@@ -43,6 +50,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["Ledger"].full_name
 STATEMENT_LIMIT_DEFAULT = 100
 STATEMENT_LIMIT_MAX = 10_000
+ACKS_AHEAD = 2  # batches written whose acks are not sent yet
 ACK_STATUS = {
     "accepted": ledger_pb2.IngestAck.STATUS_ACCEPTED,
     "duplicate": ledger_pb2.IngestAck.STATUS_DUPLICATE,
@@ -54,41 +62,74 @@ ACK_STATUS = {
 class LedgerServicer(ledger_pb2_grpc.LedgerServicer):
     """Thin over `Journal`: converts messages, maps errors to status codes."""
 
-    def __init__(self, journal: Journal) -> None:
+    def __init__(self, journal: Journal, preparer: BatchPreparer | None = None) -> None:
         self.journal = journal
+        self.preparer = preparer or BatchPreparer(processes=0)
         self.counters = {"accepted": 0, "duplicate": 0, "conflict": 0, "rejected": 0}
         self.metrics = ingest_metrics()
 
     def Ingest(self, request_iterator: Iterator[ledger_pb2.IngestRequest],  # noqa: N802
                context: grpc.ServicerContext) -> Iterator[ledger_pb2.IngestAck]:
-        for request in request_iterator:
-            started = time.perf_counter()
-            try:
-                results = self._ingest(request)
-            except SQLAlchemyError as error:  # nothing of this batch was committed; the sender retries
-                log.exception("ledger database error while ingesting %d traces", len(request.traces))
-                context.abort(grpc.StatusCode.UNAVAILABLE, f"ledger database error: {type(error).__name__}; retry")
-            self.metrics.batch_seconds.observe(time.perf_counter() - started)
-            for result in results:
-                self.counters[result.status] += 1
-                self.metrics.traces.labels(result.status).inc()
-                if result.status in ("conflict", "rejected"):
-                    log.error("trace %s refused (%s): %s", result.trace_id, result.status, result.reason)
-                yield ledger_pb2.IngestAck(trace_id=result.trace_id, status=ACK_STATUS[result.status],
-                                           entry_id=result.entry_id, reason=result.reason)
+        # A thread writes the batches (the next ones read and prepared meanwhile, see `BatchPreparer`);
+        # this one sends each batch's acks while the next batch is written.
+        written: queue.Queue[list[IngestResult] | BaseException | None] = queue.Queue(ACKS_AHEAD)
+        stop = threading.Event()
+        threading.Thread(target=self._write_all, args=(request_iterator, written, stop), name="ledger-ingest-write",
+                         daemon=True).start()
+        try:
+            while (item := written.get()) is not None:
+                if isinstance(item, SQLAlchemyError):  # nothing of that batch was committed; the sender retries
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"ledger database error: {type(item).__name__}; retry")
+                if isinstance(item, BaseException):
+                    raise item
+                for result in item:
+                    if result.status in ("conflict", "rejected"):
+                        log.error("trace %s refused (%s): %s", result.trace_id, result.status, result.reason)
+                    yield ledger_pb2.IngestAck(trace_id=result.trace_id, status=ACK_STATUS[result.status],
+                                               entry_id=result.entry_id, reason=result.reason)
+        finally:
+            stop.set()
 
-    def _ingest(self, request: ledger_pb2.IngestRequest) -> list[IngestResult]:
+    def _write_all(self, requests: Iterator[ledger_pb2.IngestRequest],
+                   written: queue.Queue[list[IngestResult] | BaseException | None], stop: threading.Event) -> None:
+        """Post each request in its own transaction, in order; then None, or the error that ended the stream."""
+        def put(item: list[IngestResult] | BaseException | None) -> bool:
+            while not stop.is_set():
+                try:
+                    written.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            with closing(self.preparer.pipeline(requests)) as batches:
+                for request, outcomes in batches:
+                    started = time.perf_counter()
+                    try:
+                        results = self._post(request, outcomes)
+                    except SQLAlchemyError as error:
+                        log.exception("ledger database error while ingesting %d traces", len(request.traces))
+                        put(error)
+                        return
+                    self.metrics.batch_seconds.observe(time.perf_counter() - started)
+                    for status, count in Counter(result.status for result in results).items():
+                        self.counters[status] += count
+                        self.metrics.traces.labels(status).inc(count)
+                    if not put(results):
+                        return
+        except BaseException as error:  # the stream broke (cancelled, deadline): ends the call with it
+            put(error)
+            return
+        put(None)
+
+    def _post(self, request: ledger_pb2.IngestRequest, outcomes: list[Outcome]) -> list[IngestResult]:
         """Invalid traces are rejected one by one; the valid ones are posted in one transaction."""
-        results: list[IngestResult | None] = []
-        valid = []
-        for message in request.traces:
-            try:
-                valid.append(trace_from_pb(message))
-                results.append(None)
-            except ValueError as error:
-                results.append(IngestResult(message.trace_id, "rejected", 0, f"invalid trace: {error}"))
-        posted = iter(self.journal.ingest(valid)) if valid else iter(())
-        return [result if result is not None else next(posted) for result in results]
+        valid = [outcome for outcome in outcomes if not isinstance(outcome, str)]
+        posted = iter(self.journal.ingest_prepared(valid)) if valid else iter(())
+        return [IngestResult(message.trace_id, "rejected", 0, f"invalid trace: {outcome}")
+                if isinstance(outcome, str) else next(posted)
+                for message, outcome in zip(request.traces, outcomes, strict=True)]
 
     def GetBalance(self, request: ledger_pb2.GetBalanceRequest,  # noqa: N802
                    context: grpc.ServicerContext) -> ledger_pb2.Balance:
@@ -223,28 +264,35 @@ Servicer = Callable[[grpc.Server], str]
 class LedgerServer:
     """The running gRPC server and the expiry of transfers; `stop(grace)` ends both."""
 
-    def __init__(self, server: grpc.Server, expiry: TransferExpiry) -> None:
+    def __init__(self, server: grpc.Server, expiry: TransferExpiry, preparer: BatchPreparer | None = None) -> None:
         self.server = server
         self.expiry = expiry
+        self.preparer = preparer
 
     def stop(self, grace: float | None) -> threading.Event:
         self.expiry.stop()
-        return self.server.stop(grace)
+        stopped = self.server.stop(grace)
+        if self.preparer is not None:
+            self.preparer.close()
+        return stopped
 
 
 def start_server(journal: Journal, host: str, port: int, *, token: str, workers: int = 32,
-                 servicers: Sequence[Servicer] = ()) -> LedgerServer:
+                 servicers: Sequence[Servicer] = (), prepare_processes: int = 1) -> LedgerServer:
     """Serve the ledger on host:port, every call but health behind `token` (started; call `.stop(grace)`).
 
     The Access API (ledger/access_service.py: keys, terms, leases, holds, rate) is always on the same
-    port; `servicers` add others (Admin) there too, behind the same token."""
+    port; `servicers` add others (Admin) there too, behind the same token. `prepare_processes` helper
+    processes prepare large ingest requests while the previous one is written (ledger/journal/
+    prepare_pool.py; started at the first such request; 0: none)."""
     interceptors = [TokenAuthInterceptor(token)]  # ValueError without a token: there is no open mode
     # Each gateway keeps one long-lived Ingest stream (one worker thread) and pings it when idle.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ledger"),
                          interceptors=interceptors,
                          options=[("grpc.so_reuseport", 0), ("grpc.keepalive_permit_without_calls", 1),
                                   ("grpc.http2.min_ping_interval_without_data_ms", 5_000)])
-    ledger_pb2_grpc.add_LedgerServicer_to_server(LedgerServicer(journal), server)
+    preparer = BatchPreparer(prepare_processes)
+    ledger_pb2_grpc.add_LedgerServicer_to_server(LedgerServicer(journal, preparer), server)
     expiry = add_access_service(server, journal.engine)
     names = [SERVICE_NAME, ACCESS_SERVICE_NAME] + [add(server) for add in servicers]
     health_servicer = health.HealthServicer()
@@ -257,9 +305,10 @@ def start_server(journal: Journal, host: str, port: int, *, token: str, workers:
         bound = 0
     if bound == 0:
         expiry.stop()
+        preparer.close()
         raise OSError(f"cannot listen on {host}:{port} (in use?)")
     server.start()
     for name in ("", *names):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("ledger listening on %s:%d", host, port)
-    return LedgerServer(server, expiry)
+    return LedgerServer(server, expiry, preparer)

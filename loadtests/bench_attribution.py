@@ -9,13 +9,15 @@ completions of each length in `--lengths` (64 and 256 tokens) after a `--context
 Each completion alternates 16-token segments copied from random indexed passages with 16-token
 segments of random words (half copied, half not; which comes first is random).
 
-Per (size, length): ms per completion token of one `attribute` call (p50, p95 over the requests),
-attribution tokens/s on one thread (= per core; also tokens per CPU-second of this process), and
-total tokens/s with 2 threads calling `attribute` in parallel on the same Attributor. Finally the
-vLLM offline engine on the demo model generates 64 prompts x 64 tokens greedily (ignore_eos) and its
-output tokens/s is compared: ratio = attribution tokens/s per core / generation tokens/s, and its
-inverse, the cores attribution needs to keep up with generation. The 1-minute load average is
-recorded before each phase (other processes skew everything: check it).
+Per (size, length): ms per completion token of one in-process `attribute` call (p50, p95 over the
+requests) and the share of it spent in the span search (the rest is the weighting); tokens/s through
+the worker processes the gateway uses (attribution/search_pool.py) with one worker and one caller,
+and with two workers and two callers, and their ratio; tokens per CPU-second of the one worker process
+(its per-core speed, whatever else the machine runs); the engine's own `attribute` (the path before
+span_search.py) on `--engine-requests` of the completions. Finally the vLLM offline engine on the
+demo model generates 64 prompts x 64 tokens greedily (ignore_eos) and its output tokens/s is
+compared with one worker's. The 1-minute load average is recorded before each phase (other
+processes skew everything: check it).
 
     .venv/bin/python loadtests/bench_attribution.py --tokens 1e6 1e7 1e8 --work-dir /tmp/bench-attr [--json]
 """
@@ -38,11 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from attribution.attributor import Attributor  # noqa: E402
+from attribution.search_pool import ProcessAttributors  # noqa: E402
 from attribution.index_builder import (  # noqa: E402
     OFFSETS_FILE,
     TOKEN_DTYPES,
@@ -204,14 +208,19 @@ def make_requests(count: int, length: int, context_tokens: int, indexed: Indexed
 
 # ---- attribution timing --------------------------------------------------------------------------
 def time_single(attributor: Attributor, requests: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
+    """One thread in this process: `Attributor.attribute`, timed as search (spans) + weighting."""
     per_token_ms = []
     attributed = 0.0
     tokens = 0
+    search_seconds = 0.0
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for context, completion in requests:
         started = time.perf_counter()
-        result = attributor.attribute(context, completion)
+        spans = attributor.spans(context + completion)
+        searched = time.perf_counter()
+        result = attributor.policy.token_weights(spans, completion, completion_start=len(context))
         per_token_ms.append((time.perf_counter() - started) * 1000 / len(completion))
+        search_seconds += searched - started
         attributed += sum(t.attributed for t in result)
         tokens += len(completion)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
@@ -221,32 +230,54 @@ def time_single(attributor: Attributor, requests: list[tuple[list[int], list[int
         "tokens_per_s_1thread": round(tokens / wall, 1),
         "tokens_per_cpu_s": round(tokens / cpu, 1) if cpu > 0 else None,
         "cpu_per_wall_1thread": round(cpu / wall, 2),
+        "search_share": round(search_seconds / wall, 2),
         "attributed_share": round(attributed / tokens, 3),
         "requests": len(requests),
     }
 
 
-def time_threads(attributor: Attributor, requests: list[tuple[list[int], list[int]]], threads: int) -> dict[str, Any]:
-    """Each of `threads` threads attributes all `requests` (own order); total tokens/s."""
-    def worker(order: list[int]) -> int:
+def time_engine(attributor: Attributor, requests: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
+    """The previous path: the infini-gram engine's `attribute` (a thread per query position), one caller."""
+    tokens = 0
+    wall0 = time.perf_counter()
+    for context, completion in requests:
+        spans = attributor.engine_spans(context + completion)
+        attributor.policy.token_weights(spans, completion, completion_start=len(context))
+        tokens += len(completion)
+    return {"engine_tokens_per_s": round(tokens / (time.perf_counter() - wall0), 1)}
+
+
+def worker_cpu_seconds(pool: ProcessAttributors) -> float:
+    total = 0.0
+    for pid in pool.pids():
+        times = psutil.Process(pid).cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def time_workers(pool: ProcessAttributors, index_dir: Path, requests: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
+    """`pool.workers` callers, each attributing every request (own order) through the worker processes."""
+    lineage = (str(index_dir),)
+
+    def caller(order: list[int]) -> int:
         done = 0
         for i in order:
             context, completion = requests[i]
-            attributor.attribute(context, completion)
+            pool.attribute(lineage, context, completion)
             done += len(completion)
         return done
 
     orders = []
-    for k in range(threads):
+    for k in range(pool.workers):
         order = list(range(len(requests)))
         random.Random(k).shuffle(order)
         orders.append(order)
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
-        tokens = sum(pool.map(worker, orders))
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    return {f"tokens_per_s_{threads}threads": round(tokens / wall, 1),
-            f"cpu_per_wall_{threads}threads": round(cpu / wall, 2)}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=pool.workers) as threads:
+        list(threads.map(lambda order: caller(order[:5]), orders))  # every worker opens the index first
+        cpu0, wall0 = worker_cpu_seconds(pool), time.perf_counter()
+        tokens = sum(threads.map(caller, orders))
+        wall, cpu = time.perf_counter() - wall0, worker_cpu_seconds(pool) - cpu0
+    return {"tokens_per_s": round(tokens / wall, 1), "tokens_per_worker_cpu_s": round(tokens / cpu, 1) if cpu else None}
 
 
 def bench_index(index_dir: Path, manifest: IndexManifest, args: argparse.Namespace, passages: Passages,
@@ -261,15 +292,31 @@ def bench_index(index_dir: Path, manifest: IndexManifest, args: argparse.Namespa
                 attributor.attribute(context, completion)
             load = load_snapshot()
             single = time_single(attributor, requests)
-            log(f"  {length}-token completions, 1 thread: {single['ms_per_token_p50']} ms/token p50, "
+            log(f"  {length}-token completions, in process: {single['ms_per_token_p50']} ms/token p50, "
                 f"{single['ms_per_token_p95']} p95, {single['tokens_per_s_1thread']} tokens/s "
-                f"({single['attributed_share']:.0%} attributed; load {load['load1']})")
-            parallel = time_threads(attributor, requests, args.threads)
-            log(f"  {length}-token completions, {args.threads} threads: "
-                f"{parallel[f'tokens_per_s_{args.threads}threads']} tokens/s total")
+                f"({single['search_share']:.0%} in the search; {single['attributed_share']:.0%} attributed; "
+                f"load {load['load1']})")
+            workers = {}
+            for count in (1, 2):
+                pool = ProcessAttributors(count)
+                try:
+                    workers[count] = time_workers(pool, index_dir, requests)
+                finally:
+                    pool.close()
+                log(f"  {length}-token completions, {count} worker process(es): {workers[count]['tokens_per_s']} "
+                    f"tokens/s ({workers[count]['tokens_per_worker_cpu_s']} per worker CPU-second)")
+            engine = time_engine(attributor, requests[: args.engine_requests]) if args.engine_requests else {}
+            if engine:
+                log(f"  {length}-token completions, the engine's own attribute (before): "
+                    f"{engine['engine_tokens_per_s']} tokens/s")
             rows.append({"index_tokens": manifest.token_count, "index_docs": manifest.doc_count,
                          "completion_tokens": length, "context_tokens": args.context_tokens,
-                         "load1_before": load["load1"], **single, **parallel})
+                         "load1_before": load["load1"], **single, **engine,
+                         "tokens_per_s_1worker": workers[1]["tokens_per_s"],
+                         "tokens_per_worker_cpu_s_1worker": workers[1]["tokens_per_worker_cpu_s"],
+                         "tokens_per_s_2workers": workers[2]["tokens_per_s"],
+                         "tokens_per_worker_cpu_s_2workers": workers[2]["tokens_per_worker_cpu_s"],
+                         "ratio_2_to_1": round(workers[2]["tokens_per_s"] / workers[1]["tokens_per_s"], 2)})
     return rows
 
 
@@ -296,34 +343,53 @@ def generation_speed(model_dir: Path) -> dict[str, Any]:
 
 
 # ---- report ------------------------------------------------------------------------------------------
-def print_table(report: dict[str, Any], threads: int) -> None:
+def print_table(report: dict[str, Any]) -> None:
     gen = report.get("generation")
-    gen_tps = gen["tokens_per_s"] if gen else None
     print()
-    print(f"{'index tok':>10} {'docs':>8} {'compl':>5} {'ms/tok p50':>10} {'p95':>7} {'tok/s/core':>10} "
-          f"{'tok/cpu-s':>9} {'cpu/wall':>8} {f'tok/s {threads}thr':>11} {'attr%':>5} {'attr/gen':>8} {'cores':>6}")
+    print(f"{'index tok':>11} {'compl':>5} {'ms/tok p50':>10} {'p95':>6} {'search':>6} {'before':>7} "
+          f"{'1 worker':>8} {'per CPU-s':>9} {'2 workers':>9} {'2/1':>5} {'attr%':>5} {'1w/gen':>6}")
     for row in report["attribution"]:
         ratio = row.get("ratio_attr_per_core_to_gen")
-        cores = row.get("cores_to_keep_up")
-        print(f"{row['index_tokens']:>10} {row['index_docs']:>8} {row['completion_tokens']:>5} "
-              f"{row['ms_per_token_p50']:>10.4f} {row['ms_per_token_p95']:>7.4f} {row['tokens_per_s_1thread']:>10.0f} "
-              f"{row['tokens_per_cpu_s'] or 0:>9.0f} {row['cpu_per_wall_1thread']:>8.2f} "
-              f"{row[f'tokens_per_s_{threads}threads']:>11.0f} "
-              f"{row['attributed_share'] * 100:>5.0f} {ratio if ratio is not None else '-':>8} "
-              f"{cores if cores is not None else '-':>6}")
+        print(f"{row['index_tokens']:>11,} {row['completion_tokens']:>5} {row['ms_per_token_p50']:>10.4f} "
+              f"{row['ms_per_token_p95']:>6.3f} {row['search_share'] * 100:>5.0f}% "
+              f"{row.get('engine_tokens_per_s', 0):>7,.0f} {row['tokens_per_s_1worker']:>8,.0f} "
+              f"{row['tokens_per_worker_cpu_s_1worker'] or 0:>9,.0f} {row['tokens_per_s_2workers']:>9,.0f} "
+              f"{row['ratio_2_to_1']:>5.2f} {row['attributed_share'] * 100:>5.0f} "
+              f"{ratio if ratio is not None else '-':>6}")
     for skipped in report["skipped"]:
-        print(f"{skipped['target_tokens']:>10.0f}  skipped: estimated build {skipped['estimated_build_minutes']} min "
+        print(f"{skipped['target_tokens']:>11.0f}  skipped: estimated build {skipped['estimated_build_minutes']} min "
               f"> {skipped['limit_minutes']} min")
     for built in report["builds"]:
         print(f"index {built['label']}: {built['tokens']} tokens, {built['docs']} docs, build {built['build_seconds']} s"
               f"{' (reused)' if not built['built_now'] else ''}, {built['mib']} MiB")
     if gen:
         print(f"generation (vLLM, demo model, {gen['prompts']} prompts x {GEN_TOKENS} tokens, greedy): "
-              f"{gen_tps} output tokens/s ({gen['seconds']} s; load before {gen['load1_before']})")
-    print("attr/gen = attribution tokens/s on one core / generation tokens/s; cores = generation / that; "
-          "cpu/wall < 1 on one thread means the process did not get a whole core (machine loaded)")
+              f"{gen['tokens_per_s']} output tokens/s ({gen['seconds']} s; load before {gen['load1_before']})")
+    print("ms/tok: one in-process call per completion; search = share of that time in the span search (the rest "
+          "is the weighting); before = the engine's own attribute, one caller; 1 worker / 2 workers = tokens/s "
+          "through attribution/search_pool.py with as many callers; per CPU-s = tokens per CPU-second of the "
+          "one worker process; 1w/gen = one worker's tokens/s / generation tokens/s")
     print(f"load: start {report['load_start']['uptime']}")
     print(f"      end   {report['load_end']['uptime']}")
+
+
+def print_markdown(report: dict[str, Any]) -> None:
+    """The table of docs/benchmarks.md "## Attribution"."""
+    gen = report.get("generation")
+    print()
+    print("| index tokens | completion | ms/token p50 / p95 (in process) | in the search | before: the engine's "
+          "attribute, tokens/s | one worker, tokens/s | one worker, tokens per CPU-second | two workers, tokens/s "
+          "| two ÷ one |" + (" one worker ÷ generation |" if gen else ""))
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if gen else ""))
+    for row in report["attribution"]:
+        cells = [f"{row['index_tokens'] / 1e6:.1f}M", str(row["completion_tokens"]),
+                 f"{row['ms_per_token_p50']:.3f} / {row['ms_per_token_p95']:.3f}", f"{row['search_share']:.0%}",
+                 f"{row.get('engine_tokens_per_s', 0):,.0f}", f"{row['tokens_per_s_1worker']:,.0f}",
+                 f"{row['tokens_per_worker_cpu_s_1worker'] or 0:,.0f}", f"{row['tokens_per_s_2workers']:,.0f}",
+                 f"**{row['ratio_2_to_1']:.2f}**"]
+        if gen:
+            cells.append(f"{row.get('ratio_attr_per_core_to_gen', '-')}")
+        print("| " + " | ".join(cells) + " |")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -334,11 +400,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=200, help="measured completions per (size, length)")
     parser.add_argument("--warmup", type=int, default=20, help="unmeasured completions first")
     parser.add_argument("--context-tokens", type=int, default=32, help="prompt tokens before each completion")
-    parser.add_argument("--threads", type=int, default=2, help="threads of the parallel measurement")
+    parser.add_argument("--engine-requests", type=int, default=50,
+                        help="completions per (size, length) also timed on the engine's own attribute (0: skip)")
     parser.add_argument("--max-build-minutes", type=float, default=10.0, help="skip builds estimated to take longer")
     parser.add_argument("--no-generation", action="store_true", help="skip the vLLM generation measurement")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object (progress lines go to stderr)")
+    parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
     return parser.parse_args(argv)
 
 
@@ -374,8 +442,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         log(f"generation: {report['generation']['tokens_per_s']} output tokens/s")
         gen_tps = report["generation"]["tokens_per_s"]
         for row in report["attribution"]:
-            row["ratio_attr_per_core_to_gen"] = round(row["tokens_per_s_1thread"] / gen_tps, 2)
-            row["cores_to_keep_up"] = round(gen_tps / row["tokens_per_s_1thread"], 3)
+            row["ratio_attr_per_core_to_gen"] = round(row["tokens_per_s_1worker"] / gen_tps, 2)
+            row["cores_to_keep_up"] = round(gen_tps / row["tokens_per_s_1worker"], 3)
     report["load_end"] = load_snapshot()
     return report
 
@@ -395,7 +463,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(report))
     else:
-        print_table(report, args.threads)
+        print_table(report)
+        if args.markdown:
+            print_markdown(report)
 
 
 if __name__ == "__main__":

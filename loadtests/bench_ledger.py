@@ -5,8 +5,9 @@ Part 1, per backend: a registry with one published datanet (20 contributors, 200
 a priced adapter; a real `gateway ledger serve` process; N traces of 64 completion tokens (1–2
 contributions per token) sent over one `Ingest` stream in batches of 64 with 4 batches in flight.
 Printed: traces/s and attributed tokens/s. Then, on the same database, the raw insert rate of the
-same rows (a trace row, a journal entry and as many postings per trace, 64 traces per transaction,
-SQLAlchemy Core without any checks) — the floor of what the database can take.
+same rows (a trace row, a journal entry and as many postings per trace as the ingest wrote, 64
+traces per transaction, written by the ledger's own `write_traces` without any check, decoding or
+hashing) — what the database takes with the ledger's statements.
 
 Part 2: two gateways on one state directory, shipping on and off (`GATEWAY_LEDGER_SHIP=false`),
 alternate rounds of the serving workload on the demo lineage adapters; TTFT/ITL p50 and p99.
@@ -31,13 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpc  # noqa: E402
 from eth_account import Account  # noqa: E402
-from sqlalchemy import insert  # noqa: E402
 from sqlmodel import Session  # noqa: E402
 
 from gateway.ledger_process import LedgerProcess  # noqa: E402
 from ledger.client.trace import AttributionTrace, TokenAttribution  # noqa: E402
 from ledger.client.trace_wire import canonical_json, content_sha256, trace_to_pb  # noqa: E402
-from ledger.models import IngestedTrace, JournalEntry, Posting  # noqa: E402
+from ledger.journal.fee_split import Share  # noqa: E402
+from ledger.journal.rows import TraceRow, write_traces  # noqa: E402
 from registry.adapters import AdapterRegistry  # noqa: E402
 from registry.config import DatanetConfig  # noqa: E402
 from registry.contribution_content import content_id, normalize, sign_contribution  # noqa: E402
@@ -128,27 +129,21 @@ def ingest_rate(target: str, traces: list[AttributionTrace],
 
 
 def raw_insert_rate(url: str, traces: list[AttributionTrace], postings_per_trace: int) -> float:
-    """Seconds to insert the same rows with plain Core inserts, 64 traces per transaction.
+    """Seconds to insert the same rows with the ledger's own write (`write_traces`: three multi-row
+    statements per batch), 64 traces per transaction, without any check.
 
     The rows (canonical JSON, hashes) are built before the clock starts: this is the database alone.
     """
     engine = open_database(url)
-    owners = [f"payable:0x{i:040x}" for i in range(postings_per_trace)]
-    now = utcnow()
-    rows = [{"trace_id": f"raw-{t.trace_id}", "content_sha256": content_sha256(t), "model": t.model,
-             "adapter": t.adapter, "requester": None, "prompt_tokens": t.prompt_tokens,
-             "completion_tokens": t.completion_tokens, "attributed_tokens": 30.0, "price_per_1k_tokens": 10**15,
-             "fee": 84 * 10**12, "body": canonical_json(t).decode(), "received_at": now} for t in traces]
+    shares = [Share(f"payable:0x{i:040x}", "contributor", 10**15) for i in range(postings_per_trace)]
+    rows = [TraceRow(trace_id=f"raw-{t.trace_id}", content_sha256=content_sha256(t), model=t.model, adapter=t.adapter,
+                     requester=None, prompt_tokens=t.prompt_tokens, completion_tokens=t.completion_tokens,
+                     attributed_tokens=30.0, price_per_1k_tokens=10**15, fee=84 * 10**12,
+                     body=canonical_json(t).decode(), shares=shares) for t in traces]
     started = time.perf_counter()
     with Session(engine) as session:
         for start in range(0, len(rows), BATCH):
-            chunk = rows[start:start + BATCH]
-            ids = session.execute(insert(JournalEntry).returning(JournalEntry.id, sort_by_parameter_order=True),
-                                  [{"kind": "raw", "ref": r["trace_id"], "created_at": now} for r in chunk]
-                                  ).scalars().all()
-            session.execute(insert(Posting), [{"entry_id": e, "account": a, "role": "r", "amount": 10**15}
-                                              for e in ids for a in owners])
-            session.execute(insert(IngestedTrace), [{**r, "entry_id": e} for r, e in zip(chunk, ids, strict=True)])
+            write_traces(session, rows[start:start + BATCH], utcnow(), kind="raw")
             session.commit()
     elapsed = time.perf_counter() - started
     engine.dispose()

@@ -108,9 +108,7 @@ def memory_figures(samples: list[tuple[float, float, float, int]], how: Callable
 
 def models_for(target: str, count: int, seed: int, base: str, adapters: list[str]) -> list[str]:
     """The model of each request of a cell, in dispatch order."""
-    if target == "base":
-        return [base] * count
-    return workload("single" if target == "adapter" else "zipf", count, adapters, seed)
+    return workload({"base": "base", "adapter": "single"}.get(target, "zipf"), count, base, adapters, seed)
 
 
 async def measure_cells(server: GatewayServer, base: str, adapters: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:

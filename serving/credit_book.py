@@ -39,6 +39,7 @@ LEASE_REQUESTS = 64
 LEASE_TTL_SECONDS = 300.0  # asked of the ledger; a lease is renewed at half its life, so it never expires in use
 REFILL_BELOW = 0.25
 REPORT_EVERY_SECONDS = 0.05
+IDLE_WAIT_SECONDS = 1.0  # between rounds while the book holds nothing
 IDLE_RETURN_SECONDS = 30.0
 UNREPORTED_MAX = 100_000  # holds waiting for the ledger; beyond it admission refuses (the ledger is away)
 
@@ -283,9 +284,14 @@ class CreditBook:
             self._requeue(items)  # the lease expires at the ledger on its own
             raise
 
+    def _has_work(self) -> bool:
+        with self._lock:
+            return bool(self._leases or self._unreported or self._retiring)
+
     def _run(self, every_seconds: float) -> None:
         while not self._stopped.is_set():
-            self._wake.wait(every_seconds)
+            # Idle (no lease, nothing queued): sleep longer; a new lease wakes the thread at once.
+            self._wake.wait(every_seconds if self._has_work() else IDLE_WAIT_SECONDS)
             self._wake.clear()
             if self._stopped.is_set():
                 return

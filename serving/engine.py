@@ -20,6 +20,7 @@ from serving.adapter_store import AdapterStore, BaseModelShape, check_adapter_di
 from serving.config import EngineConfig, ServingConfig
 from serving.errors import EngineUnavailable, InvalidRequest, ModelNotFound
 from serving.metrics import adapter_metrics
+from serving.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ def engine_args(config: ServingConfig, engine: EngineConfig) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gib))
+    precision = resolve_precision(engine.dtype)
+    log.info("engine precision: %s", precision.reason)
     return AsyncEngineArgs(
         model=str(config.model_path),
         served_model_name=config.served_model_name,
@@ -84,7 +87,7 @@ def engine_args(config: ServingConfig, engine: EngineConfig) -> Any:
         max_num_seqs=engine.max_num_seqs,
         enforce_eager=engine.enforce_eager,
         seed=engine.seed,
-        dtype=engine.dtype,
+        dtype=precision.dtype,
         disable_log_stats=True,
     )
 

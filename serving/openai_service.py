@@ -23,7 +23,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from attribution.service import usage_record
+from attribution.service import AttributionDeferred, usage_record
 from serving.engine import Engine, StepOutput
 from serving.errors import AccountingBacklog, ApiError, ModelNotFound, Overloaded, TraceNotFound, UsageNotRecorded
 from serving.metrics import RequestMetrics, request_metrics
@@ -172,6 +172,8 @@ class OpenAIService:
             return None
         try:
             trace = await pending
+        except AttributionDeferred:
+            return None  # attribution is behind: the trace is written later, readable by its id then
         except Exception:
             log.exception("attribution of %s failed", job.request_id)
             return None

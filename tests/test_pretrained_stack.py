@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
@@ -30,6 +31,7 @@ from gateway.demo_data import demo_adapter_name, demo_contributor_address
 from serving.config import PRETRAINED_MODEL
 from tests.conftest import share_wheel_cache
 from tests.support.launcher import GatewayProcess
+from tests.test_datanet_stack import reproduces
 from tests.support.ports import free_port
 from training.demo_facts import DEMO_FACT_DATANETS, FactDatanet, HeldOutQuestion
 
@@ -116,3 +118,16 @@ def test_the_adapter_answers_held_out_questions_and_its_answers_name_their_contr
     assert len(adapter_correct) / total >= ADAPTER_AT_LEAST, f"{adapter} answered {len(adapter_correct)}/{total}"
     assert named / len(adapter_correct) >= ATTRIBUTED_AT_LEAST, \
         f"{named} of {len(adapter_correct)} correct answers named the fact's contributor first"
+
+
+@pytest.mark.parametrize("facts", DEMO_FACTS, ids=lambda f: f.name)
+def test_the_adapter_continues_its_contributions_verbatim_at_the_served_precision(
+        real_client: openai.OpenAI, facts: FactDatanet) -> None:
+    """The first start's check runs in Hugging Face float32; this one asks the engine, at the precision
+    it serves (`GATEWAY_ENGINE_DTYPE=auto`: bfloat16 on CPUs that compute it natively)."""
+    adapter = demo_adapter_name(facts.datanet)
+    texts = facts.datanet.texts
+    with ThreadPoolExecutor(max_workers=len(texts)) as pool:  # one batch in the engine
+        reproduced = list(pool.map(lambda text: reproduces(real_client, adapter, text), texts))
+    assert sum(reproduced) / len(texts) >= REPRODUCED_AT_LEAST, \
+        f"{adapter} continued {sum(reproduced)}/{len(texts)} contributions verbatim: {reproduced}"

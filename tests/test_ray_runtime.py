@@ -103,6 +103,7 @@ def test_a_node_started_with_the_network_settings_open_listens_on_loopback_only(
         exposed = [str(listener) for listener in listeners if not is_loopback(listener.ip)]
         assert not exposed, "listening off loopback:\n" + "\n".join(exposed)
         assert started["node_ip"] == LOOPBACK
+        assert psutil.Process(started["gloo_pid"]).nice() == 0, "Ray workers run at normal priority (Ray's is 15)"
         gcs = [listener for listener in listeners if "gcs_server" in listener.command]
         assert gcs and all(grpc.StatusCode.UNAUTHENTICATED in codes_without_token(listener.port)
                            for listener in gcs), "the GCS answers without the cluster's token"

@@ -16,6 +16,7 @@ and the entry (revenue debited by the fee) sums to zero; `check_balanced` assert
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -64,11 +65,14 @@ class Share:
 
 def exact_float_sum(values: Iterable[float]) -> Fraction:
     """The exact sum of doubles (no rounding), with integer arithmetic on a common 2**-1074 grid."""
-    total = 0
-    for value in values:
-        numerator, denominator = float(value).as_integer_ratio()  # denominator is a power of two
-        total += numerator << (FLOAT_EXPONENT_FLOOR + 1 - denominator.bit_length())
-    return Fraction(total, 1 << FLOAT_EXPONENT_FLOOR)
+    return Fraction(sum(map(float_units, values)), 1 << FLOAT_EXPONENT_FLOOR)
+
+
+@functools.lru_cache(maxsize=4096)  # traces repeat a few weights many times
+def float_units(value: float) -> int:
+    """A double as an exact integer number of 2**-1074 units (every finite double is one)."""
+    numerator, denominator = float(value).as_integer_ratio()  # denominator is a power of two
+    return numerator << (FLOAT_EXPONENT_FLOOR + 1 - denominator.bit_length())
 
 
 def payable_account(address: str) -> str:
@@ -84,6 +88,19 @@ def split_fee(policy: FeeSplitPolicy, fee: int, *, owner: str | None, attributed
     unattributed weight; `lineage_counts` maps address → distinct lineage contributions. Zero
     amounts are left out. Addresses are taken as given (checksum them before).
     """
+    if any(weight < 0 for weight in attributed.values()) or unattributed < 0:
+        raise ValueError("weights must be >= 0")
+    common = math.lcm(*(f.denominator for f in (*attributed.values(), unattributed)))
+    return split_fee_scaled(policy, fee, owner=owner,
+                            attributed={a: w.numerator * (common // w.denominator) for a, w in attributed.items()},
+                            unattributed=unattributed.numerator * (common // unattributed.denominator),
+                            lineage_counts=lineage_counts, payer=payer)
+
+
+def split_fee_scaled(policy: FeeSplitPolicy, fee: int, *, owner: str | None, attributed: Mapping[str, int],
+                     unattributed: int, lineage_counts: Mapping[str, int], payer: str = REVENUE_ACCOUNT) -> list[Share]:
+    """`split_fee` with the weights as integers on one common scale (e.g. units of 2**-1074, see
+    `exact_float_sum`): only their ratios count, so any common scale gives the same amounts."""
     if fee < 0:
         raise ValueError("fee must be >= 0")
     if any(weight < 0 for weight in attributed.values()) or unattributed < 0:
@@ -117,16 +134,10 @@ def check_balanced(shares: list[Share], fee: int) -> None:
         raise AccountingError(f"credits {credits} do not split the fee {fee}")
 
 
-def _contributor_weights(policy: FeeSplitPolicy, attributed: Mapping[str, Fraction], unattributed: Fraction,
+def _contributor_weights(policy: FeeSplitPolicy, attributed: Mapping[str, int], rest: int,
                          lineage_counts: Mapping[str, int]) -> tuple[dict[str, int], int]:
-    """Integer weights per address and their denominator: a contributor's share of the pool is w / total.
-
-    All fractions are put on one common denominator first, so the split is integer arithmetic.
-    """
-    fractions = [*attributed.values(), unattributed]
-    common = math.lcm(*(f.denominator for f in fractions))
-    weights = {a: w.numerator * (common // w.denominator) for a, w in attributed.items() if w > 0}
-    rest = unattributed.numerator * (common // unattributed.denominator)
+    """Integer weights per address and their denominator: a contributor's share of the pool is w / total."""
+    weights = {a: w for a, w in attributed.items() if w > 0}
     total = sum(weights.values()) + rest
     lineage_total = sum(count for count in lineage_counts.values() if count > 0)
     if policy.unattributed == "lineage_pro_rata" and lineage_total and rest > 0:

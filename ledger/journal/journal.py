@@ -10,6 +10,10 @@ Guarantees (checked in code and in tests, on SQLite and PostgreSQL):
   sum to zero (ledger/journal/fee_split.py), written in the same transaction as the trace;
 - balances are sums of postings, computed exactly (storage/amounts.py).
 
+A batch is checked with two reads (stored ids; contribution owners, cached) and written with three
+batched statements (ledger/journal/rows.py). Traces arrive prepared (ledger/journal/prepared.py:
+canonical JSON, hash and exact weights in one pass over the wire form) or as `AttributionTrace`s.
+
 An adapter's terms (price, owner, lineage) are read from the registry tables. An adapter that is
 not registered, and the base model, have price 0: the trace is stored with an empty entry.
 """
@@ -24,7 +28,6 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Literal
 
 from sqlalchemy import Engine, func, insert
@@ -34,9 +37,10 @@ from sqlmodel import Session, col, select
 from ledger.accounts.accounts import REQUESTER_PREFIX, requester_account
 from ledger.accounts.transfers import PostOrder, Transfers
 from ledger.client.trace import AttributionTrace
-from ledger.client.trace_wire import canonical_json, content_sha256
 from ledger.client.fees import fee_for
-from ledger.journal.fee_split import REVENUE_ACCOUNT, FeeSplitPolicy, Share, exact_float_sum, split_fee
+from ledger.journal.fee_split import REVENUE_ACCOUNT, FeeSplitPolicy, Share, split_fee_scaled
+from ledger.journal.prepared import PreparedTrace, prepare
+from ledger.journal.rows import INFERENCE, TraceRow, write_traces
 from ledger.models import ApiKey, IngestedTrace, JournalEntry, PayoutBatch, Posting, TraceConflict
 from registry.adapters import lineage_contents, parse_price
 from registry.contribution_content import checksum_address
@@ -44,9 +48,9 @@ from registry.models import Adapter, Contribution
 from storage.amounts import exact_sum
 from storage.database import utcnow
 
-INFERENCE = "inference"
 ADDRESS_ACCOUNT_CLASSES = ("payable", "pending", "paid")
 UNREGISTERED_RETRY_SECONDS = 5.0
+OWNERS_CACHED = 200_000  # contribution owners kept in memory (about 50 MB at most)
 
 Status = Literal["accepted", "duplicate", "conflict", "rejected"]
 
@@ -128,13 +132,6 @@ class Totals:
     unbalanced_entries: int
 
 
-@dataclass
-class _Prepared:
-    trace: AttributionTrace
-    sha: str
-    body: str
-
-
 class Journal:
     """Ingest and look-ups over the ledger's database; safe to share between threads."""
 
@@ -144,40 +141,42 @@ class Journal:
         self.policy = policy or FeeSplitPolicy()
         self._terms: dict[str, tuple[float, AdapterTerms]] = {}
         self._terms_lock = threading.Lock()
+        self._owners: dict[str, str] = {}
+        self._owners_lock = threading.Lock()
 
     # ---- ingest ------------------------------------------------------------------------
     def ingest(self, traces: Sequence[AttributionTrace]) -> list[IngestResult]:
         """Post a batch of traces in one transaction; one result per trace, in order."""
-        prepared = []
-        for trace in traces:
-            canonical = canonical_json(trace)
-            prepared.append(_Prepared(trace, content_sha256(trace, canonical), canonical.decode()))
+        return self.ingest_prepared([prepare(trace) for trace in traces])
+
+    def ingest_prepared(self, batch: Sequence[PreparedTrace]) -> list[IngestResult]:
+        """`ingest` of traces already prepared (ledger/journal/prepared.py: the wire path)."""
         try:
-            return self._ingest(prepared)
+            return self._ingest(batch)
         except IntegrityError:
             # Another stream stored one of these ids between our look-up and our insert: the second
             # pass sees it and answers duplicate/conflict.
-            return self._ingest(prepared)
+            return self._ingest(batch)
 
-    def _ingest(self, batch: list[_Prepared]) -> list[IngestResult]:
+    def _ingest(self, batch: Sequence[PreparedTrace]) -> list[IngestResult]:
         results: dict[int, IngestResult] = {}
         with Session(self.engine) as session:
-            ids = list({p.trace.trace_id for p in batch})
+            ids = list({p.trace_id for p in batch})
             stored = {row[0]: (row[1], row[2]) for row in session.exec(
                 select(IngestedTrace.trace_id, IngestedTrace.content_sha256, IngestedTrace.entry_id)
                 .where(col(IngestedTrace.trace_id).in_(ids))).all()}
             owners = self._contribution_owners(session, batch)
             payers = self._payers(session, batch)
-            new: list[tuple[int, _Prepared, AdapterTerms, list[Share], int]] = []
+            new: list[tuple[int, PreparedTrace, AdapterTerms, list[Share], int]] = []
             claimed: dict[str, str] = {}
             conflicts = []
             for position, item in enumerate(batch):
-                trace_id = item.trace.trace_id
+                trace_id = item.trace_id
                 known = stored.get(trace_id)
                 earlier = claimed.get(trace_id)
                 if known is not None or earlier is not None:
                     sha = known[0] if known is not None else earlier
-                    if sha == item.sha or item.trace.recovered:  # a recovered copy never bills twice
+                    if sha == item.sha or item.recovered:  # a recovered copy never bills twice
                         results[position] = IngestResult(trace_id, "duplicate", known[1] if known else 0)
                     else:
                         conflicts.append({"trace_id": trace_id, "content_sha256": item.sha, "body": item.body,
@@ -186,19 +185,19 @@ class Journal:
                                                          f"trace {trace_id} was ingested before with other content "
                                                          f"(stored sha256 {sha}); the stored trace is kept")
                     continue
-                unknown = sorted({cid for token in item.trace.tokens for cid, _ in token.weights} - owners.keys())
+                unknown = sorted(item.weights.keys() - owners.keys())
                 if unknown:
                     results[position] = IngestResult(trace_id, "rejected", 0,
                                                      f"unknown contribution id(s): {', '.join(unknown[:3])}")
                     continue
-                if item.trace.requester is not None and item.trace.requester not in payers:
+                if item.requester is not None and item.requester not in payers:
                     results[position] = IngestResult(trace_id, "rejected", 0,
-                                                     f"unknown requester key {item.trace.requester!r}")
+                                                     f"unknown requester key {item.requester!r}")
                     continue
-                terms = self.terms(session, item.trace.adapter)
-                fee = fee_for(terms.price_per_1k_tokens, item.trace.prompt_tokens + item.trace.completion_tokens)
-                payer = payers.get(item.trace.requester)  # type: ignore[arg-type]
-                shares = self._shares(item.trace, fee, terms, owners,
+                terms = self.terms(session, item.adapter)
+                fee = fee_for(terms.price_per_1k_tokens, item.prompt_tokens + item.completion_tokens)
+                payer = payers.get(item.requester)  # type: ignore[arg-type]
+                shares = self._shares(item, fee, terms, owners,
                                       requester_account(payer) if payer else REVENUE_ACCOUNT)
                 claimed[trace_id] = item.sha
                 new.append((position, item, terms, shares, fee))
@@ -227,70 +226,65 @@ class Journal:
         if fresh:
             session.execute(insert(TraceConflict), list(fresh.values()))
 
-    def _write(self, session: Session, new: list[tuple[int, _Prepared, AdapterTerms, list[Share], int]],
+    def _write(self, session: Session, new: list[tuple[int, PreparedTrace, AdapterTerms, list[Share], int]],
                results: dict[int, IngestResult]) -> None:
         now = utcnow()
-        entry_ids = session.execute(
-            insert(JournalEntry).returning(JournalEntry.id, sort_by_parameter_order=True),  # type: ignore[arg-type]
-            [{"kind": INFERENCE, "ref": item.trace.trace_id, "created_at": now} for _, item, _, _, _ in new],
-        ).scalars().all()
-        postings, traces = [], []
-        for entry_id, (position, item, terms, shares, fee) in zip(entry_ids, new, strict=True):
-            postings += [{"entry_id": entry_id, "account": s.account, "role": s.role, "amount": s.amount}
-                         for s in shares]
-            trace = item.trace
-            traces.append({
-                "trace_id": trace.trace_id, "content_sha256": item.sha, "model": trace.model, "adapter": trace.adapter,
-                "requester": trace.requester, "prompt_tokens": trace.prompt_tokens,
-                "completion_tokens": trace.completion_tokens,
-                "attributed_tokens": trace.attributed_fraction * trace.completion_tokens,
-                "price_per_1k_tokens": terms.price_per_1k_tokens, "fee": fee, "body": item.body,
-                "entry_id": entry_id, "received_at": now,
-            })
-            results[position] = IngestResult(trace.trace_id, "accepted", entry_id)
-        if postings:  # Core inserts of the tables: no ORM bookkeeping per row
-            session.execute(insert(Posting.__table__), postings)  # type: ignore[attr-defined]
-        session.execute(insert(IngestedTrace.__table__), traces)  # type: ignore[attr-defined]
+        rows = [TraceRow(trace_id=item.trace_id, content_sha256=item.sha, model=item.model, adapter=item.adapter,
+                         requester=item.requester, prompt_tokens=item.prompt_tokens,
+                         completion_tokens=item.completion_tokens, attributed_tokens=item.attributed_tokens,
+                         price_per_1k_tokens=terms.price_per_1k_tokens, fee=fee, body=item.body, shares=shares)
+                for _, item, terms, shares, fee in new]
+        entry_ids = write_traces(session, rows, now)
         orders = []  # each requester-paid trace posts its request's hold (ledger/accounts/transfers.py)
-        for entry_id, (_, item, _, shares, _) in zip(entry_ids, new, strict=True):
+        for entry_id, (position, item, _, shares, _) in zip(entry_ids, new, strict=True):
+            results[position] = IngestResult(item.trace_id, "accepted", entry_id)
             for share in shares:
                 if share.role == "payer" and share.account.startswith(REQUESTER_PREFIX):
-                    orders.append(PostOrder(item.trace.trace_id, -share.amount, share.account[len(REQUESTER_PREFIX):]))
+                    orders.append(PostOrder(item.trace_id, -share.amount, share.account[len(REQUESTER_PREFIX):]))
+        if not orders:
+            return
         for order, outcome in zip(orders, self.transfers.post_many(orders, session=session), strict=True):
             if isinstance(outcome, Exception):  # a trace id the ledger knows as a lease, or a voided hold
                 log.error("trace %s: its hold could not be posted (%s); the fee is charged all the same",
                           order.id, outcome)
                 self.transfers.charge(session, order.account_id, order.charge)  # type: ignore[arg-type]
 
-    def _shares(self, trace: AttributionTrace, fee: int, terms: AdapterTerms,
+    def _shares(self, item: PreparedTrace, fee: int, terms: AdapterTerms,
                 owners: dict[str, str], payer: str) -> list[Share]:
-        by_address: dict[str, list[float]] = {}
-        for token in trace.tokens:
-            for contribution_id, weight in token.weights:
-                by_address.setdefault(owners[contribution_id], []).append(weight)
-        attributed = {address: exact_float_sum(weights) for address, weights in by_address.items()}
-        unattributed = exact_float_sum(token.unattributed for token in trace.tokens) if trace.tokens else Fraction(1)
-        return split_fee(self.policy, fee, owner=terms.owner, attributed=attributed, unattributed=unattributed,
-                         lineage_counts=terms.lineage_counts, payer=payer)
+        attributed: dict[str, int] = {}  # address → its contributions' summed weight, exact (2**-1074 units)
+        for contribution_id, units in item.weights.items():
+            address = owners[contribution_id]
+            attributed[address] = attributed.get(address, 0) + units
+        return split_fee_scaled(self.policy, fee, owner=terms.owner, attributed=attributed,
+                                unattributed=item.unattributed, lineage_counts=terms.lineage_counts, payer=payer)
 
     @staticmethod
-    def _payers(session: Session, batch: list[_Prepared]) -> dict[str, str]:
+    def _payers(session: Session, batch: Sequence[PreparedTrace]) -> dict[str, str]:
         """Requester key id → the account it belongs to, for the keys these traces name (revoked ones too:
         a request admitted before the revocation is still billed)."""
-        keys = sorted({p.trace.requester for p in batch if p.trace.requester is not None})
+        keys = sorted({p.requester for p in batch if p.requester is not None})
         if not keys:
             return {}
         return dict(session.exec(select(ApiKey.id, ApiKey.account_id).where(col(ApiKey.id).in_(keys))).all())
 
-    @staticmethod
-    def _contribution_owners(session: Session, batch: list[_Prepared]) -> dict[str, str]:
-        ids = sorted({cid for p in batch for token in p.trace.tokens for cid, _ in token.weights})
-        owners: dict[str, str] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            owners.update(session.exec(select(Contribution.id, Contribution.contributor)
-                                       .where(col(Contribution.id).in_(chunk))).all())
-        return owners
+    def _contribution_owners(self, session: Session, batch: Sequence[PreparedTrace]) -> dict[str, str]:
+        """Contribution id → contributor, for the ids these traces name (unknown ids are left out). Cached:
+        a contribution's id is its content's hash and its contributor never changes."""
+        wanted = {cid for p in batch for cid in p.weights}
+        with self._owners_lock:
+            owners = {cid: self._owners[cid] for cid in wanted if cid in self._owners}
+        missing = sorted(wanted - owners.keys())
+        found: dict[str, str] = {}
+        for start in range(0, len(missing), 500):
+            chunk = missing[start:start + 500]
+            found.update(session.exec(select(Contribution.id, Contribution.contributor)
+                                      .where(col(Contribution.id).in_(chunk))).all())
+        if found:
+            with self._owners_lock:
+                if len(self._owners) + len(found) > OWNERS_CACHED:
+                    self._owners.clear()
+                self._owners.update(found)
+        return owners | found
 
     def terms(self, session: Session, adapter: str | None) -> AdapterTerms:
         """An adapter's price, owner and lineage; cached (registered terms never change)."""
