@@ -8,6 +8,9 @@ the GIL, so threads of one process do not add up.
 `LocalAttributors`; the index files are memory-mapped by every worker, so the page cache holds them
 once. A call takes a free worker (waiting while all are busy), sends it the query over a pipe and waits
 for the token attributions, with the GIL released; `workers` callers in parallel use `workers` cores.
+The reply is compact (`encode_tokens`: the token ids, then one (count, weights, unattributed) per run of
+tokens sharing their weights), so the caller's process -- the gateway's, on the same cores -- spends
+little on each reply.
 Workers start on first use; a worker that dies fails the call in flight (`WorkerLost`, which the
 service retries) and is started again on the next one.
 """
@@ -84,6 +87,44 @@ class LocalAttributors:
                     self._open.popitem(last=False)[1].close()
             self._open.move_to_end(index_dirs)
             return attributor
+
+
+Run = tuple[int, tuple[tuple[str, float], ...], float]  # tokens in the run, their weights, unattributed share
+
+
+def encode_tokens(tokens: Sequence[TokenAttribution]) -> tuple[list[int], list[Run]]:
+    """(token ids, runs): consecutive tokens with the same weights and unattributed share form one run."""
+    runs: list[Run] = []
+    weights: Any = None
+    unattributed = -1.0
+    count = 0
+    for token in tokens:
+        if token.weights is weights and token.unattributed == unattributed:
+            count += 1
+            continue
+        if count:
+            runs.append((count, weights, unattributed))
+        weights, unattributed, count = token.weights, token.unattributed, 1
+    if count:
+        runs.append((count, weights, unattributed))
+    return [token.token_id for token in tokens], runs
+
+
+def decode_tokens(token_ids: Sequence[int], runs: Sequence[Run]) -> list[TokenAttribution]:
+    """The TokenAttributions `encode_tokens` encoded. Not validated again: the worker built them validated
+    (as unpickling them would not either)."""
+    tokens: list[TokenAttribution] = []
+    new = object.__new__
+    start = 0
+    for count, weights, unattributed in runs:
+        for token_id in token_ids[start : start + count]:
+            token = new(TokenAttribution)
+            token.__dict__.update(token_id=token_id, weights=weights, unattributed=unattributed)
+            tokens.append(token)
+        start += count
+    if start != len(token_ids):
+        raise ValueError(f"runs cover {start} tokens of {len(token_ids)}")
+    return tokens
 
 
 class _Worker:
@@ -166,7 +207,7 @@ class ProcessAttributors:
                 self._lineages.popitem(last=False)
         worker = self._free.get()
         try:
-            return worker.call((key, list(context), list(completion)))
+            return decode_tokens(*worker.call((key, list(context), list(completion))))
         finally:
             self._free.put(worker)
 
@@ -202,7 +243,7 @@ def _read_frame(pipe: BinaryIO) -> Any:
 
 
 def serve(requests: BinaryIO, replies: BinaryIO) -> None:
-    """A worker's loop: (index dirs, context, completion) in, ("ok", tokens) or ("error", exception) out."""
+    """A worker's loop: (index dirs, context, completion) in, ("ok", encoded tokens) or ("error", exception) out."""
     attributors = LocalAttributors()
     try:
         while True:
@@ -211,7 +252,7 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
             except EOFError:
                 return
             try:
-                reply: tuple[str, Any] = ("ok", attributors.attribute(index_dirs, context, completion))
+                reply: tuple[str, Any] = ("ok", encode_tokens(attributors.attribute(index_dirs, context, completion)))
             except Exception as error:  # sent back and raised in the caller
                 reply = ("error", WorkerError(f"{type(error).__name__}: {error}"))
             _write_frame(replies, reply)

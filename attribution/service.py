@@ -28,7 +28,8 @@ worker thread, for the shipper to deliver to the ledger; the request path only r
 
 The search and the weighting run in worker processes (`processes=True`, attribution/search_pool.py),
 `workers` of them, one per worker thread here: they hold no GIL of this process, and `workers`
-processes use `workers` cores.
+processes use `workers` cores. Operators set `workers`, `queue_max` and `max_lag_seconds` as
+``GATEWAY_ATTRIBUTION_*`` (attribution/config.py; `AttributionService.from_config`).
 
 When attribution falls behind (the lag policy). At most `queue_max` responses are held in memory
 waiting for (or under) attribution. A response that ends while that many are held, or while older
@@ -62,6 +63,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from attribution.attributor import MAX_CONTEXT_TOKENS
+from attribution.config import MAX_LAG_SECONDS, QUEUE_MAX, WORKERS, AttributionConfig
 from attribution.metrics import AttributionMetrics, attribution_metrics
 from attribution.outbox import TRACE_SUFFIX as TRACE_FILE_SUFFIX
 from attribution.outbox import Outbox
@@ -79,8 +81,6 @@ TRACE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 METHOD = "verbatim-span-v1"
 FALLBACK_METHOD = "unattributed-after-failure"  # attribution failed: every token unattributed
 OVERLOAD_METHOD = "unattributed-overload"  # attribution was too far behind: every token unattributed
-QUEUE_MAX = 1024
-MAX_LAG_SECONDS = 120.0
 CATCH_UP_SECONDS = 0.5
 ATTEMPTS = 2
 RETRY_DELAY_SECONDS = 0.5
@@ -206,14 +206,19 @@ class AttributionService:
     """Runs attribution for finished generations and keeps their traces."""
 
     def __init__(self, lineages: LedgerLineages, *, trace_dir: Path | None = None, outbox: Outbox | None = None,
-                 usage_log: UsageLog | None = None, workers: int = 1, traces_max: int = TRACES_MAX,
+                 usage_log: UsageLog | None = None, workers: int = WORKERS, traces_max: int = TRACES_MAX,
                  metrics: AttributionMetrics | None = None, recover_seconds: float = RECOVER_SECONDS,
                  delay_seconds: float = 0.0, processes: bool = True, attributors: TokenAttributor | None = None,
                  queue_max: int = QUEUE_MAX, max_lag_seconds: float = MAX_LAG_SECONDS) -> None:
         """`workers` threads (and as many processes with `processes`) attribute; `attributors` replaces
-        where the search runs (tests); `queue_max` and `max_lag_seconds` are the lag policy's bounds."""
+        where the search runs (tests); `queue_max` and `max_lag_seconds` are the lag policy's bounds
+        (operators set all three as `AttributionConfig`: `from_config`)."""
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         if queue_max < 1:
             raise ValueError(f"queue_max must be >= 1, got {queue_max}")
+        if not max_lag_seconds > 0 or max_lag_seconds == float("inf"):
+            raise ValueError(f"max_lag_seconds must be a finite number > 0, got {max_lag_seconds}")
         self.lineages = lineages
         self.metrics = metrics or attribution_metrics()
         self.trace_dir = trace_dir
@@ -225,6 +230,7 @@ class AttributionService:
         self._written: deque[Path] = deque()
         if trace_dir is not None:
             trace_dir.mkdir(parents=True, exist_ok=True)
+        self.workers = workers
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attribution")
         self._attributors: TokenAttributor = attributors or (
             ProcessAttributors(workers) if processes else LocalAttributors())
@@ -252,6 +258,14 @@ class AttributionService:
             if usage_log is not None:
                 threading.Thread(target=self._recover_periodically, args=(recover_seconds,), name="usage-recovery",
                                  daemon=True).start()
+
+    @classmethod
+    def from_config(cls, lineages: LedgerLineages, config: AttributionConfig | None = None,
+                    **kwargs: Any) -> AttributionService:
+        """A service with the operator's settings (``GATEWAY_ATTRIBUTION_*`` unless `config` is given)."""
+        config = config or AttributionConfig()
+        return cls(lineages, workers=config.workers, queue_max=config.queue_max,
+                   max_lag_seconds=config.max_lag_seconds, **kwargs)
 
     def record_usage(self, record: UsageRecord) -> concurrent.futures.Future[None] | None:
         """Queue the response's usage record; the future resolves once it is durable (None: no usage log)."""

@@ -6,6 +6,12 @@ Guarantees:
 - after any stream error every unacknowledged trace is sent again on the next stream; the ledger is
   idempotent on trace id (DUPLICATE), so a trace is posted once however often it is sent;
 - at most `window` requests of at most `batch_size` traces (and `REQUEST_BYTES_MAX` bytes) are in flight.
+
+Idle, it costs nothing: a stream is opened only when the outbox holds a trace and closed once nothing
+was in flight for `idle_close_seconds` (a sync gRPC stream wakes its threads 5–10 times a second).
+Between streams the thread sleeps on the outbox directory (inotify, attribution/outbox_watch.py) and
+scans it after `poll_seconds`, doubling up to `idle_poll_max_seconds` while it stays empty, so a
+trace waits at most that long even where inotify is not available.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from attribution.outbox import CorruptTrace, Outbox
+from attribution.outbox_watch import OutboxWatch
 from wire.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 log = logging.getLogger("attribution.shipper")
@@ -36,6 +43,8 @@ CHANNEL_OPTIONS = (
 REQUEST_BYTES_MAX = 4 * 1024 * 1024 - 64 * 1024  # under gRPC's default 4 MiB receive limit
 RECONNECT_CONFIRM_SECONDS = 1.0  # a stream up this long (or acking) ends an outage
 EMPTY_POLL_SECONDS = 0.02
+IDLE_CLOSE_SECONDS = 10.0  # a stream with nothing in flight this long is closed
+IDLE_POLL_MAX_SECONDS = 2.0  # the longest a trace waits for the shipper between streams without inotify
 CHANNEL_CLOSE_DELAY_SECONDS = 1.0
 _CONNECTED = object()
 _WAKE = object()
@@ -63,10 +72,15 @@ class _IngestStream:
     def wake(self) -> None:
         self.events.put(_WAKE)
 
+    def connected(self) -> None:
+        """Stop watching connectivity once READY (its poller wakes 5 times a second); a broken
+        connection ends the call, which the ack reader reports."""
+        self._channel.unsubscribe(self._on_connectivity)
+
     def close(self) -> None:
         self._requests.put(None)
         self._call.cancel()
-        self._channel.unsubscribe(self._on_connectivity)
+        self._channel.unsubscribe(self._on_connectivity)  # no-op when already unsubscribed
         # gRPC's connectivity poller thread raises if the channel closes under it; it notices the
         # unsubscribe within 0.2 s, so the (now idle) channel is closed a little later.
         closer = threading.Timer(CHANNEL_CLOSE_DELAY_SECONDS, self._channel.close)
@@ -84,8 +98,9 @@ class _IngestStream:
 
     def _read_acks(self) -> None:
         try:
-            for ack in self._call:
-                self.events.put(ack)
+            for message in self._call:
+                for ack in message.acks or (message,):  # one message per request, or (older ledgers) per trace
+                    self.events.put(ack)
             self.events.put(StreamBroken("the ledger closed the stream"))
         except grpc.RpcError as error:
             self.events.put(StreamBroken(f"{error.code().name}: {error.details()}"))
@@ -127,11 +142,14 @@ class TraceShipper:
 
     def __init__(self, outbox: Outbox, target: str, *, token: str | Callable[[], str] | None = None,
                  batch_size: int = 64, window: int = 4, poll_seconds: float = 0.2, backoff_initial: float = 0.5,
-                 backoff_max: float = 30.0) -> None:
+                 backoff_max: float = 30.0, idle_close_seconds: float = IDLE_CLOSE_SECONDS,
+                 idle_poll_max_seconds: float = IDLE_POLL_MAX_SECONDS) -> None:
         if batch_size < 1 or window < 1:
             raise ValueError(f"batch_size and window must be >= 1, got {batch_size} and {window}")
         if poll_seconds <= 0 or backoff_initial <= 0 or backoff_max < backoff_initial:
             raise ValueError("poll_seconds and backoff_initial must be > 0 and backoff_max >= backoff_initial")
+        if idle_close_seconds <= 0 or idle_poll_max_seconds < poll_seconds:
+            raise ValueError("idle_close_seconds must be > 0 and idle_poll_max_seconds >= poll_seconds")
         self.outbox = outbox
         self.target = target
         self.batch_size = batch_size
@@ -139,6 +157,9 @@ class TraceShipper:
         self.poll_seconds = poll_seconds
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        self.idle_close_seconds = idle_close_seconds
+        self.idle_poll_max_seconds = idle_poll_max_seconds
+        self._watch: OutboxWatch | None = None
         self._token = token  # or a function read before each stream: the token file may appear or change
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -153,6 +174,7 @@ class TraceShipper:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("TraceShipper.start() called twice")
+        self._watch = OutboxWatch(self.outbox.directory)
         self._thread = threading.Thread(target=self._run, name="trace-shipper", daemon=True)
         self._thread.start()
 
@@ -161,6 +183,8 @@ class TraceShipper:
         self._stop.set()
         if (stream := self._stream) is not None:
             stream.wake()
+        if (watch := self._watch) is not None:
+            watch.wake()
         if self._thread is None:
             return True
         self._thread.join(timeout)
@@ -183,34 +207,58 @@ class TraceShipper:
             time.sleep(EMPTY_POLL_SECONDS)
 
     def _run(self) -> None:
+        assert self._watch is not None
+        try:
+            while not self._stop.is_set():
+                try:
+                    if not self._wait_for_work(self._watch):
+                        break
+                    self._ship_on_one_stream()
+                    continue  # closed while idle (or stopping): no failure
+                except StreamBroken as error:
+                    reason = str(error)
+                except Exception as error:  # noqa: BLE001 - the thread must survive; logged with traceback
+                    log.exception("trace shipper: unexpected error, reconnecting")
+                    reason = f"{type(error).__name__}: {error}"
+                finally:
+                    self._set_state(connected=False, in_flight=0)
+                if self._stop.is_set():
+                    break
+                self._on_stream_failed(reason)
+                self._stop.wait(self._next_backoff_seconds())
+        finally:
+            self._watch.close()
+
+    def _wait_for_work(self, watch: OutboxWatch) -> bool:
+        """Sleep until the outbox holds a trace (True) or the shipper stops (False)."""
+        delay = self.poll_seconds
         while not self._stop.is_set():
-            try:
-                self._ship_on_one_stream()
-                reason = "stopped"
-            except StreamBroken as error:
-                reason = str(error)
-            except Exception as error:  # noqa: BLE001 - the thread must survive; logged with traceback
-                log.exception("trace shipper: unexpected error, reconnecting")
-                reason = f"{type(error).__name__}: {error}"
-            finally:
-                self._set_state(connected=False, in_flight=0)
-            if self._stop.is_set():
-                break
-            self._on_stream_failed(reason)
-            self._stop.wait(self._next_backoff_seconds())
+            watch.drain()  # arrivals from now on wake the wait; earlier ones the scan finds
+            if self.outbox.pending(1):
+                return True
+            if not watch.wait(delay):
+                delay = min(2 * delay, self.idle_poll_max_seconds)
+        return False
 
     def _ship_on_one_stream(self) -> None:
+        """Ship until stopped or idle for `idle_close_seconds` (returns), or until the stream breaks (raises)."""
         stream = _IngestStream(self.target, self._call_metadata())
         self._stream = stream
         window = _Window()
         ready_at: float | None = None
         confirmed = False
         scan_now, next_poll = True, 0.0
+        busy_at = time.monotonic()
         try:
             while not self._stop.is_set():
-                if len(window) < self.window and (scan_now or time.monotonic() >= next_poll):
+                now = time.monotonic()
+                if len(window) < self.window and (scan_now or now >= next_poll):
                     scan_now = self._fill(stream, window)
                     next_poll = time.monotonic() + self.poll_seconds
+                if window.ids or scan_now:
+                    busy_at = now
+                elif now - busy_at >= self.idle_close_seconds and (confirmed or ready_at is None):
+                    return
                 self._set_state(in_flight=len(window.ids))
                 try:
                     event = stream.events.get(timeout=self.poll_seconds)
@@ -218,8 +266,9 @@ class TraceShipper:
                     event = None
                 if isinstance(event, StreamBroken):
                     raise event
-                if event is _CONNECTED:
+                if event is _CONNECTED and ready_at is None:
                     ready_at = time.monotonic()
+                    stream.connected()
                     self._set_state(connected=True)
                 elif isinstance(event, Ack):
                     scan_now |= self._on_ack(event, window)
@@ -267,7 +316,7 @@ class TraceShipper:
 
     def _send(self, stream: _IngestStream, window: _Window, batch: list[ledger_pb2.AttributionTrace]) -> None:
         window.add([message.trace_id for message in batch])
-        stream.send(ledger_pb2.IngestRequest(traces=batch))
+        stream.send(ledger_pb2.IngestRequest(traces=batch, ack_per_request=True))
 
     def _on_ack(self, ack: ledger_pb2.IngestAck, window: _Window) -> bool:
         """Settle one acknowledged trace; True when it completed a batch (a window slot is free)."""

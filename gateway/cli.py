@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
+from attribution.config import AttributionConfig
 from gateway import (
     account_commands,
     adapter_commands,
@@ -49,6 +50,7 @@ def cmd_up(config: GatewayConfig, args: argparse.Namespace) -> None:
             raise CommandError(f"--no-auth is refused on {config.host}: without keys anyone who can reach the "
                                "gateway can spend; bind 127.0.0.1 or keep auth on")
         os.environ["GATEWAY_AUTH"] = "false"  # the replicas (Ray workers) read it too
+    AttributionConfig()  # the replicas read GATEWAY_ATTRIBUTION_*: a bad value is refused here, before anything starts
     run(config, EngineConfig(), ReplicaConfig())
 
 

@@ -21,6 +21,11 @@ class GatewayConfig(ServingConfig):
                               "shipping); a free port when taken or 0. Engine replicas serve theirs on free ports. "
                               "Every endpoint is announced in <state>/monitoring/targets/.")
     ray_num_cpus: PositiveInt = Field(4, description="Logical CPUs Ray may schedule on this node.")
+    ray_dashboard: bool = Field(
+        False, description="Run Ray's dashboard (web UI, job and state APIs, `serve deploy`) on 127.0.0.1:8265. "
+                           "Off, Ray's API server and autoscaler monitor are stopped after start and its task "
+                           "events are not recorded (~0.01 core less while idle)."
+    )
     stream_worker_logs: bool = Field(
         False, description="Stream replica/engine logs to this console (costs ~0.01 core while idle)."
     )

@@ -4,7 +4,10 @@ Ray binds its servers (GCS, raylet and object manager, each worker's RPC server,
 runtime-env agents, the metrics servers of the autoscaler monitor and of the dashboard process) to
 the node's IP address. On Linux Ray takes the address of the interface that routes off the
 machine; `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` selects its single-machine mode, in which the node's
-IP is the loopback address. The dashboard's web UI is off unless asked for (then on loopback too).
+IP is the loopback address. The dashboard is off unless asked for (`GATEWAY_RAY_DASHBOARD`, then on
+loopback too): off, the API-server process Ray starts anyway and the autoscaler monitor (nothing of
+the gateway or of Serve's Python API uses them) are stopped once the node is up, and Ray's
+observability loops are slowed (`RAY_IDLE_ENV`, `RAY_NO_DASHBOARD_ENV`) so the idle node stays quiet.
 Loopback still lets any local user connect, so Ray's token authentication is on as well
 (`RAY_AUTH_MODE=token`) and its token file is kept readable by its owner only. The processes Ray
 starts inherit the environment set here, which also keeps torch's gloo listeners (vLLM's CPU
@@ -40,6 +43,28 @@ RAY_LOOPBACK_ENV: Mapping[str, str] = {
 # Ray starts its workers at nice 15; the engine replica is a worker, and the serving work must not
 # yield the cores to every other process on the machine. An operator's own value wins.
 RAY_WORKER_PRIORITY_ENV: Mapping[str, str] = {"RAY_worker_niceness": "0"}
+
+# Periodic work of an idle node, made rarer (defaults apply, an operator's value wins). None of these
+# periods bounds a request's latency on one node: resource reports and object-manager ticks matter
+# across nodes, the fs monitor and the GC check guard a full object store, the others are bookkeeping.
+RAY_IDLE_ENV: Mapping[str, str] = {
+    "RAY_enable_pipe_based_agent_to_parent_health_check": "1",  # agents block on a pipe, not poll every 0.4 s
+    "RAY_raylet_report_resources_period_milliseconds": "1000",  # default 100
+    "RAY_object_manager_timer_freq_ms": "1000",  # default 100
+    "RAY_local_fs_monitor_interval_ms": "1000",  # default 100
+    "RAY_raylet_check_gc_period_milliseconds": "1000",  # default 100
+    "RAY_kill_idle_workers_interval_ms": "1000",  # default 200
+    "RAY_gcs_pull_resource_loads_period_milliseconds": "5000",  # default 1000; for the cluster autoscaler
+    "RAY_io_context_monitor_probe_interval_ms": "10000",  # default 1000 (unhealthy after 30 s either way)
+    "RAY_debug_dump_period_milliseconds": "60000",  # default 10000
+}
+
+# Without the dashboard nothing reads task events or the agents' node stats: stop recording the one,
+# collect the other once a minute.
+RAY_NO_DASHBOARD_ENV: Mapping[str, str] = {
+    "RAY_task_events_report_interval_ms": "0",  # 0: task events are not recorded (observability only)
+    "REPORTER_UPDATE_INTERVAL_MS": "60000",  # default 5000: the dashboard agent's psutil sweep
+}
 
 # torch's gloo binds the address the host name resolves to (often the host's own) unless told an
 # interface: the one holding 127.0.0.1 (`GLOO_SOCKET_IFNAME` set by the operator wins).
@@ -90,7 +115,12 @@ class RayNodeOptions:
 
     @classmethod
     def for_gateway(cls, config: GatewayConfig) -> RayNodeOptions:
-        return cls(num_cpus=config.ray_num_cpus, log_to_driver=config.stream_worker_logs)
+        return cls(num_cpus=config.ray_num_cpus, log_to_driver=config.stream_worker_logs,
+                   dashboard=config.ray_dashboard)
+
+    def environment(self) -> dict[str, str]:
+        """The defaults `start_ray` puts into the environment (where not set) for the idle node."""
+        return {**RAY_IDLE_ENV, **({} if self.dashboard else RAY_NO_DASHBOARD_ENV)}
 
     def init_arguments(self) -> dict[str, Any]:
         """Keyword arguments of `ray.init` for a new node-local cluster on loopback."""
@@ -154,7 +184,7 @@ def start_ray(options: RayNodeOptions) -> Any:
     """
     os.environ.update(RAY_LOOPBACK_ENV)  # for this process and every process Ray starts
     os.environ.setdefault(GLOO_INTERFACE_ENV, loopback_interface())
-    for key, value in RAY_WORKER_PRIORITY_ENV.items():
+    for key, value in {**RAY_WORKER_PRIORITY_ENV, **options.environment()}.items():
         os.environ.setdefault(key, value)
     keep_ray_token_private()
     import ray
@@ -172,7 +202,17 @@ def start_ray(options: RayNodeOptions) -> Any:
     if not is_loopback(node.node_ip_address):
         ray.shutdown()
         raise RuntimeError(f"Ray chose node address {node.node_ip_address}, not loopback; stopped it")
+    if not options.dashboard:
+        stop_dashboard_processes(node)
     return node
+
+
+def stop_dashboard_processes(node: Any) -> None:
+    """Stop the API server (`dashboard.py`, which Ray starts even without the dashboard) and the
+    autoscaler monitor (a one-node cluster does not autoscale): ~0.005 core idle, no use to Serve's
+    Python API. Ray's dashboard agent stays: the raylet shares its fate."""
+    node.kill_dashboard(check_alive=False)
+    node.kill_monitor(check_alive=False)
 
 
 def stop_ray() -> None:

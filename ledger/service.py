@@ -3,14 +3,16 @@ on the same port `Access` (what engine replicas ask: ledger/access_service.py) a
 caller adds (`Admin`).
 
 A synchronous gRPC server over `Journal`: each `IngestRequest` is posted in one database
-transaction and answered with one ack per trace, in order. A stream's next requests are read ahead
-and prepared (decoded, checked, hashed: ledger/journal/prepared.py) in a helper process while the
-current one is written (ledger/journal/prepare_pool.py). Every call, on every address (loopback
-too), must carry ``authorization: Bearer <token>`` (`ensure_ledger_token` below; clients read it with
-`ledger/client/token.py`); a call without it, or with another token, is answered UNAUTHENTICATED
-before any servicer code runs, so it reads and writes nothing. Only the standard health check
-(`grpc.health.v1.Health`) answers without the token. Reflection runs on the same port, behind the
-token like the ledger's own calls.
+transaction and answered, once it committed, with one ack per trace, in order: one message per
+trace, or one message for the whole request when it asks so (`ack_per_request`). A stream's next
+requests are read ahead and prepared (decoded, checked, hashed: ledger/journal/prepared.py) in a
+helper process while the current one is written (ledger/journal/prepare_pool.py).
+
+Every call, on every address (loopback too), must carry ``authorization: Bearer <token>``
+(`ensure_ledger_token` below; clients read it with `ledger/client/token.py`); a call without it, or
+with another token, is answered UNAUTHENTICATED before any servicer code runs, so it reads and
+writes nothing. Only the standard health check (`grpc.health.v1.Health`) answers without the
+token. Reflection runs on the same port, behind the token like the ledger's own calls.
 """
 
 from __future__ import annotations
@@ -51,28 +53,33 @@ SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["Ledger"].full_name
 STATEMENT_LIMIT_DEFAULT = 100
 STATEMENT_LIMIT_MAX = 10_000
 ACKS_AHEAD = 2  # batches written whose acks are not sent yet
+GROUP_TRACES = 256  # at most this many traces of requests already prepared written in one transaction
 ACK_STATUS = {
     "accepted": ledger_pb2.IngestAck.STATUS_ACCEPTED,
     "duplicate": ledger_pb2.IngestAck.STATUS_DUPLICATE,
     "conflict": ledger_pb2.IngestAck.STATUS_CONFLICT,
     "rejected": ledger_pb2.IngestAck.STATUS_REJECTED,
 }
+Written = tuple[bool, list[IngestResult]]  # a committed request: its ack_per_request, its results in order
 
 
 class LedgerServicer(ledger_pb2_grpc.LedgerServicer):
     """Thin over `Journal`: converts messages, maps errors to status codes."""
 
-    def __init__(self, journal: Journal, preparer: BatchPreparer | None = None) -> None:
+    def __init__(self, journal: Journal, preparer: BatchPreparer | None = None,
+                 group_traces: int = GROUP_TRACES) -> None:
         self.journal = journal
         self.preparer = preparer or BatchPreparer(processes=0)
+        self.group_traces = group_traces
         self.counters = {"accepted": 0, "duplicate": 0, "conflict": 0, "rejected": 0}
         self.metrics = ingest_metrics()
 
     def Ingest(self, request_iterator: Iterator[ledger_pb2.IngestRequest],  # noqa: N802
                context: grpc.ServicerContext) -> Iterator[ledger_pb2.IngestAck]:
         # A thread writes the batches (the next ones read and prepared meanwhile, see `BatchPreparer`);
-        # this one sends each batch's acks while the next batch is written.
-        written: queue.Queue[list[IngestResult] | BaseException | None] = queue.Queue(ACKS_AHEAD)
+        # this one sends each batch's acks (one message per trace, or one for the batch with
+        # `ack_per_request`) while the next batch is written.
+        written: queue.Queue[Written | BaseException | None] = queue.Queue(ACKS_AHEAD)
         stop = threading.Event()
         threading.Thread(target=self._write_all, args=(request_iterator, written, stop), name="ledger-ingest-write",
                          daemon=True).start()
@@ -82,18 +89,21 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServicer):
                     context.abort(grpc.StatusCode.UNAVAILABLE, f"ledger database error: {type(item).__name__}; retry")
                 if isinstance(item, BaseException):
                     raise item
-                for result in item:
-                    if result.status in ("conflict", "rejected"):
-                        log.error("trace %s refused (%s): %s", result.trace_id, result.status, result.reason)
-                    yield ledger_pb2.IngestAck(trace_id=result.trace_id, status=ACK_STATUS[result.status],
-                                               entry_id=result.entry_id, reason=result.reason)
+                per_request, results = item
+                acks = [_ack(result) for result in results]
+                if per_request:
+                    if acks:
+                        yield ledger_pb2.IngestAck(acks=acks)
+                else:
+                    yield from acks
         finally:
             stop.set()
 
     def _write_all(self, requests: Iterator[ledger_pb2.IngestRequest],
-                   written: queue.Queue[list[IngestResult] | BaseException | None], stop: threading.Event) -> None:
-        """Post each request in its own transaction, in order; then None, or the error that ended the stream."""
-        def put(item: list[IngestResult] | BaseException | None) -> bool:
+                   written: queue.Queue[Written | BaseException | None], stop: threading.Event) -> None:
+        """Post each request in its own transaction, in order, putting (ack_per_request, its results) once
+        committed; then None, or the error that ended the stream."""
+        def put(item: Written | BaseException | None) -> bool:
             while not stop.is_set():
                 try:
                     written.put(item, timeout=0.1)
@@ -103,33 +113,38 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServicer):
             return False
 
         try:
-            with closing(self.preparer.pipeline(requests)) as batches:
-                for request, outcomes in batches:
+            with closing(self.preparer.groups(requests, self.group_traces)) as groups:
+                for group in groups:
                     started = time.perf_counter()
                     try:
-                        results = self._post(request, outcomes)
+                        answers = self._post(group)
                     except SQLAlchemyError as error:
-                        log.exception("ledger database error while ingesting %d traces", len(request.traces))
+                        log.exception("ledger database error while ingesting %d traces",
+                                      sum(len(request.traces) for request, _ in group))
                         put(error)
                         return
                     self.metrics.batch_seconds.observe(time.perf_counter() - started)
-                    for status, count in Counter(result.status for result in results).items():
-                        self.counters[status] += count
-                        self.metrics.traces.labels(status).inc(count)
-                    if not put(results):
-                        return
+                    for (request, _), results in zip(group, answers, strict=True):
+                        for status, count in Counter(result.status for result in results).items():
+                            self.counters[status] += count
+                            self.metrics.traces.labels(status).inc(count)
+                        if not put((request.ack_per_request, results)):
+                            return
         except BaseException as error:  # the stream broke (cancelled, deadline): ends the call with it
             put(error)
             return
         put(None)
 
-    def _post(self, request: ledger_pb2.IngestRequest, outcomes: list[Outcome]) -> list[IngestResult]:
-        """Invalid traces are rejected one by one; the valid ones are posted in one transaction."""
-        valid = [outcome for outcome in outcomes if not isinstance(outcome, str)]
+    def _post(self, group: list[tuple[ledger_pb2.IngestRequest, list[Outcome]]]) -> list[list[IngestResult]]:
+        """Each request's results: invalid traces are rejected one by one; the valid ones of the whole
+        group are posted in one transaction (in request order, so a repeat is a duplicate as if posted
+        request by request)."""
+        valid = [outcome for _, outcomes in group for outcome in outcomes if not isinstance(outcome, str)]
         posted = iter(self.journal.ingest_prepared(valid)) if valid else iter(())
-        return [IngestResult(message.trace_id, "rejected", 0, f"invalid trace: {outcome}")
-                if isinstance(outcome, str) else next(posted)
-                for message, outcome in zip(request.traces, outcomes, strict=True)]
+        return [[IngestResult(message.trace_id, "rejected", 0, f"invalid trace: {outcome}")
+                 if isinstance(outcome, str) else next(posted)
+                 for message, outcome in zip(request.traces, outcomes, strict=True)]
+                for request, outcomes in group]
 
     def GetBalance(self, request: ledger_pb2.GetBalanceRequest,  # noqa: N802
                    context: grpc.ServicerContext) -> ledger_pb2.Balance:
@@ -179,6 +194,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServicer):
             fees=str(totals.fees), by_class={k: str(v) for k, v in totals.by_class.items()},
             postings_sum=str(totals.postings_sum), unbalanced_entries=totals.unbalanced_entries,
         )
+
+
+def _ack(result: IngestResult) -> ledger_pb2.IngestAck:
+    if result.status in ("conflict", "rejected"):
+        log.error("trace %s refused (%s): %s", result.trace_id, result.status, result.reason)
+    return ledger_pb2.IngestAck(trace_id=result.trace_id, status=ACK_STATUS[result.status], entry_id=result.entry_id,
+                                reason=result.reason)
 
 
 def _balance_pb(balance: AddressBalance) -> ledger_pb2.Balance:

@@ -13,7 +13,11 @@ Per (size, length): ms per completion token of one in-process `attribute` call (
 requests) and the share of it spent in the span search (the rest is the weighting); tokens/s through
 the worker processes the gateway uses (attribution/search_pool.py) with one worker and one caller,
 and with two workers and two callers, and their ratio; tokens per CPU-second of the one worker process
-(its per-core speed, whatever else the machine runs); the engine's own `attribute` (the path before
+(its per-core speed, whatever else the machine runs). The two pools run side by side: both started
+and warm first, then `--rounds` rounds of one phase each, alternating which goes first, every phase
+attributing the same completions as many times over as makes it last about `--phase-seconds` (both
+pools the same number of passes per caller); figures are totals over the rounds, and each round's own
+ratio is reported too (their spread is the noise). Then the engine's own `attribute` (the path before
 span_search.py) on `--engine-requests` of the completions. Finally the vLLM offline engine on the
 demo model generates 64 prompts x 64 tokens greedily (ignore_eos) and its output tokens/s is
 compared with one worker's. The 1-minute load average is recorded before each phase (other
@@ -255,8 +259,18 @@ def worker_cpu_seconds(pool: ProcessAttributors) -> float:
     return total
 
 
-def time_workers(pool: ProcessAttributors, index_dir: Path, requests: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
-    """`pool.workers` callers, each attributing every request (own order) through the worker processes."""
+def warm_workers(pool: ProcessAttributors, index_dir: Path, requests: list[tuple[list[int], list[int]]]) -> None:
+    """Every worker of `pool` started, with the index open (`pool.workers` callers at once until it is so)."""
+    lineage = (str(index_dir),)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=pool.workers) as threads:
+        while len(pool.pids()) < pool.workers:
+            list(threads.map(lambda k: [pool.attribute(lineage, *requests[i]) for i in range(k, k + 5)],
+                             range(pool.workers)))
+
+
+def run_phase(pool: ProcessAttributors, index_dir: Path, requests: list[tuple[list[int], list[int]]],
+              passes: int, seed: int) -> dict[str, float]:
+    """`pool.workers` callers, each attributing every request `passes` times (own order), at once."""
     lineage = (str(index_dir),)
 
     def caller(order: list[int]) -> int:
@@ -269,15 +283,45 @@ def time_workers(pool: ProcessAttributors, index_dir: Path, requests: list[tuple
 
     orders = []
     for k in range(pool.workers):
-        order = list(range(len(requests)))
-        random.Random(k).shuffle(order)
+        order = list(range(len(requests))) * passes
+        random.Random(seed * 100 + k).shuffle(order)
         orders.append(order)
     with concurrent.futures.ThreadPoolExecutor(max_workers=pool.workers) as threads:
-        list(threads.map(lambda order: caller(order[:5]), orders))  # every worker opens the index first
-        cpu0, wall0 = worker_cpu_seconds(pool), time.perf_counter()
+        cpu0, callers0, wall0 = worker_cpu_seconds(pool), time.process_time(), time.perf_counter()
         tokens = sum(threads.map(caller, orders))
-        wall, cpu = time.perf_counter() - wall0, worker_cpu_seconds(pool) - cpu0
-    return {"tokens_per_s": round(tokens / wall, 1), "tokens_per_worker_cpu_s": round(tokens / cpu, 1) if cpu else None}
+        wall = time.perf_counter() - wall0
+        cpu, callers = worker_cpu_seconds(pool) - cpu0, time.process_time() - callers0
+    return {"tokens": tokens, "wall": wall, "worker_cpu": cpu, "caller_cpu": callers}
+
+
+def time_workers(index_dir: Path, requests: list[tuple[list[int], list[int]]], rounds: int,
+                 passes: int) -> dict[int, dict[str, Any]]:
+    """One worker (one caller) and two workers (two callers) side by side: both pools started and warm
+    first, then `rounds` rounds of one phase each, alternating which goes first (1-2, 2-1, ...), every
+    phase over the same completions (`passes` times per caller). Figures are totals over the rounds;
+    `ratios` are the rounds' own two-to-one ratios (their spread is the noise)."""
+    pools = {count: ProcessAttributors(count) for count in (1, 2)}
+    phases: dict[int, list[dict[str, float]]] = {1: [], 2: []}
+    try:
+        for pool in pools.values():
+            warm_workers(pool, index_dir, requests)
+        for number in range(rounds):
+            for count in ((1, 2) if number % 2 == 0 else (2, 1)):
+                phases[count].append(run_phase(pools[count], index_dir, requests, passes, seed=number))
+    finally:
+        for pool in pools.values():
+            pool.close()
+    out: dict[int, dict[str, Any]] = {}
+    for count, runs in phases.items():
+        tokens, wall = sum(r["tokens"] for r in runs), sum(r["wall"] for r in runs)
+        cpu, callers = sum(r["worker_cpu"] for r in runs), sum(r["caller_cpu"] for r in runs)
+        out[count] = {"tokens_per_s": round(tokens / wall, 1),
+                      "tokens_per_worker_cpu_s": round(tokens / cpu, 1) if cpu else None,
+                      "caller_cpu_per_worker_cpu": round(callers / cpu, 3) if cpu else None,
+                      "phase_seconds": [round(r["wall"], 2) for r in runs]}
+    out[2]["ratios"] = [round((b["tokens"] / b["wall"]) / (a["tokens"] / a["wall"]), 2)
+                        for a, b in zip(phases[1], phases[2], strict=True)]
+    return out
 
 
 def bench_index(index_dir: Path, manifest: IndexManifest, args: argparse.Namespace, passages: Passages,
@@ -296,15 +340,15 @@ def bench_index(index_dir: Path, manifest: IndexManifest, args: argparse.Namespa
                 f"{single['ms_per_token_p95']} p95, {single['tokens_per_s_1thread']} tokens/s "
                 f"({single['search_share']:.0%} in the search; {single['attributed_share']:.0%} attributed; "
                 f"load {load['load1']})")
-            workers = {}
+            passes = max(1, math.ceil(args.phase_seconds * single["tokens_per_s_1thread"] / (len(requests) * length)))
+            workers = time_workers(index_dir, requests, args.rounds, passes)
             for count in (1, 2):
-                pool = ProcessAttributors(count)
-                try:
-                    workers[count] = time_workers(pool, index_dir, requests)
-                finally:
-                    pool.close()
                 log(f"  {length}-token completions, {count} worker process(es): {workers[count]['tokens_per_s']} "
-                    f"tokens/s ({workers[count]['tokens_per_worker_cpu_s']} per worker CPU-second)")
+                    f"tokens/s ({workers[count]['tokens_per_worker_cpu_s']} per worker CPU-second; callers' CPU "
+                    f"{workers[count]['caller_cpu_per_worker_cpu']} of the workers'; phases "
+                    f"{workers[count]['phase_seconds']} s)")
+            log(f"  {length}-token completions, two ÷ one by round: {workers[2]['ratios']} ({args.rounds} rounds of "
+                f"{passes} passes over the {len(requests)} completions per caller)")
             engine = time_engine(attributor, requests[: args.engine_requests]) if args.engine_requests else {}
             if engine:
                 log(f"  {length}-token completions, the engine's own attribute (before): "
@@ -316,6 +360,9 @@ def bench_index(index_dir: Path, manifest: IndexManifest, args: argparse.Namespa
                          "tokens_per_worker_cpu_s_1worker": workers[1]["tokens_per_worker_cpu_s"],
                          "tokens_per_s_2workers": workers[2]["tokens_per_s"],
                          "tokens_per_worker_cpu_s_2workers": workers[2]["tokens_per_worker_cpu_s"],
+                         "caller_cpu_per_worker_cpu_1worker": workers[1]["caller_cpu_per_worker_cpu"],
+                         "caller_cpu_per_worker_cpu_2workers": workers[2]["caller_cpu_per_worker_cpu"],
+                         "passes": passes, "rounds": args.rounds, "ratio_2_to_1_by_round": workers[2]["ratios"],
                          "ratio_2_to_1": round(workers[2]["tokens_per_s"] / workers[1]["tokens_per_s"], 2)})
     return rows
 
@@ -379,14 +426,15 @@ def print_markdown(report: dict[str, Any]) -> None:
     print()
     print("| index tokens | completion | ms/token p50 / p95 (in process) | in the search | before: the engine's "
           "attribute, tokens/s | one worker, tokens/s | one worker, tokens per CPU-second | two workers, tokens/s "
-          "| two ÷ one |" + (" one worker ÷ generation |" if gen else ""))
+          "| two ÷ one (rounds' range) |" + (" one worker ÷ generation |" if gen else ""))
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if gen else ""))
     for row in report["attribution"]:
         cells = [f"{row['index_tokens'] / 1e6:.1f}M", str(row["completion_tokens"]),
                  f"{row['ms_per_token_p50']:.3f} / {row['ms_per_token_p95']:.3f}", f"{row['search_share']:.0%}",
                  f"{row.get('engine_tokens_per_s', 0):,.0f}", f"{row['tokens_per_s_1worker']:,.0f}",
                  f"{row['tokens_per_worker_cpu_s_1worker'] or 0:,.0f}", f"{row['tokens_per_s_2workers']:,.0f}",
-                 f"**{row['ratio_2_to_1']:.2f}**"]
+                 f"**{row['ratio_2_to_1']:.2f}** ({min(row['ratio_2_to_1_by_round']):.2f}–"
+                 f"{max(row['ratio_2_to_1_by_round']):.2f})"]
         if gen:
             cells.append(f"{row.get('ratio_attr_per_core_to_gen', '-')}")
         print("| " + " | ".join(cells) + " |")
@@ -399,6 +447,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256], help="completion lengths (tokens)")
     parser.add_argument("--requests", type=int, default=200, help="measured completions per (size, length)")
     parser.add_argument("--warmup", type=int, default=20, help="unmeasured completions first")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of one 1-worker and one 2-worker phase each (alternating which goes first)")
+    parser.add_argument("--phase-seconds", type=float, default=3.0,
+                        help="about this long per phase: the completions are attributed as many times over as needed")
     parser.add_argument("--context-tokens", type=int, default=32, help="prompt tokens before each completion")
     parser.add_argument("--engine-requests", type=int, default=50,
                         help="completions per (size, length) also timed on the engine's own attribute (0: skip)")

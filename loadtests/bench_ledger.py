@@ -96,11 +96,13 @@ def make_traces(count: int, contribution_ids: list[str], seed: int = 0) -> list[
     return traces
 
 
-def ingest_rate(target: str, traces: list[AttributionTrace],
-                metadata: tuple[tuple[str, str], ...]) -> tuple[float, int]:
-    """Seconds to have every trace acknowledged over one stream; the number accepted."""
+def ingest_rate(target: str, traces: list[AttributionTrace], metadata: tuple[tuple[str, str], ...],
+                per_request: bool = True) -> tuple[float, int]:
+    """Seconds to have every trace acknowledged over one stream; the number accepted. With `per_request`
+    the requests ask for one ack message each (`ack_per_request`, as the shipper does), else one per trace."""
     messages = [trace_to_pb(t) for t in traces]
-    batches = [ledger_pb2.IngestRequest(traces=messages[i:i + BATCH]) for i in range(0, len(messages), BATCH)]
+    batches = [ledger_pb2.IngestRequest(traces=messages[i:i + BATCH], ack_per_request=per_request)
+               for i in range(0, len(messages), BATCH)]
     import queue
     import threading
 
@@ -118,13 +120,14 @@ def ingest_rate(target: str, traces: list[AttributionTrace],
         stub = ledger_pb2_grpc.LedgerStub(channel)
         started = time.perf_counter()
         remaining_in_batch = 0
-        for ack in stub.Ingest(requests(), timeout=3600, metadata=metadata):
-            if remaining_in_batch == 0:
-                remaining_in_batch = sent.get()
-            remaining_in_batch -= 1
-            if remaining_in_batch == 0:
-                credits.release()
-            accepted += ack.status == ledger_pb2.IngestAck.STATUS_ACCEPTED
+        for message in stub.Ingest(requests(), timeout=3600, metadata=metadata):
+            for ack in message.acks or (message,):
+                if remaining_in_batch == 0:
+                    remaining_in_batch = sent.get()
+                remaining_in_batch -= 1
+                if remaining_in_batch == 0:
+                    credits.release()
+                accepted += ack.status == ledger_pb2.IngestAck.STATUS_ACCEPTED
         return time.perf_counter() - started, accepted
 
 
@@ -150,7 +153,7 @@ def raw_insert_rate(url: str, traces: list[AttributionTrace], postings_per_trace
     return elapsed
 
 
-def bench_backend(name: str, url: str, state: Path, count: int) -> dict[str, float]:
+def bench_backend(name: str, url: str, state: Path, count: int, per_request: bool) -> dict[str, float]:
     log(f"{name}: populating the registry")
     contribution_ids = populate(url, state / "indexes")
     traces = make_traces(count, contribution_ids)
@@ -159,7 +162,7 @@ def bench_backend(name: str, url: str, state: Path, count: int) -> dict[str, flo
                            log_file=state / "ledger.log").start()
     try:
         log(f"{name}: ingesting {count} traces through `gateway ledger serve`")
-        seconds, accepted = ingest_rate(ledger.target, traces, ledger.metadata)
+        seconds, accepted = ingest_rate(ledger.target, traces, ledger.metadata, per_request)
         with grpc.insecure_channel(ledger.target) as channel:
             totals = ledger_pb2_grpc.LedgerStub(channel).GetTotals(ledger_pb2.GetTotalsRequest(), timeout=60,
                                                                    metadata=ledger.metadata)
@@ -193,6 +196,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--port", type=int, default=18400, help="first of four ports for part 2")
+    parser.add_argument("--backends", default="sqlite,postgresql", help="part 1's databases (comma-separated)")
+    parser.add_argument("--acks", choices=("per-request", "per-trace"), default="per-request",
+                        help="part 1: one ack message per request (ack_per_request) or one per trace")
     args = parser.parse_args()
 
     if not args.no_ingest:
@@ -205,16 +211,21 @@ def main() -> int:
 def ingest(args: argparse.Namespace) -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-ledger-") as scratch:
-        results["SQLite"] = bench_backend("SQLite", f"sqlite:///{scratch}/sqlite/ledger.db", Path(scratch) / "sqlite",
-                                          args.traces)
-        postgres = PostgresServer(free_port()).start()
-        try:
-            url = postgres.create_database("bench")
-            results["PostgreSQL"] = bench_backend("PostgreSQL", url, Path(scratch) / "pg", args.traces)
-        finally:
-            postgres.stop()
-    print(f"ingest of {args.traces} traces x {COMPLETION_TOKENS} tokens (batches of {BATCH}, {WINDOW} in flight), "
-          "next to raw inserts of the same rows:")
+        backends = args.backends.split(",")
+        per_request = args.acks == "per-request"
+        if "sqlite" in backends:
+            results["SQLite"] = bench_backend("SQLite", f"sqlite:///{scratch}/sqlite/ledger.db",
+                                              Path(scratch) / "sqlite", args.traces, per_request)
+        if "postgresql" in backends:
+            postgres = PostgresServer(free_port()).start()
+            try:
+                url = postgres.create_database("bench")
+                results["PostgreSQL"] = bench_backend("PostgreSQL", url, Path(scratch) / "pg", args.traces,
+                                                      per_request)
+            finally:
+                postgres.stop()
+    print(f"ingest of {args.traces} traces x {COMPLETION_TOKENS} tokens (batches of {BATCH}, {WINDOW} in flight, "
+          f"acks {args.acks}), next to raw inserts of the same rows:")
     print(f"{'':12}{'traces/s':>10}{'attributed tok/s':>18}{'raw inserts/s':>15}{'ingest/raw':>12}")
     for name, r in results.items():
         print(f"{name:12}{r['traces_s']:>10.0f}{r['attributed_tokens_s']:>18.0f}{r['raw_traces_s']:>15.0f}"

@@ -388,8 +388,11 @@ def pct(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
-async def run_requests(client: Client, models: list[str], concurrency: int) -> tuple[list[StreamResult], list[str]]:
-    results: list[StreamResult] = []
+async def run_requests(client: Client, models: list[str], concurrency: int,
+                       results: list[StreamResult] | None = None) -> tuple[list[StreamResult], list[str]]:
+    """Stream `models` (one request each) `concurrency` at a time; finished streams are appended to
+    `results` as they end (a caller's list lets it watch a run it may cancel)."""
+    results = [] if results is None else results
     errors: list[str] = []
     dispatch = iter(models)  # shared by the workers: requests start in the same order on every server
 

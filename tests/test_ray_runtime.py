@@ -148,3 +148,98 @@ def test_a_token_given_in_the_environment_writes_no_file(home: Path, monkeypatch
     monkeypatch.setenv("RAY_AUTH_TOKEN", "cd" * 32)
     keep_ray_token_private()
     assert not (home / ".ray").exists()
+
+
+# A node as `gateway up` starts it; prints what the test checks, then waits for stdin to close.
+DASHBOARD_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    from gateway.config import GatewayConfig
+    from gateway.ray_runtime import RayNodeOptions, start_ray, stop_ray
+
+    node = start_ray(RayNodeOptions.for_gateway(GatewayConfig()))
+    keys = ("RAY_task_events_report_interval_ms", "REPORTER_UPDATE_INTERVAL_MS", "RAY_object_manager_timer_freq_ms")
+    print(json.dumps({"webui": node.webui_url, "env": {key: os.environ.get(key) for key in keys}}), flush=True)
+    sys.stdin.read()
+    stop_ray()
+""")
+
+
+def started_node(extra_env: dict[str, str]) -> tuple[subprocess.Popen[str], dict]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **extra_env}
+    node = subprocess.Popen([sys.executable, "-c", DASHBOARD_SCRIPT], cwd=REPO, env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+    assert node.stdout is not None
+    line = node.stdout.readline()
+    assert line, f"the Ray node did not start (exit code {node.poll()})"
+    return node, json.loads(line)
+
+
+def stopped(node: subprocess.Popen[str]) -> int:
+    if node.stdin:
+        node.stdin.close()
+    try:
+        return node.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(node.pid, 9)
+        return node.wait()
+
+
+def command_lines(pid: int) -> list[str]:
+    lines = []
+    for process in process_tree(pid):
+        try:
+            lines.append(" ".join(process.cmdline()))
+        except psutil.Error:
+            continue
+    return lines
+
+
+def test_the_dashboard_setting_defaults_off_and_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    off = RayNodeOptions.for_gateway(GatewayConfig())
+    assert off.dashboard is False and off.init_arguments()["include_dashboard"] is False
+    assert off.environment()["RAY_task_events_report_interval_ms"] == "0"
+    monkeypatch.setenv("GATEWAY_RAY_DASHBOARD", "true")
+    on = RayNodeOptions.for_gateway(GatewayConfig())
+    assert on.dashboard is True and on.init_arguments()["include_dashboard"] is True
+    assert on.init_arguments()["dashboard_host"] == LOOPBACK
+    assert "RAY_task_events_report_interval_ms" not in on.environment()  # the dashboard shows task events
+    assert on.environment()["RAY_enable_pipe_based_agent_to_parent_health_check"] == "1"
+
+
+def test_by_default_the_node_runs_no_dashboard_process_and_is_quieted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GATEWAY_RAY_DASHBOARD", raising=False)
+    monkeypatch.delenv("RAY_task_events_report_interval_ms", raising=False)
+    node, started = started_node({"REPORTER_UPDATE_INTERVAL_MS": "7000"})  # an operator's value wins
+    try:
+        lines = command_lines(node.pid)
+        assert any("raylet" in line for line in lines), lines
+        assert any("ray::DashboardAgent" in line or "dashboard/agent.py" in line for line in lines), lines
+        assert not [line for line in lines if "dashboard/dashboard.py" in line]
+        assert not [line for line in lines if "autoscaler/_private/monitor.py" in line]
+        assert started["env"] == {"RAY_task_events_report_interval_ms": "0", "REPORTER_UPDATE_INTERVAL_MS": "7000",
+                                  "RAY_object_manager_timer_freq_ms": "1000"}
+    finally:
+        assert stopped(node) == 0
+
+
+def test_the_setting_turns_the_dashboard_on_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.error
+    import urllib.request
+
+    monkeypatch.delenv("RAY_task_events_report_interval_ms", raising=False)
+    node, started = started_node({"GATEWAY_RAY_DASHBOARD": "true"})
+    try:
+        lines = command_lines(node.pid)
+        dashboards = [line for line in lines if "dashboard/dashboard.py" in line]
+        assert dashboards and "--modules-to-load" not in dashboards[0]  # all of it, not the bare API server
+        host, _, port = started["webui"].rpartition(":")
+        assert host == LOOPBACK, started["webui"]
+        try:
+            with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/api/version", timeout=10) as response:
+                status = response.status
+        except urllib.error.HTTPError as refused:  # Ray's token authentication asks for the token
+            status = refused.code
+        assert status in (200, 401)
+        assert started["env"]["RAY_task_events_report_interval_ms"] is None
+    finally:
+        assert stopped(node) == 0

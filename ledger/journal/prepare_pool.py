@@ -12,7 +12,8 @@ pickled outcomes out on its stdout, in order (it imports only what preparing nee
 the end of its stdin, so also when the ledger is gone, even SIGKILLed. Requests of fewer than
 `MIN_POOLED` traces are prepared in place (not worth the hop). If a helper dies, its requests are
 prepared in place (the same result, or the same error, as without a helper) and the next request
-starts another. With `processes=0` nothing runs beside the caller.
+starts another. With `processes=0` nothing runs beside the caller. `groups` hands the caller, with a
+request, the next ones already prepared, so it can write them in one transaction.
 """
 
 from __future__ import annotations
@@ -162,9 +163,16 @@ class BatchPreparer:
 
     def pipeline(self, requests: Iterable[Request]) -> Iterator[tuple[Request, list[Outcome]]]:
         """Each request with its outcomes, in order; the next ones are prepared while the caller works."""
+        for group in self.groups(requests):
+            yield from group
+
+    def groups(self, requests: Iterable[Request], max_traces: int = 0) -> Iterator[list[tuple[Request, list[Outcome]]]]:
+        """The requests with their outcomes, in order, in groups: a request, then those after it that
+        were already read and prepared while the group holds at most `max_traces` traces (never waiting
+        for one). With `max_traces` 0 (or no helper) each group is one request."""
         if self.processes <= 0:
             for request in requests:
-                yield request, prepare_all(request.traces)
+                yield [(request, prepare_all(request.traces))]
             return
         Item = tuple[Request, Future[bytes] | None] | BaseException | None
         ahead: queue.Queue[Item] = queue.Queue(READ_AHEAD)
@@ -190,12 +198,24 @@ class BatchPreparer:
             put(None)
 
         threading.Thread(target=read, name="ledger-ingest-read-ahead", daemon=True).start()
+        held: list[Item] = []  # an item taken to grow a group that did not fit it
         try:
-            while (item := ahead.get()) is not None:
+            while (item := held.pop() if held else ahead.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                request, future = item
-                yield request, self._result(request, future)
+                group, size = [item], len(item[0].traces)
+                while size < max_traces:
+                    try:
+                        more = ahead.get_nowait()
+                    except queue.Empty:
+                        break
+                    if (more is None or isinstance(more, BaseException) or size + len(more[0].traces) > max_traces
+                            or (more[1] is not None and not more[1].done())):
+                        held.append(more)
+                        break
+                    group.append(more)
+                    size += len(more[0].traces)
+                yield [(request, self._result(request, future)) for request, future in group]
         finally:
             stop.set()
 

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from attribution.index_builder import IndexManifest
-from attribution.search_pool import LocalAttributors, ProcessAttributors, WorkerError, WorkerLost
+from attribution.search_pool import (
+    LocalAttributors,
+    ProcessAttributors,
+    WorkerError,
+    WorkerLost,
+    decode_tokens,
+    encode_tokens,
+)
 from tests.attribution.passages import DOCUMENTS
 
 
@@ -52,3 +59,19 @@ def test_a_killed_worker_is_started_again(built: tuple[Path, IndexManifest], tok
     finally:
         pool.close()
     assert pool.pids() == []
+
+
+def test_replies_are_runs_of_tokens_sharing_their_weights(built: tuple[Path, IndexManifest], tokenize) -> None:  # type: ignore[no-untyped-def]
+    ids = tokenize(DOCUMENTS[0][1]) + tokenize(" nothing like this was indexed anywhere at all")
+    local = LocalAttributors()
+    try:
+        tokens = local.attribute((str(built[0]),), ids[:6], ids[6:])
+    finally:
+        local.close()
+    token_ids, runs = encode_tokens(tokens)
+    assert token_ids == ids[6:] and sum(count for count, _, _ in runs) == len(tokens)
+    assert len(runs) < len(tokens) and any(weights for _, weights, _ in runs) and any(not w for _, w, _ in runs)
+    assert decode_tokens(token_ids, runs) == tokens
+    assert encode_tokens([]) == ([], []) and decode_tokens([], []) == []
+    with pytest.raises(ValueError, match="cover"):
+        decode_tokens(token_ids + [1], runs)

@@ -36,20 +36,26 @@ class ScriptedLedger(ledger_pb2_grpc.LedgerServicer):
         self.rejects: dict[str, str] = {}  # trace id -> reason
         self.abort_after: int | None = None  # abort a stream once, after receiving this many traces in all
         self.ack_delay_seconds = 0.0
+        self.open_streams = 0
 
     def Ingest(self, request_iterator, context):  # type: ignore[no-untyped-def]
         with self.lock:
             self.metadata.append(dict(context.invocation_metadata()))
-        for request in request_iterator:
+            self.open_streams += 1
+        try:
+            for request in request_iterator:
+                with self.lock:
+                    self.message_sizes.append(len(request.traces))
+                for trace in request.traces:
+                    ack, abort = self._receive(trace.trace_id)
+                    if abort:
+                        context.abort(grpc.StatusCode.UNAVAILABLE, "scripted abort")
+                    if self.ack_delay_seconds:
+                        time.sleep(self.ack_delay_seconds)
+                    yield ack
+        finally:
             with self.lock:
-                self.message_sizes.append(len(request.traces))
-            for trace in request.traces:
-                ack, abort = self._receive(trace.trace_id)
-                if abort:
-                    context.abort(grpc.StatusCode.UNAVAILABLE, "scripted abort")
-                if self.ack_delay_seconds:
-                    time.sleep(self.ack_delay_seconds)
-                yield ack
+                self.open_streams -= 1
 
     def _receive(self, trace_id: str) -> tuple[ledger_pb2.IngestAck, bool]:
         with self.lock:
@@ -325,3 +331,88 @@ def test_shipping_metrics_show_the_outbox_and_the_ledgers_answers(
     assert registry.get_sample_value("gateway_outbox_oldest_age_seconds") == 0
     assert registry.get_sample_value("gateway_traces_shipped_total", {"ack": "accepted"}) == 3
     assert registry.get_sample_value("gateway_traces_shipped_total", {"ack": "rejected"}) == 0
+
+
+def test_an_empty_outbox_opens_no_stream_and_an_idle_stream_is_closed(
+        ledger: ScriptedLedger, serve: Callable[[int], grpc.Server], make_shipper: Callable[..., TraceShipper],
+        outbox: Outbox) -> None:
+    """Idle, the shipper holds no stream (a sync gRPC stream wakes its threads several times a second)."""
+    port = free_port()
+    serve(port)
+    shipper = make_shipper(port, idle_close_seconds=0.3)
+    time.sleep(0.5)
+    assert ledger.metadata == []  # nothing to ship: never connected
+    ids = put_traces(outbox, 3)
+    assert shipper.wait_until_empty(5.0)
+    wait_for(lambda: ledger.open_streams == 0 and shipper.stats()["connected"] is False)
+    assert sorted(ledger.accepted) == ids
+    assert len(ledger.metadata) == 1
+    assert shipper.stats()["send_failures"] == 0  # closing an idle stream is no failure
+
+
+def test_a_trace_after_a_long_idle_period_is_shipped_at_once(
+        ledger: ScriptedLedger, serve: Callable[[int], grpc.Server], make_shipper: Callable[..., TraceShipper],
+        outbox: Outbox) -> None:
+    """inotify wakes the idle shipper: far sooner than its longest poll (30 s here)."""
+    port = free_port()
+    serve(port)
+    shipper = make_shipper(port, poll_seconds=0.2, idle_poll_max_seconds=30.0, idle_close_seconds=0.2)
+    assert shipper._watch is not None and shipper._watch.notifies
+    for round_ in range(2):  # first with no stream ever opened, then after an idle close
+        wait_for(lambda: ledger.open_streams == 0 and shipper.stats()["connected"] is False)
+        time.sleep(3.5)  # idle polls 0.2, 0.4, 0.8, 1.6 s: the one under way ends ~3 s from now
+        started = time.monotonic()
+        [trace_id] = put_traces(outbox, 1, prefix=f"late{round_}")
+        wait_for(lambda: trace_id in ledger.accepted, timeout=5.0)
+        assert time.monotonic() - started < 1.0
+    assert len(ledger.metadata) == 2
+
+
+def test_without_inotify_an_idle_shipper_finds_a_trace_within_its_longest_poll(
+        ledger: ScriptedLedger, serve: Callable[[int], grpc.Server], outbox: Outbox,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import attribution.outbox_watch
+
+    monkeypatch.setattr(attribution.outbox_watch, "_inotify_fd", lambda directory: None)  # as on macOS
+    port = free_port()
+    serve(port)
+    shipper = TraceShipper(outbox, f"127.0.0.1:{port}", poll_seconds=0.1, idle_poll_max_seconds=0.8)
+    shipper.start()
+    try:
+        assert shipper._watch is not None and not shipper._watch.notifies
+        time.sleep(2.0)  # backed off to its longest poll
+        started = time.monotonic()
+        [trace_id] = put_traces(outbox, 1)
+        wait_for(lambda: trace_id in ledger.accepted, timeout=5.0)
+        assert time.monotonic() - started < 0.8 + 0.5
+    finally:
+        assert shipper.stop(timeout=5.0)
+
+
+def test_a_stream_waiting_for_slow_acks_is_not_closed_as_idle(
+        ledger: ScriptedLedger, serve: Callable[[int], grpc.Server], make_shipper: Callable[..., TraceShipper],
+        outbox: Outbox) -> None:
+    port = free_port()
+    serve(port)
+    ledger.ack_delay_seconds = 0.4  # each ack longer than idle_close_seconds
+    ids = put_traces(outbox, 3)
+    shipper = make_shipper(port, batch_size=1, window=1, idle_close_seconds=0.2)
+    assert shipper.wait_until_empty(10.0)
+    assert sorted(ledger.accepted) == ids
+    assert sorted(ledger.received) == ids  # nothing sent twice: the stream was never cut
+    assert len(ledger.metadata) == 1
+
+
+def test_idle_settings_are_checked() -> None:
+    with pytest.raises(ValueError):
+        TraceShipper(Outbox.__new__(Outbox), "127.0.0.1:1", idle_close_seconds=0)
+    with pytest.raises(ValueError):
+        TraceShipper(Outbox.__new__(Outbox), "127.0.0.1:1", poll_seconds=0.5, idle_poll_max_seconds=0.1)
+
+
+def test_stop_is_prompt_while_idle(make_shipper: Callable[..., TraceShipper]) -> None:
+    shipper = make_shipper(free_port(), idle_poll_max_seconds=30.0)
+    time.sleep(0.3)
+    started = time.monotonic()
+    assert shipper.stop(timeout=5.0)
+    assert time.monotonic() - started < 0.5
