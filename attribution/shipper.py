@@ -345,8 +345,9 @@ class TraceShipper:
         self._count("rejected")
 
     def _on_connected(self) -> None:
-        log.info("trace shipper %s the ledger at %s; %d traces pending",
-                 "reconnected to" if self._in_outage else "connected to", self.target, self.outbox.depth())
+        # Streams open with every burst of traffic (they close when idle): only a reconnect is news.
+        log.log(logging.INFO if self._in_outage else logging.DEBUG, "trace shipper %s the ledger at %s; %d traces "
+                "pending", "reconnected to" if self._in_outage else "connected to", self.target, self.outbox.depth())
         self._in_outage = False
         self._attempt = 0
 

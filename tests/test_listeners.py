@@ -30,7 +30,9 @@ SESSION_DIR = re.compile(r"(/[^\s=,'\"]*/session_\d{4}-\d\d-\d\d_[^/\s,'\"]+)")
 
 # Processes the listing must find (parts of their command lines): without them it proves nothing.
 EXPECTED_PROCESSES = ("gcs_server", "raylet", "ServeController", "ServeReplica", "DashboardAgent",
-                      "RuntimeEnvAgent", "monitor.py", "anvil", "ledger serve")
+                      "RuntimeEnvAgent", "anvil", "ledger serve")
+# Started by Ray, stopped by the gateway once the node is up (unless GATEWAY_RAY_DASHBOARD=true).
+STOPPED_PROCESSES = ("autoscaler/_private/monitor.py", "dashboard/dashboard.py")
 
 # One method of each of Ray's gRPC services on the GCS and the raylet (node manager, object manager).
 RAY_METHODS = ("/ray.rpc.NodeInfoGcsService/GetAllNodeInfo", "/ray.rpc.NodeManagerService/GetNodeStats",
@@ -146,6 +148,8 @@ def test_the_listing_covers_the_whole_stack(listing: StackListing, gateway: Gate
     commands = [command_of(process) for process in listing.processes.values()]
     missing = [part for part in EXPECTED_PROCESSES if not any(part in command for command in commands)]
     assert not missing, f"processes of the stack not found: {missing}"
+    running = [part for part in STOPPED_PROCESSES if any(part in command for command in commands)]
+    assert not running, f"processes the gateway stops by default are running: {running}"
     for part in ("gcs_server", "raylet", "ServeReplica", "anvil", "ledger serve"):
         assert listing.of(part), f"no listening socket found for {part}"
     ports = {listener.port for listener in listing.listeners}
