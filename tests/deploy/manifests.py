@@ -68,7 +68,7 @@ def setting_env_names() -> set[str]:
             for cls in settings_classes() for name in cls.model_fields}
 
 
-GATEWAY_NAME = re.compile(r"\bGATEWAY_[A-Z0-9_]+\b")
+GATEWAY_NAME = re.compile(r"\bGATEWAY_[A-Z0-9_]*[A-Z0-9]\b")
 
 
 def walk(node: Any) -> Iterator[Any]:

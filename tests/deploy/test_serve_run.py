@@ -147,3 +147,4 @@ def test_serve_run_of_the_config_file_builds_the_app_answers_health_and_leaves_n
     assert not alive(processes), alive(processes)
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=2)
+    assert not list(StateLayout(demo_state).monitoring_targets.glob("engine-*.json")), "the replica withdrew its target"
