@@ -1,6 +1,6 @@
 """The Serve config round trip with Ray's own tooling: `serve run` of deploy/serve-config.yaml builds the
-application through `serving.serve_app:app_builder`, the engine replica answers GET /health, and stopping
-`serve run` leaves no process behind.
+application through `serving.serve_app:app_builder`, the engine replica answers GET /health and checks a
+key with the ledger the args name, and stopping `serve run` leaves no process behind.
 
 The file is run as shipped but for what names this sandbox: the state directory (the session's demo model),
 free loopback ports, the tiny model, and the ledger's address and token file. The ledger is a real
@@ -23,6 +23,7 @@ import psutil
 import pytest
 import yaml
 
+from gateway.cli import main
 from gateway.ledger_process import LedgerProcess, open_private_log
 from gateway.ray_runtime import GLOO_INTERFACE_ENV, RAY_LOOPBACK_ENV, loopback_interface
 from gateway.supervisor import RAY_ENV_DEFAULTS
@@ -77,6 +78,8 @@ def serve_env(tmp_path: Path) -> dict[str, str]:
            GLOO_INTERFACE_ENV: loopback_interface(),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("RAY_ADDRESS", None)
+    for name in [name for name in env if name.startswith("GATEWAY_LEDGER_")]:
+        env.pop(name)  # the replicas find the ledger through the file's args alone
     return env
 
 
@@ -104,9 +107,19 @@ def alive(processes: dict[int, float]) -> list[str]:
     return left
 
 
+def local_admin_key(ledger: LedgerProcess, token_file: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The ledger's first admin key (`gateway keys bootstrap`, as `gateway up` does at its first start)."""
+    monkeypatch.setenv("GATEWAY_LEDGER_PORT", str(ledger.port))
+    monkeypatch.setenv("GATEWAY_LEDGER_TOKEN_FILE", str(token_file))
+    assert main(["--state-dir", str(ledger.state_dir), "keys", "bootstrap"]) == 0
+    return StateLayout(ledger.state_dir).local_api_key.read_text().strip()
+
+
 def test_serve_run_of_the_config_file_builds_the_app_answers_health_and_leaves_nothing_running(
-        demo_state: Path, ledger: LedgerProcess, mounted_token: Path, tmp_path: Path) -> None:
+        demo_state: Path, ledger: LedgerProcess, mounted_token: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     assert not StateLayout(ledger.state_dir).ledger_token.exists(), "the ledger used the mounted token"
+    key = local_admin_key(ledger, mounted_token, monkeypatch)
     config, http_port = sandboxed_config(tmp_path / "serve-config.yaml", demo_state, ledger, mounted_token)
     serve = Path(sys.executable).with_name("serve")
     log = tmp_path / "serve-run.log"
@@ -127,6 +140,13 @@ def test_serve_run_of_the_config_file_builds_the_app_answers_health_and_leaves_n
                 break
             time.sleep(1)
         assert status == 200, f"no health answer (serve run exit {process.poll()}); see {log}:\n" + log.read_text()[-3000:]
+        # the replica asked the ledger of the args, with the token of the args' file, about this key
+        models = httpx.get(f"http://127.0.0.1:{http_port}/v1/models", timeout=30,
+                           headers={"authorization": f"Bearer {key}"})
+        assert models.status_code == 200 and TINY_MODEL in [m["id"] for m in models.json()["data"]], models.text
+        refused = httpx.get(f"http://127.0.0.1:{http_port}/v1/models", timeout=30,
+                            headers={"authorization": "Bearer sk-not-a-key-0123456789"})
+        assert refused.status_code == 401, refused.text
         processes = tree(psutil.Process(process.pid))
         commands = " ".join(" ".join(psutil.Process(pid).cmdline()) for pid in processes if psutil.pid_exists(pid))
         assert "ServeReplica:gateway:engine" in commands, commands[:2000]
