@@ -139,7 +139,8 @@ def test_serve_run_of_the_config_file_builds_the_app_answers_health_and_leaves_n
             if status == 200:
                 break
             time.sleep(1)
-        assert status == 200, f"no health answer (serve run exit {process.poll()}); see {log}:\n" + log.read_text()[-3000:]
+        assert status == 200, (f"no health answer (serve run exit {process.poll()}); see {log}:\n"
+                               + log.read_text()[-3000:])
         # the replica asked the ledger of the args, with the token of the args' file, about this key
         models = httpx.get(f"http://127.0.0.1:{http_port}/v1/models", timeout=30,
                            headers={"authorization": f"Bearer {key}"})
@@ -151,7 +152,8 @@ def test_serve_run_of_the_config_file_builds_the_app_answers_health_and_leaves_n
         commands = " ".join(" ".join(psutil.Process(pid).cmdline()) for pid in processes if psutil.pid_exists(pid))
         assert "ServeReplica:gateway:engine" in commands, commands[:2000]
     finally:
-        processes = processes or tree(psutil.Process(process.pid)) if process.poll() is None else processes
+        if not processes and process.poll() is None:
+            processes = tree(psutil.Process(process.pid))  # what to look for after a failed start
         process.send_signal(signal.SIGINT)
         try:
             code = process.wait(STOP_SECONDS)
