@@ -21,6 +21,7 @@ from ledger.client.config import LedgerClientConfig
 from statedir.layout import StateLayout
 
 TOKEN_ENV = "GATEWAY_LEDGER_TOKEN"
+TOKEN_FILE_ENV = "GATEWAY_LEDGER_TOKEN_FILE"
 TOKEN_RULE = re.compile(r"[\x21-\x7e]{16,512}")  # visible ASCII: a valid gRPC metadata value, no whitespace
 TOKEN_RULE_TEXT = "16 to 512 visible ASCII characters (no spaces)"
 _CONCURRENT_WRITE_SECONDS = 2.0  # another process created the file and is writing it

@@ -119,6 +119,7 @@ def test_serve_run_of_the_config_file_builds_the_app_answers_health_and_leaves_n
         demo_state: Path, ledger: LedgerProcess, mounted_token: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     assert not StateLayout(ledger.state_dir).ledger_token.exists(), "the ledger used the mounted token"
+    assert ledger.token == mounted_token.read_text().strip()
     key = local_admin_key(ledger, mounted_token, monkeypatch)
     config, http_port = sandboxed_config(tmp_path / "serve-config.yaml", demo_state, ledger, mounted_token)
     serve = Path(sys.executable).with_name("serve")
