@@ -25,7 +25,7 @@ from gateway.cli_output import EXIT_BAD_INPUT, EXIT_FAILED, CommandError, emit, 
 from gateway.config import GatewayConfig
 from gateway.ledger_process import admin_api, deposit_watching, periodic_settlement, settlement
 from ledger.chain.config import ChainConfig
-from ledger.client.token import (TOKEN_ENV, LedgerTokenInvalid, LedgerTokenMissing, bearer_metadata, configured_token,
+from ledger.client.token import (TOKEN_ENV, LedgerTokenInvalid, LedgerTokenMissing, bearer_metadata,
                                  read_ledger_token)
 from ledger.client.trace_wire import trace_from_pb
 from ledger.config import DepositConfig, LedgerConfig, SettlementConfig
@@ -48,7 +48,7 @@ def cmd_serve(config: GatewayConfig, args: argparse.Namespace) -> None:
     port = args.port or ledger.port
     try:
         token = ensure_ledger_token(config.state_dir)
-    except LedgerTokenInvalid as error:
+    except (LedgerTokenInvalid, LedgerTokenMissing) as error:
         raise CommandError(str(error)) from None
     url = database_url(config.state_dir)
     progress(f"[ledger] database {_redacted(url)} (migrating to the newest schema if needed)")
@@ -58,7 +58,8 @@ def cmd_serve(config: GatewayConfig, args: argparse.Namespace) -> None:
     metrics = None
     stopped = threading.Event()
     try:  # from here on a SIGTERM (KeyboardInterrupt) stops the server cleanly, also while starting
-        source = TOKEN_ENV if configured_token() is not None else f"the owner-only file {config.layout.ledger_token}"
+        source = (TOKEN_ENV if ledger.token_value() is not None else f"the file {ledger.token_file}"
+                  if ledger.token_file is not None else f"the owner-only file {config.layout.ledger_token}")
         progress(f"[ledger] every call but health needs the API token of {source}; administration also an "
                  "admin API key")
         REGISTRY.register(SettlementCollector(journal))

@@ -4,8 +4,8 @@ directory, and `gateway ledger serve` as a child process (started by `gateway up
 `ledger_answers` asks the standard gRPC health service (the one call the ledger answers without
 its token), so a ledger someone else runs on the address (another `gateway up`, an operator's
 service) is used as it is and left alone. Every other call needs the ledger's token: `token` is the
-one this child requires (its GATEWAY_LEDGER_TOKEN, else `<state>/ledger-token`, which it writes at
-its first start).
+one this child requires (its GATEWAY_LEDGER_TOKEN, else its GATEWAY_LEDGER_TOKEN_FILE, else
+`<state>/ledger-token`, which it writes at its first start).
 
 The ledger process is the only writer of money state: besides its APIs it runs the periodic settler
 (`periodic_settlement`, GATEWAY_SETTLE_*) and the deposit watcher (`deposit_watching`,
@@ -38,7 +38,8 @@ from ledger.accounts.deposits import DepositWatcher
 from ledger.admin_service import AdminServicer, Settlement, admin_servicer
 from ledger.chain.config import ChainConfig
 from ledger.chain.errors import ChainError
-from ledger.client.token import TOKEN_ENV, bearer_metadata, check_token, read_ledger_token
+from ledger.client.config import LedgerClientConfig
+from ledger.client.token import TOKEN_ENV, TOKEN_FILE_ENV, bearer_metadata, check_token, read_ledger_token
 from ledger.config import DepositConfig, SettlementConfig
 from serving.config import AccessConfig
 
@@ -158,6 +159,8 @@ class LedgerProcess:
         """The token its calls need (LedgerTokenMissing before its first start)."""
         if self.env.get(TOKEN_ENV):
             return check_token(self.env[TOKEN_ENV], TOKEN_ENV)
+        if self.env.get(TOKEN_FILE_ENV):
+            return read_ledger_token(self.state_dir, LedgerClientConfig(token_file=Path(self.env[TOKEN_FILE_ENV])))
         return read_ledger_token(self.state_dir)
 
     @property

@@ -247,8 +247,8 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
 
 
 def ensure_ledger_token(state_dir: Path) -> str:
-    """The token the ledger service requires: GATEWAY_LEDGER_TOKEN, else `<state>/ledger-token`,
-    generated (32 random bytes, URL-safe base64) into an owner-only file on first start."""
+    """The token the ledger service requires: GATEWAY_LEDGER_TOKEN, else GATEWAY_LEDGER_TOKEN_FILE's, else
+    `<state>/ledger-token`, generated (32 random bytes, URL-safe base64) into an owner-only file on first start."""
     configured = configured_token()
     if configured is not None:
         return configured

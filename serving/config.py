@@ -61,6 +61,9 @@ class ReplicaConfig(BaseSettings):
     target_ongoing_requests: PositiveInt = Field(32, description="Autoscaling target per replica.")
     num_cpus: float = Field(1.0, ge=0, description="Logical CPUs reserved per engine replica.")
     num_gpus: float = Field(0.0, ge=0, description="Accelerator share per replica (fractions allowed).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description='Custom Ray resources per engine replica, e.g. {"gateway-engine": 1}: '
+        "replicas go only to nodes that offer them (the GPU worker group of deploy/kuberay/rayservice.yaml).")
     max_ongoing_requests: PositiveInt = Field(256, description="Requests one replica accepts at once.")
     adapters_per_replica: PositiveInt = Field(
         128,

@@ -70,8 +70,10 @@ class DedicatedLoop:
 class EngineReplica:
     """Owns one vLLM engine. Serves HTTP directly when it is the only replica."""
 
-    async def __init__(self, config: dict, engine: dict, replica: dict) -> None:
+    async def __init__(self, config: dict, engine: dict, replica: dict, ledger: dict | None = None) -> None:
         self.config = ServingConfig(**config)
+        # The ledger's address and token file as built into the app (serving/serve_app.py), else GATEWAY_LEDGER_*.
+        self.ledger_config = LedgerClientConfig(**ledger) if ledger is not None else LedgerClientConfig()
         self.replica = ReplicaConfig(**replica)
         self.engine_config = EngineConfig(**engine)
         self._server = None
@@ -92,7 +94,7 @@ class EngineReplica:
     async def _build(self) -> None:
         """Create the engine on the loop that will drive it (vLLM binds its output task to it)."""
         self.engine = Engine(self.config, self.engine_config, self.replica.adapters_per_replica)
-        ledger = LedgerClientConfig()
+        ledger = self.ledger_config
         # Keys, terms, lineage, credit and rate come from the ledger's Access API: the replica opens no database.
         self.ledger = LedgerAccessClient.for_state_dir(self.config.state_dir, ledger)
         outbox = Outbox(self.config.outbox_dir, ledger.outbox_max_traces) if ledger.ship else None
@@ -370,10 +372,15 @@ class GrpcIngress:
         await self.server.stop(grace=1)
 
 
-def build_application(config: ServingConfig, engine: EngineConfig, replica: ReplicaConfig) -> Any:
-    """The Serve application for these settings (see the module docstring for the two shapes)."""
+def build_application(config: ServingConfig, engine: EngineConfig, replica: ReplicaConfig,
+                      ledger: LedgerClientConfig | None = None) -> Any:
+    """The Serve application for these settings (see the module docstring for the two shapes). Without
+    `ledger`, replicas read GATEWAY_LEDGER_* themselves; its token, if any, is never passed (see serve_app.py)."""
+    actor: dict[str, Any] = {"num_cpus": replica.num_cpus, "num_gpus": replica.num_gpus}
+    if replica.resources:
+        actor["resources"] = replica.resources
     options: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": replica.num_cpus, "num_gpus": replica.num_gpus},
+        "ray_actor_options": actor,
         "max_ongoing_requests": replica.max_ongoing_requests,
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
@@ -383,7 +390,8 @@ def build_application(config: ServingConfig, engine: EngineConfig, replica: Repl
         options["autoscaling_config"] = replica.autoscaling
     else:
         options["num_replicas"] = replica.num_replicas
-    args = (config.model_dump(mode="json"), engine.model_dump(mode="json"), replica.model_dump(mode="json"))
+    args = (config.model_dump(mode="json"), engine.model_dump(mode="json"), replica.model_dump(mode="json"),
+            None if ledger is None else ledger.model_dump(mode="json", exclude={"token"}))
     engine_app = serve.deployment(EngineReplica, name="engine").options(**options).bind(*args)
     if replica.serves_http_in_replica:
         return engine_app

@@ -140,9 +140,9 @@ class LedgerAccessClient:
 
     @classmethod
     def for_state_dir(cls, state_dir: Path, config: LedgerClientConfig | None = None) -> LedgerAccessClient:
-        """The ledger of `GATEWAY_LEDGER_*`, with the token of `state_dir` (or GATEWAY_LEDGER_TOKEN)."""
+        """The ledger of `config` (default: `GATEWAY_LEDGER_*`), with its token (`read_ledger_token`)."""
         config = config or LedgerClientConfig()
-        return cls(config.target, read_ledger_token(state_dir))
+        return cls(config.target, read_ledger_token(state_dir, config))
 
     def close(self) -> None:
         self._channel.close()

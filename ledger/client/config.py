@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, PositiveInt, SecretStr
+from pathlib import Path
+
+from pydantic import Field, PositiveInt, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,6 +24,9 @@ class LedgerClientConfig(BaseSettings):
                                     "(health checks excepted). Unset: the ledger service generates one into "
                                     "<state>/ledger-token (owner-only) and its clients read it from there "
                                     "(ledger/client/token.py).")
+    token_file: Path | None = Field(None, description="A file holding the token (e.g. a mounted secret), read "
+                                    "instead of <state>/ledger-token and never written; for processes that do not "
+                                    "share the ledger's state directory (docs/deployment.md).")
     outbox_max_traces: PositiveInt = Field(100_000, description="Traces the gateway's outbox holds before it "
                                            "refuses new inferences (503) until the ledger catches up.")
     ship_batch: PositiveInt = Field(64, description="Traces per message on the ingest stream.")
@@ -30,6 +35,12 @@ class LedgerClientConfig(BaseSettings):
     usage_records: bool = Field(True, description="Make each response's usage record durable before its last "
                                 "byte (off only to measure its cost: a replica that dies then loses the bills of "
                                 "responses whose attribution had not finished).")
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> "LedgerClientConfig":
+        if self.token_value() is not None and self.token_file is not None:
+            raise ValueError("set the ledger token or token_file, not both")
+        return self
 
     @property
     def target(self) -> str:
