@@ -37,6 +37,11 @@ class StateLayout:
         return self.root / "cache" / "adapters"
 
     @property
+    def index_cache(self) -> Path:
+        """Local copies of attribution indexes fetched from a remote index store, by digest (`<hex>/`)."""
+        return self.root / "cache" / "indexes"
+
+    @property
     def wheel_cache(self) -> Path:
         """Verified wheels the pretrained model is converted from (kept for rebuilds)."""
         return self.root / "cache" / "wheels"

@@ -16,6 +16,7 @@ from serving.config import TINY_MODEL
 from tests.support.launcher import GatewayProcess
 from tests.support.ports import free_port
 from tests.support.postgres import PostgresServer
+from tests.support.s3 import S3Server, clear_fsspec_instances
 
 # Tests whose subject is not the model (engine plumbing, errors, routing, money) run on the tiny random
 # model: ten times less engine time. Tests of the pretrained model ask for it explicitly. Set here, so the
@@ -136,4 +137,20 @@ def share_wheel_cache(state: Path, wheel_cache: Path) -> None:
     """Point a fresh state directory's wheel cache at the session's download."""
     (state / "cache").mkdir(parents=True, exist_ok=True)
     (state / "cache" / "wheels").symlink_to(wheel_cache, target_is_directory=True)
+
+
+@pytest.fixture()
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
+    """A running moto S3 server with a fresh bucket; the AWS_* variables of `S3Server.env` are set."""
+    server = S3Server().start()
+    try:
+        for name, value in server.env.items():
+            monkeypatch.setenv(name, value)
+        for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        clear_fsspec_instances()
+        yield server
+    finally:
+        clear_fsspec_instances()
+        server.stop()
 
