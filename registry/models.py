@@ -6,7 +6,8 @@ Guarantees (asserted in code and tests):
 - a contribution's contributor is the address recovered from its signature, never a claimed one;
 - a published version is frozen: its contribution set, Merkle root and index never change;
   versions are cumulative (version n holds every contribution published in versions 1..n);
-- an adapter's lineage names published datanet versions only.
+- an adapter's lineage names published datanet versions only;
+- a version's index is its `index_digest` (statedir/store_cache.py): nodes refuse a copy that differs.
 Times are timezone-aware UTC. The schema is created and upgraded by Alembic (storage/migrations/).
 """
 
@@ -40,7 +41,8 @@ class DatanetVersion(SQLModel, table=True):
     number: int
     merkle_root: str = Field(max_length=66)
     contribution_count: int
-    index_path: str = Field(sa_column=Column(Text, nullable=False))
+    index_path: str = Field(sa_column=Column(Text, nullable=False))  # a local directory or a store URL (s3://…)
+    index_digest: str | None = Field(default=None, max_length=80)  # sha256:<hex> of the index; None: not checked
     anchor_tx: str | None = Field(default=None, max_length=66)
     anchor_chain_id: int | None = None
     anchor_contract: str | None = Field(default=None, max_length=42)

@@ -48,3 +48,21 @@ def test_concurrent_first_opens_of_one_sqlite_file_migrate_once(tmp_path: Path) 
         engines = list(pool.map(lambda _: open_database(url), range(4)))
     with engines[0].connect() as connection:
         assert current_revision(connection) == head_revision()
+
+
+def test_0007_adds_an_unchecked_index_digest_to_versions_published_before(database_url: str) -> None:
+    raw = create_engine(database_url)
+    with raw.begin() as connection:
+        command.upgrade(alembic_config(connection), "0006")
+        connection.execute(text("INSERT INTO datanet (id, name, description, created_at) "
+                                "VALUES ('d1', 'rivers', '', '2026-01-01 00:00:00')"))
+        connection.execute(text("INSERT INTO datanetversion (datanet_id, number, merkle_root, contribution_count, "
+                                "index_path, published_at) VALUES ('d1', 1, '0x00', 3, '/indexes/d1/v1', "
+                                "'2026-01-01 00:00:00')"))
+    raw.dispose()
+    engine = open_database(database_url)
+    with engine.connect() as connection:
+        assert current_revision(connection) == head_revision() == "0007"
+        rows = connection.execute(text("SELECT index_path, index_digest FROM datanetversion")).all()
+    engine.dispose()
+    assert [tuple(row) for row in rows] == [("/indexes/d1/v1", None)]
