@@ -12,6 +12,11 @@ each document) is asked of the ledger's Access API and cached for `lineage_ttl_s
 adapter trained on a newly published version is attributed without a restart. Adapters that are not
 registered, and the base model, have no lineage: their traces are entirely unattributed. A lineage's
 indexes are opened once per worker and shared by every request of that lineage.
+A lineage names each index by a local directory or a store URL (s3://…) with its digest: reading the
+lineage (on an attribution worker thread, never on the event loop) resolves each to a local directory
+with a `StoreCache` (statedir/store_cache.py; ``<state>/cache/indexes/<digest hex>/``), downloading it
+once per node and checking its digest. An index that cannot be had (store unreachable, digest
+mismatch) fails the lineage read like an unreachable ledger: the trace is written unattributed.
 With n > 1 choices every choice is attributed on its own (each continues the same prompt) and the
 trace holds them one after the other (`choice_tokens`).
 
@@ -72,6 +77,8 @@ from attribution.usage_log import UsageLog, UsageRecord, recover
 from ledger.client.access import LedgerUnavailable, LineageRecord
 from ledger.client.trace import AttributionTrace, TokenAttribution
 from ledger.client.trace_wire import trace_from_bytes, trace_to_bytes
+from statedir.layout import StateDirSettings
+from statedir.store_cache import StoreCache, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -126,23 +133,35 @@ class Lineage:
         return cls((), {})
 
 
+class IndexUnavailable(Exception):
+    """An index of a lineage could not be had locally (its store did not answer, or its copy has another digest)."""
+
+
 class LedgerLineages:
-    """Adapter → Lineage from the ledger's Access API, cached for `ttl_seconds`.
+    """Adapter → Lineage from the ledger's Access API, cached for `ttl_seconds`; its indexes local.
 
     A look-up the ledger does not answer is retried for up to `retry_seconds`; past that, the last
     lineage read is used, and without one the error is raised (the trace is then written
     unattributed, as for any failed attribution, so billing never waits for the ledger). After a
     failure, look-ups of adapters never read fail at once for `down_seconds`: one outage costs one
-    wait, not one per trace."""
+    wait, not one per trace.
+
+    Each index of a lineage read is resolved to a local directory by `store_cache` (default: under
+    ``<GATEWAY_STATE_DIR>/cache/indexes``): store URLs are downloaded and checked by digest, local
+    directories with a digest are checked once per process. When that fails (IndexUnavailable), the
+    last lineage read is used, and without one the adapter's look-ups fail at once for `down_seconds`
+    (no download per trace)."""
 
     def __init__(self, ledger: LineageSource, ttl_seconds: float = 5.0, retry_seconds: float = 2.0,
-                 down_seconds: float = 5.0) -> None:
+                 down_seconds: float = 5.0, store_cache: StoreCache | None = None) -> None:
         self.ledger = ledger
         self.ttl_seconds = ttl_seconds
         self.retry_seconds = retry_seconds
         self.down_seconds = down_seconds
+        self.store_cache = store_cache or StoreCache(StateDirSettings().layout.index_cache.resolve())
         self._down_until = 0.0
         self._cache: dict[str, tuple[float, Lineage]] = {}
+        self._unavailable: dict[str, tuple[float, str]] = {}  # adapter → (failed until, reason)
         self._lock = threading.Lock()
 
     def lineage(self, adapter: str | None) -> Lineage:
@@ -156,34 +175,63 @@ class LedgerLineages:
         try:
             if now < self._down_until:
                 raise LedgerUnavailable("the ledger did not answer a moment ago")
-            found = self._read(adapter)
+            with self._lock:
+                failed = self._unavailable.get(adapter)
+            if failed and now < failed[0]:
+                raise IndexUnavailable(failed[1])
+            found = self._local(adapter, self._read(adapter))
         except LedgerUnavailable:
             if cached:
                 return cached[1]
             self._down_until = max(self._down_until, time.monotonic() + self.down_seconds)
             raise
+        except IndexUnavailable:
+            if cached:
+                return cached[1]
+            raise
         with self._lock:
             self._cache[adapter] = (now, found)
+            self._unavailable.pop(adapter, None)
         return found
 
     def cached(self, adapter: str | None) -> Lineage:
-        """The lineage last read for `adapter`, whatever its age (no look-up unless never read)."""
+        """The lineage last read for `adapter`, whatever its age (no look-up unless never read).
+
+        An adapter whose indexes could not be had a moment ago has none (no download on the caller's thread)."""
         with self._lock:
             cached = self._cache.get(adapter) if adapter is not None else None
-        return cached[1] if cached else self.lineage(adapter)
+            failed = self._unavailable.get(adapter) if adapter is not None else None
+        if cached:
+            return cached[1]
+        if failed and time.monotonic() < failed[0]:
+            return Lineage.empty()
+        return self.lineage(adapter)
 
-    def _read(self, adapter: str) -> Lineage:
+    def _read(self, adapter: str) -> LineageRecord:
         deadline = time.monotonic() + self.retry_seconds
         delay = 0.2
         while True:
             try:
-                record = self.ledger.lineage(adapter)
-                return Lineage(record.index_dirs, record.owners)
+                return self.ledger.lineage(adapter)
             except LedgerUnavailable:
                 if time.monotonic() + delay > deadline:
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _local(self, adapter: str, record: LineageRecord) -> Lineage:
+        """The lineage with each index at a local directory (fetched and checked); IndexUnavailable otherwise."""
+        local = []
+        for location, digest in zip(record.index_dirs, record.digests(), strict=True):
+            try:
+                local.append(str(self.store_cache.fetch(location, digest or None)))
+            except (StoreError, ValueError, OSError) as exc:
+                reason = f"adapter '{adapter}': index {location} is unavailable: {exc}"
+                log.warning("%s; its responses are billed unattributed for now", reason)
+                with self._lock:
+                    self._unavailable[adapter] = (time.monotonic() + self.down_seconds, reason)
+                raise IndexUnavailable(reason) from None
+        return Lineage(tuple(local), record.owners)
 
 
 class LineageSource(Protocol):

@@ -29,6 +29,10 @@ class GatewayConfig(ServingConfig):
     stream_worker_logs: bool = Field(
         False, description="Stream replica/engine logs to this console (costs ~0.01 core while idle)."
     )
+    index_store: str = Field(
+        "", description="Where `gateway datanet publish` puts attribution indexes: a directory or an fsspec URL "
+                        "(s3://bucket/indexes), as <store>/<datanet id>/v<n>; nodes copy them and check their "
+                        "digest. Default: <state_dir>/indexes, on this node's disk only.")
     demo_adapters: int = Field(60, ge=0, description="Random load-test adapters built on first start.")
     demo_datanets: bool = Field(
         True, description="On first start, create the demo datanets and train an adapter on each (a few minutes)."

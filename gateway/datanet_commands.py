@@ -51,10 +51,11 @@ def cmd_publish(config: GatewayConfig, args: argparse.Namespace) -> None:
     progress(f"[publish] '{args.name}': freezing contributions, building the attribution index")
     with registry_contract(config) as registry:
         version = registries.datanets.publish(args.name, index_builder(config, progress), registry,
-                                              config.layout.indexes)
+                                              config.layout.indexes, config.index_store)
     payload = {
         "name": version.datanet, "version": version.version, "merkle_root": version.merkle_root,
         "tx_hash": version.tx_hash, "contributions": version.contributions, "index_path": version.index_path,
+        "index_digest": version.index_digest,
     }
     emit(args, payload, lambda p: (
         f"published '{p['name']}' version {p['version']}: {p['contributions']} contributions, "
@@ -99,7 +100,8 @@ def cmd_show(config: GatewayConfig, args: argparse.Namespace) -> None:
     datanet = registry.get(args.name)
     versions = [
         {"version": v.number, "merkle_root": v.merkle_root, "contributions": v.contribution_count,
-         "tx_hash": v.anchor_tx, "published_at": v.published_at.isoformat()}
+         "tx_hash": v.anchor_tx, "published_at": v.published_at.isoformat(), "index_path": v.index_path,
+         "index_digest": v.index_digest}
         for v in registry.versions(args.name)
     ]
     contributions = [

@@ -72,7 +72,8 @@ def _ensure_published(config: GatewayConfig, registries: Registries, datanet: De
         for rejected in result.rejected:
             say(f"[demo] {rejected.source} rejected: {rejected.reason}")
     say(f"[demo] publishing datanet '{datanet.name}' (index + Merkle root anchored on-chain)")
-    version = registries.datanets.publish(datanet.name, index_builder(config), anchor, config.layout.indexes)
+    version = registries.datanets.publish(datanet.name, index_builder(config), anchor, config.layout.indexes,
+                                          config.index_store)
     say(f"[demo] '{datanet.name}' version {version.version}: root {version.merkle_root}, tx {version.tx_hash}")
 
 

@@ -70,7 +70,7 @@ class AccessServicer(access_pb2_grpc.AccessServicer):
     def GetLineage(self, request: access_pb2.GetLineageRequest,  # noqa: N802
                    context: grpc.ServicerContext) -> access_pb2.Lineage:
         lineage = self.desk.lineage(request.adapter)
-        return access_pb2.Lineage(index_dirs=list(lineage.index_dirs), owners=[
+        return access_pb2.Lineage(index_dirs=list(lineage.index_dirs), index_digests=list(lineage.digests()), owners=[
             access_pb2.ContributionOwner(contribution_id=cid, contributor=owner, datanet=datanet)
             for cid, (owner, datanet) in lineage.owners.items()])
 

@@ -57,10 +57,11 @@ def parse_price(value: str | int) -> int:
 
 @dataclass(frozen=True)
 class AdapterLineageContents:
-    """What an adapter learned from: its datanet versions' index paths and their contributions."""
+    """What an adapter learned from: its datanet versions' index paths (and digests) and their contributions."""
 
-    index_paths: tuple[str, ...]  # in version id order
+    index_paths: tuple[str, ...]  # in version id order: local directories or store URLs
     contributions: dict[str, tuple[str, str]]  # contribution id → (contributor address, datanet name)
+    index_digests: tuple[str, ...] = ()  # parallel to index_paths; "" = none recorded (not checked)
 
 
 def lineage_contents(session: Session, adapter_name: str) -> AdapterLineageContents:
@@ -77,7 +78,8 @@ def lineage_contents(session: Session, adapter_name: str) -> AdapterLineageConte
         rows = session.exec(select(Contribution.id, Contribution.contributor)
                             .where(in_version(version.datanet_id, version.number))).all()
         contributions.update({cid: (contributor, datanet_name) for cid, contributor in rows})
-    return AdapterLineageContents(tuple(v.index_path for v, _ in versions), contributions)
+    return AdapterLineageContents(tuple(v.index_path for v, _ in versions), contributions,
+                                  tuple(v.index_digest or "" for v, _ in versions))
 
 
 class AdapterRegistry:

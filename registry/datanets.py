@@ -4,6 +4,12 @@ Publishing a version freezes its contributions (the new ones and every earlier v
 the version's attribution index, computes the Merkle root over the contribution ids and anchors it
 on-chain. The version row is committed before the anchor transaction; if anchoring fails, the next
 `publish` finishes it (an already anchored, equal root is recorded without a second transaction).
+
+The index is built on local disk (`<index_root>/<datanet id>/v<n>`) and its digest recorded in
+`DatanetVersion.index_digest`. With an index store (a directory or an fsspec URL such as
+``s3://bucket/indexes``; ``GATEWAY_INDEX_STORE``), it is uploaded to ``<store>/<datanet id>/v<n>``
+before the version is committed, `index_path` is that URL, and the local build is removed: nodes copy
+the index from the store and check it against the digest (statedir/store_cache.py).
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ from registry.anchor import RootAnchor, datanet_key
 from registry.config import DatanetConfig
 from registry.contribution_content import BadSignature, checksum_address, content_id, normalize, recover_contributor
 from registry.contribution_files import Rejection
-from registry.errors import AlreadyExists, AnchorFailed, InvalidInput, NothingToPublish, NotFound
+from registry.errors import AlreadyExists, AnchorFailed, IndexStoreFailed, InvalidInput, NothingToPublish, NotFound
 from registry.merkle import MerkleTree, verify_proof
 from registry.models import Contribution, ContributionBand, Datanet, DatanetVersion
+from statedir.store_cache import StoreError, check_store_url, directory_digest, is_local_url, local_path_of, upload
 from storage.database import utcnow
 
 DATANET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -88,6 +95,7 @@ class PublishedVersion:
     tx_hash: str
     contributions: int
     index_path: str
+    index_digest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -349,14 +357,24 @@ class DatanetRegistry:
 
     # -- publishing -----------------------------------------------------------------------------
 
-    def publish(self, name: str, build_index: IndexBuilder, anchor: RootAnchor, index_root: Path) -> PublishedVersion:
-        """Freeze pending contributions into a new version, index it, and anchor its root on-chain."""
+    def publish(self, name: str, build_index: IndexBuilder, anchor: RootAnchor, index_root: Path,
+                index_store: str = "") -> PublishedVersion:
+        """Freeze pending contributions into a new version, index it, and anchor its root on-chain.
+
+        With `index_store` (a directory or an fsspec URL), the index is uploaded there; IndexStoreFailed
+        when the store refuses it (nothing is published then)."""
         datanet = self.get(name)
+        if index_store:
+            try:
+                check_store_url(index_store)
+            except ValueError as exc:
+                raise InvalidInput(f"index store: {exc}") from None
         unanchored = [v for v in self.versions(name) if v.anchor_tx is None]
-        version = unanchored[0] if unanchored else self._freeze(datanet, build_index, index_root)
+        version = unanchored[0] if unanchored else self._freeze(datanet, build_index, index_root, index_store)
         return self._anchor(datanet, version, anchor)
 
-    def _freeze(self, datanet: Datanet, build_index: IndexBuilder, index_root: Path) -> DatanetVersion:
+    def _freeze(self, datanet: Datanet, build_index: IndexBuilder, index_root: Path,
+                index_store: str = "") -> DatanetVersion:
         with Session(self.engine) as session:
             last = session.exec(
                 select(func.max(DatanetVersion.number)).where(DatanetVersion.datanet_id == datanet.id)
@@ -378,11 +396,13 @@ class DatanetRegistry:
         for leftover in [index_dir, *index_dir.parent.glob(f".{index_dir.name}.*")]:
             shutil.rmtree(leftover, ignore_errors=True)  # left by an attempt that died before its commit
         build_index(documents, index_dir)
+        index_path, digest = self._store_index(index_dir, index_store, f"{datanet.id}/v{number}")
         tree = MerkleTree.from_ids([bytes.fromhex(cid) for cid, _ in documents])
         with Session(self.engine) as session:
             version = DatanetVersion(
                 datanet_id=datanet.id, number=number, merkle_root="0x" + tree.root.hex(),
-                contribution_count=len(documents), index_path=str(index_dir), published_at=self.clock(),
+                contribution_count=len(documents), index_path=index_path, index_digest=digest,
+                published_at=self.clock(),
             )
             session.add(version)
             for start in range(0, len(pending), ID_CHUNK):
@@ -392,7 +412,23 @@ class DatanetRegistry:
                     session.add(contribution)
             session.commit()
             session.refresh(version)
-            return version
+        if index_path != str(index_dir) and not (
+            is_local_url(index_path) and local_path_of(index_path).resolve() == index_dir.resolve()
+        ):
+            shutil.rmtree(index_dir, ignore_errors=True)  # the store's copy is the index now
+        return version
+
+    @staticmethod
+    def _store_index(index_dir: Path, index_store: str, relative: str) -> tuple[str, str]:
+        """(index_path, digest): the local build, or its copy uploaded to `<index_store>/<relative>`."""
+        if not index_store:
+            return str(index_dir), directory_digest(index_dir)
+        url = f"{index_store.rstrip('/')}/{relative}"
+        try:
+            return url, upload(index_dir, url)
+        except StoreError as exc:
+            raise IndexStoreFailed(f"the index could not be written to the index store, nothing was published: "
+                                   f"{exc}") from None
 
     def _anchor(self, datanet: Datanet, version: DatanetVersion, anchor: RootAnchor) -> PublishedVersion:
         root = bytes.fromhex(version.merkle_root.removeprefix("0x"))
@@ -421,7 +457,7 @@ class DatanetRegistry:
             session.add(stored)
             session.commit()
         return PublishedVersion(datanet.name, version.number, version.merkle_root, tx_hash,
-                                version.contribution_count, version.index_path)
+                                version.contribution_count, version.index_path, version.index_digest)
 
     # -- proofs ---------------------------------------------------------------------------------
 

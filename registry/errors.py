@@ -5,6 +5,7 @@ RegistryError
 ├── AlreadyExists       (a name is taken)
 ├── InvalidInput        (a name, address, price or lineage spec is malformed)
 ├── NothingToPublish    (no pending contributions)
+├── IndexStoreFailed    (the index store refused or did not answer; nothing was published)
 └── AnchorFailed        (the version is published but its root is not on-chain yet; retry)
 """
 
@@ -28,6 +29,10 @@ class InvalidInput(RegistryError):
 
 
 class NothingToPublish(RegistryError):
+    pass
+
+
+class IndexStoreFailed(RegistryError):
     pass
 
 

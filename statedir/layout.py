@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
 
 @dataclass(frozen=True)
 class StateLayout:
@@ -123,3 +126,15 @@ class StateLayout:
     def tmp(self) -> Path:
         """Scratch space on the state directory's filesystem (e.g. an adapter being trained)."""
         return self.root / "tmp"
+
+
+class StateDirSettings(BaseSettings):
+    """``GATEWAY_STATE_DIR`` alone, for code below the serving layer that has no `ServingConfig` to ask."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+
+    state_dir: Path = Field(Path(".gateway"), description="The node's state directory (as `ServingConfig`).")
+
+    @property
+    def layout(self) -> StateLayout:
+        return StateLayout(self.state_dir)

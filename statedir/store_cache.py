@@ -63,6 +63,20 @@ def is_local_url(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
+def check_store_url(url: str) -> str:
+    """`url` if it names a directory or a filesystem fsspec knows (its driver installed); ValueError otherwise."""
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError("a store URL must not be empty")
+    if is_local_url(url):
+        return url
+    protocol = url.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as exc:
+        raise ValueError(f"{url}: no filesystem for '{protocol}://' ({exc})") from None
+    return url
+
+
 def local_path_of(url: str) -> Path:
     return Path(url.removeprefix("file://"))
 

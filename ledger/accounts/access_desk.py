@@ -81,7 +81,8 @@ class AccessDesk:
     def lineage(self, adapter: str) -> LineageRecord:
         with Session(self.engine) as session:
             contents = lineage_contents(session, adapter)
-        return LineageRecord(tuple(contents.index_paths), dict(contents.contributions))
+        return LineageRecord(tuple(contents.index_paths), dict(contents.contributions),
+                             tuple(contents.index_digests))
 
     # ---- credit ---------------------------------------------------------------------------
     def lease(self, lease_id: str, account_id: str, amount: int, owner: str, *,

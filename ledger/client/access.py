@@ -58,10 +58,18 @@ class AdapterTerms:
 
 @dataclass(frozen=True)
 class LineageRecord:
-    """What attributing an adapter's output needs: its index directories and who owns each contribution."""
+    """What attributing an adapter's output needs: its indexes and who owns each contribution.
+
+    `index_dirs` are local directories or store URLs (s3://…); `index_digests` is parallel to them
+    ("sha256:<hex>", "" = none recorded), and the replica checks each copy it uses against it."""
 
     index_dirs: tuple[str, ...] = ()
     owners: dict[str, tuple[str, str]] = field(default_factory=dict)  # contribution id → (contributor, datanet)
+    index_digests: tuple[str, ...] = ()
+
+    def digests(self) -> tuple[str, ...]:
+        """One digest per index ("" where none was recorded, e.g. from a ledger that sends none)."""
+        return tuple(self.index_digests[i] if i < len(self.index_digests) else "" for i in range(len(self.index_dirs)))
 
 
 @dataclass(frozen=True)
@@ -177,7 +185,8 @@ class LedgerAccessClient:
     def lineage(self, adapter: str) -> LineageRecord:
         reply = self._call("GetLineage", access_pb2.GetLineageRequest(adapter=adapter))
         return LineageRecord(tuple(reply.index_dirs),  # type: ignore[attr-defined]
-                             {o.contribution_id: (o.contributor, o.datanet) for o in reply.owners})  # type: ignore[attr-defined]
+                             {o.contribution_id: (o.contributor, o.datanet) for o in reply.owners},  # type: ignore[attr-defined]
+                             tuple(reply.index_digests))  # type: ignore[attr-defined]
 
     def lease(self, lease_id: str, account_id: str, amount: int, owner: str, *,
               ttl_seconds: float = 0.0) -> LeaseGrant:
