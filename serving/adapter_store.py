@@ -1,7 +1,18 @@
 """Adapter store: LoRA adapters resolved by name from a directory or any fsspec URL.
 
-Layout: ``<store>/<adapter name>/adapter_config.json`` and ``adapter_model.safetensors``.
-An adapter written into the store is servable at once; listing is cached for ``list_ttl_seconds``.
+Layout: ``<store>/<adapter name>/adapter_config.json`` and ``adapter_model.safetensors``, and
+``<store>/.<adapter name>.sha256`` holding the adapter directory's digest (``sha256:<hex>``,
+statedir/store_cache.py `directory_digest`), written by `put` just before the directory. Names start
+with a letter or digit, so the listing never takes a digest file (or a hidden staging directory)
+for an adapter. An adapter written into the store is servable at once; listing is cached for
+``list_ttl_seconds``.
+
+A local-directory store is used in place. From a remote store (any fsspec URL), an adapter is
+downloaded once per node into ``<cache_dir>/.objects/<digest hex>/`` and checked against its digest
+file (`StoreCache`); ``<cache_dir>/<name>`` is a symlink to it, so the engine sees the adapter's name.
+An adapter without a digest file, or whose files do not match it (tampered, or replaced while being
+read), is AdapterUnavailable and nothing is cached.
+
 Adapters are checked against the base model before the engine sees them, because a malformed
 adapter handed to vLLM kills the engine process.
 """
@@ -9,6 +20,7 @@ adapter handed to vLLM kills the engine process.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import struct
@@ -21,10 +33,13 @@ from pathlib import Path
 import fsspec
 
 from serving.errors import AdapterUnavailable, InvalidRequest
+from statedir.store_cache import StoreCache, StoreDigestMismatch, StoreError, digest_hex, directory_digest
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+DIGEST_SUFFIX = ".sha256"
+OBJECTS_DIR = ".objects"
 SAFETENSORS_HEADER_BYTES_MAX = 16 * 1024 * 1024
 ADAPTER_BYTES_MAX = 2 * 1024**3
 
@@ -164,50 +179,92 @@ class AdapterStore:
             return True
         return bool(ADAPTER_NAME.match(name)) and self.fs.isdir(f"{self.root}/{name}")
 
+    def digest_path(self, name: str) -> str:
+        """Where the store keeps the digest of adapter `name` (beside it, hidden from the listing)."""
+        return f"{self.root}/.{name}{DIGEST_SUFFIX}"
+
+    def digest(self, name: str) -> str:
+        """The adapter's recorded digest; AdapterUnavailable when the store has none (or a malformed one)."""
+        try:
+            recorded = self.fs.cat_file(self.digest_path(name)).decode("ascii", "replace").strip()
+            digest_hex(recorded)
+        except FileNotFoundError:
+            raise AdapterUnavailable(f"adapter '{name}' has no digest in the store ({self.digest_path(name)}); "
+                                     "put it into the store again", param="model") from None
+        except ValueError as exc:
+            raise AdapterUnavailable(f"adapter '{name}': {exc}", param="model") from None
+        return recorded
+
     def local_path(self, name: str) -> Path:
-        """A local directory holding the adapter's files (downloaded once for remote stores)."""
+        """A local directory holding the adapter's files (downloaded once and checked for remote stores)."""
         if self.is_local:
             return Path(self.root) / name
-        target = self.cache_dir / name
-        if (target / CONFIG_FILE).exists():
-            return target
-        staging = self.cache_dir / f".{name}.{uuid.uuid4().hex}"
-        staging.mkdir(parents=True, exist_ok=True)
+        validate_name(name)
+        digest = self.digest(name)
         try:
-            for file in (CONFIG_FILE, WEIGHTS_FILE):
-                self.fs.get(f"{self.root}/{name}/{file}", str(staging / file))
-            staging.rename(target)
-        except FileNotFoundError as exc:
-            raise AdapterUnavailable(f"adapter '{name}' is missing a file in the store ({exc})", param="model") from None
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return target
+            fetched = StoreCache(self.cache_dir / OBJECTS_DIR).fetch(f"{self.url}/{name}", digest)
+        except StoreDigestMismatch as exc:
+            raise AdapterUnavailable(f"adapter '{name}' in the store does not match its digest, so it is not used "
+                                     f"({exc.got}, expected {exc.expected})", param="model") from None
+        except StoreError as exc:
+            raise AdapterUnavailable(f"adapter '{name}' could not be fetched from the store ({exc})",
+                                     param="model") from None
+        link = self.cache_dir / name
+        if os.path.islink(link) and Path(os.readlink(link)) == fetched:
+            return link
+        staging = self.cache_dir / f".{name}.{uuid.uuid4().hex}"
+        staging.symlink_to(fetched, target_is_directory=True)
+        os.replace(staging, link)  # atomic: a reader sees the old copy or the new one
+        return link
 
     def forget_local_copy(self, name: str) -> None:
-        if not self.is_local:
-            shutil.rmtree(self.cache_dir / name, ignore_errors=True)
+        """Drop the node's copy of `name` (its files too, unless another adapter name uses the same ones)."""
+        if self.is_local:
+            return
+        link = self.cache_dir / name
+        if not os.path.islink(link):
+            shutil.rmtree(link, ignore_errors=True)  # a copy made before copies were checked by digest
+            return
+        target = Path(os.readlink(link))
+        link.unlink(missing_ok=True)
+        others = [entry for entry in self.cache_dir.iterdir()
+                  if entry.name != name and os.path.islink(entry) and Path(os.readlink(entry)) == target]
+        if not others:
+            shutil.rmtree(target, ignore_errors=True)
 
-    def put(self, name: str, source: Path) -> None:
-        """Register an adapter by copying its directory into the store."""
+    def put(self, name: str, source: Path) -> str:
+        """Register an adapter by copying its directory into the store, with its digest; return the digest."""
         validate_name(name)
         for file in (CONFIG_FILE, WEIGHTS_FILE):
             if not (Path(source) / file).is_file():
                 raise InvalidRequest(f"{source} has no {file}")
+        digest = directory_digest(Path(source), files=(CONFIG_FILE, WEIGHTS_FILE))  # what is copied, only
         staging = f"{self.root}/.{name}.{uuid.uuid4().hex}"
         self.fs.makedirs(staging, exist_ok=True)
         for file in (CONFIG_FILE, WEIGHTS_FILE):
             self.fs.put(str(Path(source) / file), f"{staging}/{file}")
-        if self.fs.exists(f"{self.root}/{name}"):
-            self.fs.rm(f"{self.root}/{name}", recursive=True)
-        self.fs.mv(staging, f"{self.root}/{name}", recursive=True)
+        self.fs.pipe_file(self.digest_path(name), f"{digest}\n".encode())
+        target = f"{self.root}/{name}"
+        if self.fs.exists(target):
+            self.fs.rm(target, recursive=True)
+        if self.is_local:
+            self.fs.mv(staging, target, recursive=True)
+        else:  # object stores rename no directory: move the objects (readers check the digest)
+            for file in (CONFIG_FILE, WEIGHTS_FILE):
+                self.fs.mv(f"{staging}/{file}", f"{target}/{file}")
+            if self.fs.exists(staging):
+                self.fs.rm(staging, recursive=True)
         with self._lock:
             self._listing = (0.0, [], frozenset())
+        return digest
 
     def remove(self, name: str) -> None:
         """Delete an adapter from the store (used to undo a registration that could not be recorded)."""
         validate_name(name)
         if self.fs.exists(f"{self.root}/{name}"):
             self.fs.rm(f"{self.root}/{name}", recursive=True)
+        if self.fs.exists(self.digest_path(name)):
+            self.fs.rm(self.digest_path(name))
         self.forget_local_copy(name)
         with self._lock:
             self._listing = (0.0, [], frozenset())

@@ -28,6 +28,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import fsspec
@@ -97,13 +98,15 @@ def _relative_files(root: Path) -> list[str]:
     return sorted(files)
 
 
-def directory_digest(path: Path) -> str:
-    """``sha256:<hex>`` over the sorted relative paths of the files under `path`, their sizes and contents."""
+def directory_digest(path: Path, files: Sequence[str] | None = None) -> str:
+    """``sha256:<hex>`` over the sorted relative paths of the files under `path`, their sizes and contents.
+
+    With `files` (relative paths), only those: the digest the directory will have once only they are copied."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory")
     outer = hashlib.sha256()
-    for relative in _relative_files(root):
+    for relative in sorted(files) if files is not None else _relative_files(root):
         inner = hashlib.sha256()
         size = 0
         with open(root / relative, "rb") as handle:

@@ -11,6 +11,8 @@ import pytest
 
 from serving.adapter_store import AdapterStore, BaseModelShape, check_adapter_dir, validate_name
 from serving.errors import AdapterUnavailable, InvalidRequest
+from statedir.store_cache import directory_digest
+from tests.support.s3 import S3Server
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +108,39 @@ def test_remote_store_downloads_once_and_forgets(tmp_path: Path, scratch_adapter
     assert store.local_path("remote-one") == local, "second use is served from the local copy"
     store.forget_local_copy("remote-one")
     assert not local.exists()
-    with pytest.raises(AdapterUnavailable, match="missing a file"):
-        store.local_path("remote-one")
-    assert list((tmp_path / "cache").iterdir()) == [], "a failed download leaves nothing behind"
+    with pytest.raises(AdapterUnavailable, match="does not match its digest"):
+        store.local_path("remote-one")  # a file is missing in the store now
+    assert [p for p in (tmp_path / "cache").rglob("*") if not p.is_dir()] == [], "a failed download leaves nothing"
     shutil.rmtree(tmp_path / "cache")
+
+
+def test_adapters_through_s3_are_checked_by_digest(tmp_path: Path, scratch_adapter: Path, s3: S3Server,
+                                                   base: BaseModelShape) -> None:
+    (scratch_adapter / "README.md").write_text("not copied")  # only the adapter's two files are stored
+    store = AdapterStore(s3.url("adapters"), tmp_path / "cache", list_ttl_seconds=0)
+    digest = store.put("alpha", scratch_adapter)
+    store.put("beta", scratch_adapter)
+    assert store.names() == ["alpha", "beta"], "digest files are not adapters"
+    assert store.digest("alpha") == digest
+    local = store.local_path("alpha")
+    assert local == tmp_path / "cache" / "alpha" and check_adapter_dir(local, base, max_rank=16) == 8
+    assert directory_digest(local) == digest
+    assert store.local_path("beta").resolve() == local.resolve(), "one copy of the same files"
+    store.forget_local_copy("alpha")
+    assert not local.exists() and (tmp_path / "cache" / "beta" / "adapter_config.json").is_file()
+    store.forget_local_copy("beta")
+
+    weights = f"{s3.bucket}/adapters/alpha/adapter_model.safetensors"
+    fs = fsspec.filesystem("s3")
+    tampered = bytearray(fs.cat_file(weights))
+    tampered[-1] ^= 1
+    fs.pipe_file(weights, bytes(tampered))
+    with pytest.raises(AdapterUnavailable, match="'alpha' in the store does not match its digest"):
+        store.local_path("alpha")
+    assert [p for p in (tmp_path / "cache").rglob("*") if not p.is_dir()] == [], "nothing cached"
+
+    fs.rm(f"{s3.bucket}/adapters/.beta.sha256")
+    with pytest.raises(AdapterUnavailable, match="'beta' has no digest in the store"):
+        store.local_path("beta")
+    store.remove("alpha")
+    assert store.names() == ["beta"] and not fs.exists(f"{s3.bucket}/adapters/.alpha.sha256")
