@@ -69,11 +69,13 @@ class ShippingCollector(Collector):
         self.shipper = shipper
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        stats = self.shipper.stats()
+        if stats["standby"]:  # another process ships this outbox and reports its backlog
+            return
         depth, oldest_age = self.shipper.outbox.backlog()  # one directory scan per scrape
         yield GaugeMetricFamily("gateway_outbox_traces", "Traces waiting in the outbox for the ledger.", value=depth)
         yield GaugeMetricFamily("gateway_outbox_oldest_age_seconds", "Age of the oldest trace waiting to be shipped.",
                                 value=oldest_age)
-        stats = self.shipper.stats()
         shipped = CounterMetricFamily("gateway_traces_shipped", "Traces the ledger acknowledged, by its answer.",
                                       labels=["ack"])
         for ack, counter in SHIPPER_ACKS.items():

@@ -7,6 +7,11 @@ Guarantees:
   idempotent on trace id (DUPLICATE), so a trace is posted once however often it is sent;
 - at most `window` requests of at most `batch_size` traces (and `REQUEST_BYTES_MAX` bytes) are in flight.
 
+One shipper per outbox: a shipper ships only while it holds the outbox's lock (`flock` on
+`<outbox>/.shipper.lock`, released by the kernel when its process dies). Every process that may ship
+a node's outbox (the engine replicas of that node, `gateway up`'s supervisor) starts a shipper; one
+ships, the others stand by and take over within `LOCK_RETRY_SECONDS` of its end.
+
 Idle, it costs nothing: a stream is opened only when the outbox holds a trace and closed once nothing
 was in flight for `idle_close_seconds` (a sync gRPC stream wakes its threads 5–10 times a second).
 Between streams the thread sleeps on the outbox directory (inotify, attribution/outbox_watch.py) and
@@ -16,7 +21,9 @@ trace waits at most that long even where inotify is not available.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import queue
 import random
 import threading
@@ -46,6 +53,8 @@ EMPTY_POLL_SECONDS = 0.02
 IDLE_CLOSE_SECONDS = 10.0  # a stream with nothing in flight this long is closed
 IDLE_POLL_MAX_SECONDS = 2.0  # the longest a trace waits for the shipper between streams without inotify
 CHANNEL_CLOSE_DELAY_SECONDS = 1.0
+LOCK_FILE = ".shipper.lock"  # hidden: never taken for a trace
+LOCK_RETRY_SECONDS = 2.0  # how soon a standing-by shipper takes over from one that ended
 _CONNECTED = object()
 _WAKE = object()
 
@@ -170,11 +179,15 @@ class TraceShipper:
         self._in_flight = 0
         self._attempt = 0
         self._in_outage = False
+        self._holds_lock = False
+        self._lock_descriptor = -1
 
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("TraceShipper.start() called twice")
         self._watch = OutboxWatch(self.outbox.directory)
+        self._lock_descriptor = os.open(self.outbox.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        self._try_outbox_lock()  # at once: a shipper that can ship reports so from its start
         self._thread = threading.Thread(target=self._run, name="trace-shipper", daemon=True)
         self._thread.start()
 
@@ -192,7 +205,8 @@ class TraceShipper:
 
     def stats(self) -> dict[str, int | float | bool]:
         with self._lock:
-            return {**self._counters, "in_flight": self._in_flight, "connected": self._connected}
+            return {**self._counters, "in_flight": self._in_flight, "connected": self._connected,
+                    "standby": not self._holds_lock}
 
     def wait_until_empty(self, timeout: float) -> bool:
         """Wait until the outbox is empty and nothing is in flight; False on timeout."""
@@ -208,6 +222,10 @@ class TraceShipper:
 
     def _run(self) -> None:
         assert self._watch is not None
+        lock = self._take_outbox_lock()
+        if lock is None:
+            self._watch.close()
+            return
         try:
             while not self._stop.is_set():
                 try:
@@ -228,6 +246,31 @@ class TraceShipper:
                 self._stop.wait(self._next_backoff_seconds())
         finally:
             self._watch.close()
+            with self._lock:
+                self._holds_lock = False
+            os.close(lock)  # releases the flock: a standing-by shipper takes over
+
+    def _try_outbox_lock(self) -> bool:
+        """Take the outbox's lock if no other shipper holds it (True when this shipper holds it)."""
+        try:
+            fcntl.flock(self._lock_descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        with self._lock:
+            self._holds_lock = True
+        return True
+
+    def _take_outbox_lock(self) -> int | None:
+        """Wait until this shipper is the outbox's only one (its lock's descriptor), or stop (None)."""
+        if self._holds_lock:
+            return self._lock_descriptor
+        log.info("another process ships %s; this shipper stands by", self.outbox.directory)
+        while not self._try_outbox_lock():
+            if self._stop.wait(LOCK_RETRY_SECONDS):
+                os.close(self._lock_descriptor)
+                return None
+        log.info("shipping %s (the shipper before ended)", self.outbox.directory)
+        return self._lock_descriptor
 
     def _wait_for_work(self, watch: OutboxWatch) -> bool:
         """Sleep until the outbox holds a trace (True) or the shipper stops (False)."""

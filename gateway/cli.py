@@ -35,7 +35,7 @@ from serving.config import EngineConfig, ReplicaConfig
 
 def _config(args: argparse.Namespace) -> GatewayConfig:
     overrides = {}
-    for field in ("state_dir", "http_port", "grpc_port", "host"):
+    for field in ("state_dir", "http_port", "grpc_port", "host", "ray_address"):
         value = getattr(args, field, None)
         if value is not None:
             overrides[field] = value
@@ -69,6 +69,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--http-port", dest="http_port", type=int)
     up.add_argument("--grpc-port", dest="grpc_port", type=int)
     up.add_argument("--host")
+    up.add_argument("--ray-address", dest="ray_address", metavar="HOST:PORT",
+                    help="join this running Ray cluster (default: RAY_ADDRESS, else start a node-local one)")
     up.add_argument("--no-auth", dest="no_auth", action="store_true",
                     help="serve without API keys (local experiments only; refused off loopback)")
     up.set_defaults(func=cmd_up)

@@ -6,6 +6,8 @@ Every field has a safe default so that ``make up`` runs with no configuration at
 
 from __future__ import annotations
 
+import os
+
 from pydantic import Field, PositiveInt
 from pydantic_settings import SettingsConfigDict
 
@@ -26,6 +28,10 @@ class GatewayConfig(ServingConfig):
                            "Off, Ray's API server and autoscaler monitor are stopped after start and its task "
                            "events are not recorded (~0.01 core less while idle)."
     )
+    ray_address: str = Field(
+        "", description="A running Ray cluster for `gateway up` to join (host:port of its head; RAY_ADDRESS is "
+                        "read too) instead of starting its own node-local one. Engine replicas then take their "
+                        "state directory from their own node's GATEWAY_STATE_DIR (docs/deployment.md).")
     stream_worker_logs: bool = Field(
         False, description="Stream replica/engine logs to this console (costs ~0.01 core while idle)."
     )
@@ -41,6 +47,11 @@ class GatewayConfig(ServingConfig):
         None, description="Only the first N demo datanets (default: all of them; each costs a few minutes of "
                           "training on the pretrained model)."
     )
+
+    @property
+    def cluster_address(self) -> str | None:
+        """The Ray cluster to join (GATEWAY_RAY_ADDRESS, else RAY_ADDRESS), or None: start a node-local one."""
+        return self.ray_address or os.environ.get("RAY_ADDRESS") or None
 
     @property
     def embedded_pretrained(self) -> bool:

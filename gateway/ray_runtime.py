@@ -207,6 +207,24 @@ def start_ray(options: RayNodeOptions) -> Any:
     return node
 
 
+def join_ray(address: str, options: RayNodeOptions) -> None:
+    """Connect to the running Ray cluster at `address` (this machine must be one of its nodes).
+
+    The cluster is the operator's: its listeners, resources and dashboard stay as they are. This process
+    presents Ray's token (RAY_AUTH_MODE=token unless the operator set another mode) and keeps torch's gloo
+    listeners of the processes it starts on loopback. RuntimeError when nothing answers at `address`.
+    """
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault(GLOO_INTERFACE_ENV, loopback_interface())
+    import ray
+
+    try:
+        ray.init(address=address, logging_level=options.logging_level, log_to_driver=options.log_to_driver)
+    except ConnectionError as error:
+        raise RuntimeError(f"no Ray cluster answers at {address} ({error}); start it with `ray start --head` "
+                           "or leave GATEWAY_RAY_ADDRESS/RAY_ADDRESS unset for a node-local one") from None
+
+
 def stop_dashboard_processes(node: Any) -> None:
     """Stop the API server (`dashboard.py`, which Ray starts even without the dashboard) and the
     autoscaler monitor (a one-node cluster does not autoscale): ~0.005 core idle, no use to Serve's

@@ -26,7 +26,7 @@ from gateway.config import GatewayConfig
 from gateway.demo_data import ensure_demo_datanets
 from gateway.ledger_access import registry_contract
 from gateway.ledger_process import LedgerProcess, ledger_answers
-from gateway.ray_runtime import RayNodeOptions, start_ray
+from gateway.ray_runtime import RayNodeOptions, join_ray, start_ray
 from gateway.readiness import READY_TIMEOUT_SECONDS, wait_until_gateway_ready
 from ledger.chain.config import ChainConfig
 from ledger.client.token import read_ledger_token
@@ -55,6 +55,10 @@ RAY_ENV_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
     "VLLM_LOGGING_LEVEL": "WARNING",
 }
+
+
+def _resources_text(replica: ReplicaConfig) -> str:
+    return "".join(f", {amount:g} {name}" for name, amount in sorted(replica.resources.items()))
 
 
 class StopRequested(Exception):
@@ -229,9 +233,20 @@ def _serve(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig,
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
 
-    print("[gateway] starting Ray", flush=True)
-    start_ray(RayNodeOptions.for_gateway(config))  # every Ray listener on loopback, token auth on
-    if not config.stream_worker_logs:
+    cluster = config.cluster_address
+    if cluster is None:
+        print("[gateway] starting Ray", flush=True)
+        start_ray(RayNodeOptions.for_gateway(config))  # every Ray listener on loopback, token auth on
+    else:
+        print(f"[gateway] joining the Ray cluster at {cluster}", flush=True)
+        try:
+            join_ray(cluster, RayNodeOptions.for_gateway(config))
+        except RuntimeError as error:
+            raise CommandError(str(error), EXIT_FAILED) from None
+        nodes = [node for node in ray.nodes() if node["Alive"]]
+        print(f"[gateway] {len(nodes)} Ray node(s); engine replicas need "
+              f"{replica.num_cpus:g} CPU, {replica.num_gpus:g} GPU{_resources_text(replica)} each", flush=True)
+    if cluster is None and not config.stream_worker_logs:
         # Ray's log monitor polls every log file ten times a second (~0.01 core when idle); the
         # logs stay in Ray's session directory.
         node = ray._private.worker._global_node
@@ -250,7 +265,9 @@ def _serve(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig,
         with background:
             print(f"[gateway] deploying the engine in {resolve_precision(engine.dtype).reason} (first start builds "
                   "the vLLM engine, ~30 s)", flush=True)
-            serve.run(build_application(config, engine, replica), name="gateway", route_prefix="/", blocking=False)
+            # In a cluster each node's replicas use that node's state directory (their GATEWAY_STATE_DIR).
+            serve.run(build_application(config, engine, replica, node_state_dirs=cluster is not None),
+                      name="gateway", route_prefix="/", blocking=False)
             base = f"http://{config.host}:{config.http_port}"
 
             def not_stopped() -> None:
@@ -267,9 +284,16 @@ def _serve(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig,
             while not stop.wait(1.0):
                 watch()
     finally:
-        print("[gateway] stopping Serve and Ray", flush=True)
+        if cluster is None:
+            print("[gateway] stopping Serve and Ray", flush=True)
+        else:
+            print("[gateway] removing the gateway application from the cluster (the cluster keeps running)",
+                  flush=True)
         try:
-            serve.shutdown()
+            if cluster is None:
+                serve.shutdown()
+            else:
+                serve.delete("gateway")
         finally:
             ray.shutdown()
             forget_engine_targets(config.state_dir)  # replicas do not always get to remove theirs

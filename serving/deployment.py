@@ -16,24 +16,28 @@ import json
 import logging
 import threading
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import uvicorn
 import uvloop
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import REGISTRY
 from ray import serve
 
+from attribution.metrics import ShippingCollector
 from attribution.outbox import Outbox
-from attribution.service import AttributionService, LedgerLineages, read_trace_file
+from attribution.shipper import TraceShipper
+from attribution.service import AttributionService, LedgerLineages
 from attribution.usage_log import UsageLog
 from ledger.client.access import LedgerAccessClient
 from ledger.client.config import LedgerClientConfig
+from ledger.client.traces import LedgerTraces
+from ledger.client.token import read_ledger_token
 from serving.access import AccessControl
 from serving.config import AccessConfig, EngineConfig, ReplicaConfig, ServingConfig
 from serving.engine import Engine
-from serving.errors import ApiError, InvalidRequest, ModelNotFound, TraceNotFound
+from serving.errors import ApiError, InvalidRequest, ModelNotFound
 from serving.grpc_service import API as GRPC_API
 from serving.grpc_service import LocalBackend, serialized_stream_error, start_grpc_server
 from serving.metrics_endpoint import serve_metrics
@@ -84,7 +88,8 @@ class EngineReplica:
             await self._loop.run(self._build())
         else:
             await self._build()
-        # Servers start once the engine has started its processes (they must not inherit the sockets).
+        # Servers (and gRPC threads) start once the engine has started its processes (they must not inherit them).
+        self._shipper = self._ship_node_outbox()
         self._metrics = serve_metrics(self.config.host, 0, state_dir=self.config.state_dir,
                                       target_name=f"engine-{self.replica_id}", labels={"replica": self.replica_id})
         if self._loop is not None:
@@ -107,7 +112,23 @@ class EngineReplica:
         )
         access = AccessConfig()
         control = AccessControl(self.ledger, access, owner=self.replica_id) if access.auth else None
-        self.service = OpenAIService(self.engine, self.replica.max_ongoing_requests, attribution, access=control)
+        self.stored_traces = LedgerTraces(ledger.target, read_ledger_token(self.config.state_dir, ledger))
+        self.service = OpenAIService(self.engine, self.replica.max_ongoing_requests, attribution, access=control,
+                                     stored_traces=self.stored_traces)
+
+    def _ship_node_outbox(self) -> TraceShipper | None:
+        """Ship this node's outbox to the ledger: every node ships its own, so no trace waits for the head.
+        Replicas of one node (and `gateway up`'s supervisor there) share the outbox; one of them ships it at
+        a time (attribution/shipper.py), the others stand by."""
+        ledger, state_dir = self.ledger_config, self.config.state_dir
+        if not ledger.ship:
+            return None
+        shipper = TraceShipper(Outbox(self.config.outbox_dir, ledger.outbox_max_traces), ledger.target,
+                               token=lambda: read_ledger_token(state_dir, ledger), batch_size=ledger.ship_batch)
+        shipper.start()
+        self._shipping_collector = ShippingCollector(shipper)
+        REGISTRY.register(self._shipping_collector)
+        return shipper
 
     async def _start_http(self) -> None:
         app = build_app(self.service)
@@ -155,18 +176,12 @@ class EngineReplica:
         except ApiError as exc:
             return {**exc.to_body(), "status": exc.status}
 
-    async def check_key(self, authorization: str | None,
-                        read: tuple[str, str | None] | None = None) -> dict[str, Any] | None:
-        """None when the key is accepted (or auth is off), else the error body and status. With `read`
-        = (trace id, the trace's requester key id): also whether this key may read that trace (the
-        unknown-trace 404 otherwise, see AccessControl.may_read)."""
+    async def trace(self, trace_id: str, authorization: str | None = None) -> dict[str, Any]:
+        """A whole trace for a key that may read it (this node's copy, else the ledger's), or an error body."""
         try:
-            caller = self.service.authenticate(authorization)
-            if read is not None and self.service.access is not None:
-                self.service.access.check_read(caller, *read)
+            return await self.service.trace(trace_id, self.service.authenticate(authorization))
         except ApiError as exc:
             return {**exc.to_body(), "status": exc.status}
-        return None
 
     async def stats(self, authorization: str | None = None) -> dict[str, Any]:
         """This replica's counters for an admin key, or an error body (`{"error": …, "status": …}`)."""
@@ -237,6 +252,9 @@ class EngineReplica:
 
     async def __del__(self) -> None:
         self._metrics.close()
+        if self._shipper is not None:
+            self._shipper.stop()  # what it did not ship waits in the outbox for the node's next shipper
+            REGISTRY.unregister(self._shipping_collector)
         if self._server is not None:
             self._server.should_exit = True
             await self._loop.run(self._grpc_server.stop(grace=1))
@@ -246,6 +264,7 @@ class EngineReplica:
         if self.service.access is not None:
             self.service.access.close()
         self.ledger.close()
+        self.stored_traces.close()
         if self._loop is not None:
             self._loop.stop()
 
@@ -275,10 +294,9 @@ ingress_app = FastAPI(docs_url=None, redoc_url=None)
 class Ingress:
     """Routes OpenAI requests to engine replicas by adapter (multi-replica mode only)."""
 
-    def __init__(self, engine_handle: Any, base_model: str, grpc_ingress: Any, trace_dir: str) -> None:
+    def __init__(self, engine_handle: Any, base_model: str, grpc_ingress: Any) -> None:
         self.engine = engine_handle
         self.base_model = base_model
-        self.trace_dir = Path(trace_dir)
         self.grpc_ingress = grpc_ingress  # bound here so Serve deploys it with the application
 
     @ingress_app.get("/health")
@@ -292,17 +310,9 @@ class Ingress:
 
     @ingress_app.get("/v1/attributions/{trace_id}")
     async def attribution(self, trace_id: str, request: Request) -> JSONResponse:
-        trace = read_trace_file(self.trace_dir, trace_id)
-        # One look-up on a replica: the key (401), then whether it may read this trace (the same 404
-        # as an unknown id otherwise); both rules live in serving/access.py.
-        refused = await self.engine.check_key.remote(request.headers.get("authorization"),
-                                                     None if trace is None else (trace_id, trace.requester))
-        if refused is not None:
-            return JSONResponse(refused, status_code=refused.pop("status"))
-        if trace is None:
-            error = TraceNotFound(trace_id)
-            return JSONResponse(error.to_body(), status_code=error.status)
-        return JSONResponse(trace.to_dict())
+        # Any engine replica answers: its node's copy of the trace, else the ledger's (every node's traces).
+        answer = await self.engine.trace.remote(trace_id, request.headers.get("authorization"))
+        return JSONResponse(answer, status_code=answer.pop("status", 200))
 
     @ingress_app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -373,9 +383,11 @@ class GrpcIngress:
 
 
 def build_application(config: ServingConfig, engine: EngineConfig, replica: ReplicaConfig,
-                      ledger: LedgerClientConfig | None = None) -> Any:
+                      ledger: LedgerClientConfig | None = None, *, node_state_dirs: bool = False) -> Any:
     """The Serve application for these settings (see the module docstring for the two shapes). Without
-    `ledger`, replicas read GATEWAY_LEDGER_* themselves; its token, if any, is never passed (see serve_app.py)."""
+    `ledger`, replicas read GATEWAY_LEDGER_* themselves; its token, if any, is never passed (see serve_app.py).
+    With `node_state_dirs` (a cluster), `config.state_dir` is not passed either: each replica uses its own
+    node's GATEWAY_STATE_DIR (nodes share no disk)."""
     actor: dict[str, Any] = {"num_cpus": replica.num_cpus, "num_gpus": replica.num_gpus}
     if replica.resources:
         actor["resources"] = replica.resources
@@ -390,7 +402,8 @@ def build_application(config: ServingConfig, engine: EngineConfig, replica: Repl
         options["autoscaling_config"] = replica.autoscaling
     else:
         options["num_replicas"] = replica.num_replicas
-    args = (config.model_dump(mode="json"), engine.model_dump(mode="json"), replica.model_dump(mode="json"),
+    serving = config.model_dump(mode="json", exclude={"state_dir"} if node_state_dirs else None)
+    args = (serving, engine.model_dump(mode="json"), replica.model_dump(mode="json"),
             None if ledger is None else ledger.model_dump(mode="json", exclude={"token"}))
     engine_app = serve.deployment(EngineReplica, name="engine").options(**options).bind(*args)
     if replica.serves_http_in_replica:
@@ -402,4 +415,4 @@ def build_application(config: ServingConfig, engine: EngineConfig, replica: Repl
         ray_actor_options={"num_cpus": 0}, num_replicas=1
     )
     grpc_app = grpc_ingress.bind(engine_app, config.served_model_name, config.host, config.grpc_port)
-    return ingress.bind(engine_app, config.served_model_name, grpc_app, str(config.trace_dir))
+    return ingress.bind(engine_app, config.served_model_name, grpc_app)

@@ -21,11 +21,14 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from attribution.service import AttributionDeferred, usage_record
+from attribution.service import TRACE_ID, AttributionDeferred, usage_record
+from ledger.client.access import LedgerUnavailable
+from ledger.client.trace import AttributionTrace
 from serving.engine import Engine, StepOutput
-from serving.errors import AccountingBacklog, ApiError, ModelNotFound, Overloaded, TraceNotFound, UsageNotRecorded
+from serving.errors import (AccountingBacklog, ApiError, LedgerUnreachable, ModelNotFound, Overloaded, TraceNotFound,
+                            UsageNotRecorded)
 from serving.metrics import RequestMetrics, request_metrics
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
@@ -40,6 +43,12 @@ CLIENT_GONE = 499  # the consumer stopped reading before the last token (nginx's
 
 def sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class StoredTraces(Protocol):
+    """Where traces that left this node are read back (the ledger: ledger/client/traces.py)."""
+
+    def get(self, trace_id: str) -> AttributionTrace | None: ...
 
 
 @dataclass
@@ -79,8 +88,9 @@ class OpenAIService:
 
     def __init__(self, engine: Engine, max_ongoing_requests: int = 256,
                  attribution: AttributionService | None = None, metrics: RequestMetrics | None = None,
-                 access: AccessControl | None = None) -> None:
+                 access: AccessControl | None = None, stored_traces: StoredTraces | None = None) -> None:
         self.engine = engine
+        self.stored_traces = stored_traces
         self.max_ongoing_requests = max_ongoing_requests
         self.attribution = attribution
         self.access = access
@@ -180,9 +190,16 @@ class OpenAIService:
         return self.attribution.summary(trace, job.adapter)  # type: ignore[union-attr]
 
     async def trace(self, trace_id: str, caller: Caller | None = None) -> dict[str, Any]:
-        """The whole per-token trace of a generation served by this replica, for the keys of the
-        account that made the request and admin keys; anyone else gets the unknown-trace 404."""
+        """The whole per-token trace of a generation, for the keys of the account that made the request
+        and admin keys; anyone else gets the unknown-trace 404. This node's copy first (its replicas
+        write one per response), else the ledger's, which holds the traces of every node."""
         trace = await self.attribution.get(trace_id) if self.attribution else None
+        if trace is None and self.stored_traces is not None and TRACE_ID.match(trace_id):
+            try:
+                trace = await asyncio.to_thread(self.stored_traces.get, trace_id)
+            except LedgerUnavailable as away:
+                raise LedgerUnreachable(f"The trace is not on this node and the ledger is not reachable ({away}); "
+                                        "retry shortly.", headers={"retry-after": "1"}) from None
         if trace is None:
             raise TraceNotFound(trace_id)
         if self.access is not None:

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from attribution.outbox import Outbox
+from attribution.shipper import TraceShipper
 from gateway.demo_data import demo_adapter_name, demo_contributor_address
+from gateway.ledger_process import LedgerProcess
+from ledger.client.trace import AttributionTrace, TokenAttribution
 from registry.contribution_content import content_id, normalize
+from statedir.layout import StateLayout
 from tests.support.launcher import GatewayProcess
 from training.demo_passages import DEMO_DATANETS
 from wire.inference.v1 import inference_pb2 as pb
@@ -69,6 +75,31 @@ def test_unknown_trace_is_404(gateway: GatewayProcess) -> None:
     response = httpx.get(headers=gateway.headers, url=f"{gateway.base_url}/v1/attributions/cmpl-nope", timeout=30)
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "trace_not_found"
+
+
+def test_a_trace_only_the_ledger_holds_is_answered_from_it(gateway: GatewayProcess, ledger_service: LedgerProcess,
+                                                          tmp_path: Path) -> None:
+    """A trace served on another node (shipped from that node's outbox; none of it on this node) is
+    read from the ledger, for an admin key; the read rules still apply to it."""
+    trace = AttributionTrace(trace_id="cmpl-other-node-1", model=BASE, adapter=None, requester=None,
+                             prompt_tokens=3, completion_tokens=1, tokens=(TokenAttribution(7, (), 1.0),),
+                             method="verbatim-span-v1")
+    other_node = Outbox(tmp_path / "other-node-outbox")
+    other_node.put(trace)
+    shipper = TraceShipper(other_node, f"127.0.0.1:{ledger_service.port}", token=ledger_service.token)
+    shipper.start()
+    try:
+        assert shipper.wait_until_empty(30)
+    finally:
+        shipper.stop()
+    assert shipper.stats()["shipped"] == 1, "the ledger accepted the other node's trace"
+    assert not (StateLayout(gateway.state_dir).traces / f"{trace.trace_id}.pb").exists()
+    url = f"{gateway.base_url}/v1/attributions/{trace.trace_id}"
+    answer = httpx.get(url, headers=gateway.headers, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == trace.to_dict()
+    refused = httpx.get(url, headers={"authorization": "Bearer sk-not-a-key"}, timeout=30)
+    assert refused.status_code == 401
 
 
 def test_base_model_output_is_unattributed(client: openai.OpenAI) -> None:

@@ -416,3 +416,34 @@ def test_stop_is_prompt_while_idle(make_shipper: Callable[..., TraceShipper]) ->
     started = time.monotonic()
     assert shipper.stop(timeout=5.0)
     assert time.monotonic() - started < 0.5
+
+
+def test_one_shipper_per_outbox_and_a_standing_by_one_takes_over(
+        ledger: ScriptedLedger, serve: Callable[[int], grpc.Server], make_shipper: Callable[..., TraceShipper],
+        outbox: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes of one node (replicas, the supervisor) start shippers on the same outbox: one ships,
+    the other stands by (and reports no backlog) until the first ends, then ships what arrives next."""
+    from prometheus_client import CollectorRegistry
+
+    from attribution import shipper as shipper_module
+    from attribution.metrics import ShippingCollector
+
+    monkeypatch.setattr(shipper_module, "LOCK_RETRY_SECONDS", 0.05)
+    port = free_port()
+    serve(port)
+    first = make_shipper(port)
+    second = make_shipper(port)
+    assert (first.stats()["standby"], second.stats()["standby"]) == (False, True)
+    standby_metrics = CollectorRegistry()
+    standby_metrics.register(ShippingCollector(second))
+    early = put_traces(outbox, 20, prefix="early")
+    assert first.wait_until_empty(5.0)
+    assert standby_metrics.get_sample_value("gateway_outbox_traces") is None  # the shipping one reports it
+    assert first.stats()["shipped"] == 20 and second.stats()["shipped"] == 0
+
+    assert first.stop(timeout=5.0)
+    wait_for(lambda: second.stats()["standby"] is False)
+    late = put_traces(outbox, 5, prefix="late")
+    assert second.wait_until_empty(5.0)
+    assert second.stats()["shipped"] == 5
+    assert sorted(ledger.received) == sorted(early + late)  # each sent once: never by both

@@ -42,6 +42,7 @@ class GatewayProcess:
     grpc_port: int = 9000
     env: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
+    extra_args: tuple[str, ...] = ()  # more options of `gateway up`
     process: subprocess.Popen | None = None
 
     @property
@@ -81,7 +82,7 @@ class GatewayProcess:
         env = {**os.environ, **self.env}
         self.process = subprocess.Popen(
             [str(gateway), "--state-dir", str(self.state_dir), "up", "--http-port", str(self.http_port),
-             "--grpc-port", str(self.grpc_port)],
+             "--grpc-port", str(self.grpc_port), *self.extra_args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
