@@ -33,6 +33,7 @@ from typing import Any
 from gateway.config import GatewayConfig
 
 LOOPBACK = "127.0.0.1"
+JOIN_PROBE_SECONDS = 5.0
 
 # Set (not defaulted) in this process, so every process Ray starts inherits them too.
 RAY_LOOPBACK_ENV: Mapping[str, str] = {
@@ -207,6 +208,20 @@ def start_ray(options: RayNodeOptions) -> Any:
     return node
 
 
+def probe_cluster(address: str) -> None:
+    """RuntimeError at once when `address` is not host:port or nothing listens there."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        raise RuntimeError(f"the Ray address {address!r} is not host:port of a cluster's head (GCS), e.g. "
+                           "10.0.0.5:6379; `gateway up` runs on a node of the cluster, not as a Ray client")
+    try:  # Ray itself would retry an unreachable address for minutes
+        socket.create_connection((host.strip("[]"), int(port)), timeout=JOIN_PROBE_SECONDS).close()
+    except OSError as error:
+        raise RuntimeError(f"no Ray cluster answers at {address} ({error.strerror or error}); start its head with "
+                           "`ray start --head`, or leave GATEWAY_RAY_ADDRESS/RAY_ADDRESS unset for a node-local "
+                           "one") from None
+
+
 def join_ray(address: str, options: RayNodeOptions) -> None:
     """Connect to the running Ray cluster at `address` (this machine must be one of its nodes).
 
@@ -214,15 +229,12 @@ def join_ray(address: str, options: RayNodeOptions) -> None:
     presents Ray's token (RAY_AUTH_MODE=token unless the operator set another mode) and keeps torch's gloo
     listeners of the processes it starts on loopback. RuntimeError when nothing answers at `address`.
     """
+    probe_cluster(address)
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault(GLOO_INTERFACE_ENV, loopback_interface())
     import ray
 
-    try:
-        ray.init(address=address, logging_level=options.logging_level, log_to_driver=options.log_to_driver)
-    except ConnectionError as error:
-        raise RuntimeError(f"no Ray cluster answers at {address} ({error}); start it with `ray start --head` "
-                           "or leave GATEWAY_RAY_ADDRESS/RAY_ADDRESS unset for a node-local one") from None
+    ray.init(address=address, logging_level=options.logging_level, log_to_driver=options.log_to_driver)
 
 
 def stop_dashboard_processes(node: Any) -> None:

@@ -26,7 +26,7 @@ from gateway.config import GatewayConfig
 from gateway.demo_data import ensure_demo_datanets
 from gateway.ledger_access import registry_contract
 from gateway.ledger_process import LedgerProcess, ledger_answers
-from gateway.ray_runtime import RayNodeOptions, join_ray, start_ray
+from gateway.ray_runtime import RayNodeOptions, join_ray, probe_cluster, start_ray
 from gateway.readiness import READY_TIMEOUT_SECONDS, wait_until_gateway_ready
 from ledger.chain.config import ChainConfig
 from ledger.client.token import read_ledger_token
@@ -90,6 +90,11 @@ def run(config: GatewayConfig, engine: EngineConfig, replica: ReplicaConfig) -> 
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     check_front_doors_free(config)
+    if config.cluster_address is not None:
+        try:
+            probe_cluster(config.cluster_address)  # before anything starts
+        except RuntimeError as error:
+            raise CommandError(str(error), EXIT_FAILED) from None
     config.state_dir.mkdir(parents=True, exist_ok=True)
     forget_engine_targets(config.state_dir)
     ensure_demo_assets(config)

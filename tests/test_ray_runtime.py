@@ -243,3 +243,50 @@ def test_the_setting_turns_the_dashboard_on_on_loopback(monkeypatch: pytest.Monk
         assert started["env"]["RAY_task_events_report_interval_ms"] is None
     finally:
         assert stopped(node) == 0
+
+
+def test_the_cluster_to_join_comes_from_the_option_the_setting_or_ray_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.cli import _config, parser
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("GATEWAY_RAY_ADDRESS", raising=False)
+    assert GatewayConfig().cluster_address is None, "by default gateway up starts a node-local cluster"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert GatewayConfig().cluster_address == "10.0.0.5:6379"
+    monkeypatch.setenv("GATEWAY_RAY_ADDRESS", "10.0.0.6:6379")
+    assert GatewayConfig().cluster_address == "10.0.0.6:6379", "the gateway's own setting wins"
+    args = parser().parse_args(["up", "--ray-address", "10.0.0.7:6379"])
+    assert _config(args).cluster_address == "10.0.0.7:6379", "and the option wins over both"
+
+
+@pytest.mark.parametrize("address", ["ray://10.0.0.5:10001", "10.0.0.5", "head:port", ":6379"])
+def test_an_address_that_is_not_a_clusters_head_is_refused_clearly(address: str) -> None:
+    from gateway.ray_runtime import join_ray
+
+    with pytest.raises(RuntimeError, match="is not host:port of a cluster's head"):
+        join_ray(address, RayNodeOptions(num_cpus=1))
+
+
+def test_joining_where_no_cluster_answers_fails_at_once() -> None:
+    from gateway.ray_runtime import join_ray
+
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        port = taken.getsockname()[1]  # bound, not listening: connections are refused
+        with pytest.raises(RuntimeError, match=f"no Ray cluster answers at 127.0.0.1:{port}.*ray start --head"):
+            join_ray(f"127.0.0.1:{port}", RayNodeOptions(num_cpus=1))
+
+
+def test_gateway_up_given_a_cluster_that_does_not_answer_starts_nothing(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+    from tests.support.ports import free_port
+
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        code = main(["--state-dir", str(tmp_path / "state"), "up", "--ray-address", address,
+                     "--http-port", str(free_port()), "--grpc-port", str(free_port())])
+    out, err = capsys.readouterr()
+    assert code == 1 and f"no Ray cluster answers at {address}" in err
+    assert not (tmp_path / "state").exists(), "no state directory, chain or ledger was started"

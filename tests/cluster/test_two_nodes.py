@@ -31,7 +31,7 @@ import openai
 import psutil
 import pytest
 
-from gateway.contributor_key import address_of_key
+from registry.contribution_content import address_of_key
 from gateway.ledger_process import LedgerProcess
 from statedir.layout import StateLayout
 from storage.database import open_database

@@ -60,7 +60,9 @@ class RayNode:
         else:
             command += ["--address", self.head_address]
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, env={**os.environ, **self.env}, stdout=log,
+            # A stopped test node drains for 2 s at most (Ray's default, 30 s, waits for Serve's actors on the head).
+            env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2", **self.env}
+            self.process = subprocess.Popen(command, env=env, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
