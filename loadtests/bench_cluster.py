@@ -15,17 +15,22 @@ Shared by both: a moto S3 server on loopback holding `--adapters` (default 20) d
 ledger service (SQLite in the head's state directory). Both setups go through Serve's proxy (a
 replica serves HTTP itself only with a single fixed replica, which autoscaling bounds rule out).
 
-Workload per setup: first each adapter once (warm-up, not measured: loads it from the store), then
-`--requests` (default 192) streamed completions of 64 tokens (ignore_eos, temperature 0),
-`--concurrency` (default 32) in flight, each on one of the adapters picked with Zipf(1) popularity
-from a seeded sequence (the same sequence for both setups). Per setup: output tokens/s over the
-wall time, request latency p50/p95 (send to last chunk), TTFT p50, errors, and the ratio
-two-nodes / one-node. Adapter affinity (from each response's `x-gateway-replica` header): the share
-of requests served by their adapter's most frequent replica (1.0 = perfect affinity) and the number
-of adapters each replica served.
+Workload per setup: first a warm-up, not measured: each adapter once (loads it from the store), then
+`--warmup` (default 64) Zipf requests at full concurrency (another seed). Then `--requests` (default
+192) streamed completions of 64 tokens (ignore_eos, temperature 0), `--concurrency` (default 32) in
+flight, each on one of the adapters picked with Zipf(1) popularity from a seeded sequence (the same
+sequence for both setups). Warm-up and measurement start once Serve reports every replica RUNNING.
+Per setup: output tokens/s over the wall time, request latency p50/p95 (send to last chunk), TTFT
+p50, errors, and the ratio two-nodes / one-node. Adapter affinity (from each response's
+`x-gateway-replica` header): the share of requests served by their adapter's most frequent replica
+(1.0 = perfect affinity) and the number of adapters each replica served.
 
-All nodes share this machine's cores: on a 2-core box the figure measures the cost and benefit of the
-cross-node path and of spreading the engines, not more hardware.
+By default node i is pinned to core i (its processes inherit the affinity; vLLM binds its threads
+within it), so each node stands for a one-core machine and two nodes have twice the cores of one,
+as scaling out to a second machine would. The rest (client, ledger, S3, `gateway up`) is not
+pinned and competes with both. With `--no-pin` every node uses every core: then both engines bind
+the same core (vLLM's automatic binding picks the same one in each process) and the figure measures
+that contention, not scale-out.
 
 Run from the repository root, under the machine's exclusive lock (the demo model and adapters are
 built once into `<work-dir>/assets` and reused; each run's logs go to `<work-dir>/run-<time>/`):
@@ -45,6 +50,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
@@ -163,15 +169,17 @@ def shared_setup(stack: ExitStack, work_dir: Path, adapters: list[str]) -> Share
 
 
 # ---- one setup: a cluster of N engine nodes, `gateway up` with N replicas -------------------------
-def start_cluster(stack: ExitStack, shared: Shared, name: str, nodes: int) -> list[RayNode]:
+def start_cluster(stack: ExitStack, shared: Shared, name: str, nodes: int, pin: bool) -> list[RayNode]:
     started: list[RayNode] = []
     for index in range(nodes):
         state = shared.states[index]
+        cores = frozenset({index % (os.cpu_count() or 1)}) if pin else None
         node = RayNode(NODE_IPS[index], NODE_CPUS, {ENGINE_RESOURCE: 1}, shared.node_env(state),
                        shared.run_dir / f"{name}-node{index + 1}.log",
-                       head_address=started[0].address if started else None)
+                       head_address=started[0].address if started else None, cores=cores)
         log(f"{name}: starting Ray node {index + 1} on {node.ip} ({'head' if not started else 'worker'}, "
-            f"{NODE_CPUS} CPUs, {{{ENGINE_RESOURCE!r}: 1}})")
+            f"{NODE_CPUS} CPUs, {{{ENGINE_RESOURCE!r}: 1}}, "
+            f"{'core ' + str(min(cores)) if cores else 'every core'})")
         node.start()
         stack.callback(node.stop)  # stopped in reverse order: workers before the head
         started.append(node)
@@ -215,13 +223,38 @@ def engine_replicas_per_node(nodes: list[RayNode]) -> list[int]:
     return counts
 
 
+RUNNING_REPLICAS = """
+import sys, time, ray
+from ray import serve
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+deadline = time.monotonic() + float(sys.argv[3])
+while True:
+    app = serve.status().applications.get("gateway")
+    engine = app.deployments.get("engine") if app else None
+    running = engine.replica_states.get("RUNNING", 0) if engine else 0
+    if running >= int(sys.argv[2]) or time.monotonic() > deadline:
+        break
+    time.sleep(1)
+print(running)
+"""
+
+
+def wait_for_running_replicas(head: RayNode, expected: int, timeout: float = REPLICAS_READY_SECONDS) -> None:
+    """Until Serve reports `expected` engine replicas RUNNING (initialized: the gateway answers /health
+    as soon as one can serve, and the other may still be building its engine)."""
+    done = subprocess.run([sys.executable, "-c", RUNNING_REPLICAS, head.address, str(expected), str(timeout)],
+                          env={**os.environ, **head.env}, capture_output=True, text=True, timeout=timeout + 60)
+    running = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "?"
+    if done.returncode != 0 or running != str(expected):
+        raise RuntimeError(f"{running} engine replicas running, not {expected}: {done.stderr[-2000:]}")
+
+
 def wait_for_replicas(nodes: list[RayNode], timeout: float = REPLICAS_READY_SECONDS) -> list[int]:
-    """Until every node runs one engine replica process; the counts per node."""
-    deadline = time.monotonic() + timeout
-    while (counts := engine_replicas_per_node(nodes)) != [1] * len(nodes):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"engine replicas per node {counts}, expected one on each")
-        time.sleep(1)
+    """Until every node runs one initialized engine replica; the counts of replica processes per node."""
+    wait_for_running_replicas(nodes[0], len(nodes), timeout)
+    counts = engine_replicas_per_node(nodes)
+    if counts != [1] * len(nodes):
+        raise RuntimeError(f"engine replicas per node {counts}, expected one on each")
     return counts
 
 
@@ -274,15 +307,18 @@ class ReplicaClient:
 
 
 async def drive(gateway: GatewayProcess, args: argparse.Namespace, adapters: list[str],
-                models: list[str]) -> tuple[list[Result], list[str], float]:
+                models: list[str]) -> tuple[list[Result], list[str], float, list[Result]]:
+    """Warm-up (each adapter once), then the measured requests; (results, errors, wall seconds, warm-up)."""
     client = ReplicaClient(gateway.base_url, args.concurrency, gateway.headers)
     try:
-        _, errors = await run_requests(client, adapters, min(args.concurrency, len(adapters)))  # warm-up
-        if errors:
-            log(f"warm-up: {len(errors)} errors, first: {errors[0]}")
+        warm, errors = await run_requests(client, adapters, min(args.concurrency, len(adapters)))
+        more = workload("zipf", args.warmup, TINY_MODEL, adapters, args.seed - 1)  # the batch shapes of the run
+        errors += (await run_requests(client, more, args.concurrency, warm))[1]
+        log(f"warm-up done: requests per replica {dict(Counter(r.replica for r in warm))}, {len(errors)} errors"
+            + (f" (first: {errors[0]})" if errors else ""))
         start = time.perf_counter()
         results, errors = await run_requests(client, models, args.concurrency)
-        return results, errors, time.perf_counter() - start
+        return results, errors, time.perf_counter() - start, warm
     finally:
         await client.aclose()
 
@@ -348,13 +384,15 @@ def run_setup(shared: Shared, args: argparse.Namespace, name: str, nodes: int, a
               models: list[str]) -> dict[str, Any]:
     with ExitStack() as stack:
         started = time.monotonic()
-        cluster = start_cluster(stack, shared, name, nodes)
+        cluster = start_cluster(stack, shared, name, nodes, args.pin)
         gateway = start_gateway(stack, shared, name, cluster[0], replicas=nodes)
         placement = wait_for_replicas(cluster)
         log(f"{name}: ready in {time.monotonic() - started:.0f} s; engine replicas per node {placement}; "
-            f"warm-up ({len(adapters)} requests, one per adapter), then {len(models)} measured requests")
-        results, errors, wall = asyncio.run(drive(gateway, args, adapters, models))
+            f"warm-up ({len(adapters)} requests, one per adapter, then {args.warmup}), "
+            f"then {len(models)} measured requests")
+        results, errors, wall, warm = asyncio.run(drive(gateway, args, adapters, models))
         row = summarize(name, nodes, results, errors, wall, placement)
+        row["warmup_requests_per_replica"] = dict(Counter(r.replica for r in warm))
         log(f"{name}: {row['tok_s']:.1f} tok/s, p50 {row['latency_p50_ms']:.0f} ms, "
             f"p95 {row['latency_p95_ms']:.0f} ms, {row['errors']} errors"
             + (f" (first: {errors[0]})" if errors else ""))
@@ -369,8 +407,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=192, help="measured requests per setup")
     parser.add_argument("--concurrency", type=int, default=32, help="streams in flight")
     parser.add_argument("--adapters", type=int, default=20, help="demo adapters in the store (Zipf over them)")
+    parser.add_argument("--warmup", type=int, default=64,
+                        help="unmeasured Zipf requests at full concurrency after one request per adapter")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Zipf adapter sequence")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="let every node use every core (default: node i is pinned to core i, a machine of its "
+                             "own, so two nodes have twice the cores of one, as two machines would)")
     return parser.parse_args(argv)
 
 

@@ -45,6 +45,7 @@ class RayNode:
     env: Mapping[str, str]
     log_path: Path
     head_address: str | None = None  # host:port of the head's GCS; None: this node is the head
+    cores: frozenset[int] | None = None  # pin the node's processes to these cores (a machine of its own)
     port: int = field(default_factory=free_port)  # the GCS port (head only)
     process: subprocess.Popen | None = None
 
@@ -62,8 +63,10 @@ class RayNode:
         with open(self.log_path, "ab") as log:
             # A stopped test node drains for 2 s at most (Ray's default, 30 s, waits for Serve's actors on the head).
             env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2", **self.env}
-            self.process = subprocess.Popen(command, env=env, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+            cores = self.cores
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True,
+                                            preexec_fn=None if cores is None else lambda: os.sched_setaffinity(0, cores))
         return self
 
     def raylet(self) -> psutil.Process:
