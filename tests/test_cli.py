@@ -53,6 +53,8 @@ def test_register_then_list(state: Path, scratch_adapter: Path, capsys: pytest.C
 def test_register_rejects_bad_input_with_exit_2(state: Path, scratch_adapter: Path, tmp_path: Path, name: str,
                                                 source: str, phrase: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert register(state, "kept", scratch_adapter) == 0
+    stored = sorted(p.name for p in (state / "adapters").iterdir())
+    assert stored == [".kept.sha256", "kept"], "the adapter and its digest"
     paths = {"adapter": scratch_adapter, "missing-dir": tmp_path / "nowhere", "not-lora": tmp_path / "prefix"}
     if source == "not-lora":
         paths[source].mkdir()
@@ -60,7 +62,7 @@ def test_register_rejects_bad_input_with_exit_2(state: Path, scratch_adapter: Pa
     capsys.readouterr()
     assert register(state, name, paths[source]) == 2
     assert phrase in capsys.readouterr().err
-    assert sorted(p.name for p in (state / "adapters").iterdir()) == ["kept"], "nothing stored is lost or added"
+    assert sorted(p.name for p in (state / "adapters").iterdir()) == stored, "nothing stored is lost or added"
 
 
 def test_list_shows_store_only_adapters_and_show_rejects_unknown(state: Path, scratch_adapter: Path,

@@ -34,7 +34,7 @@ from tests.deploy.manifests import ROOT, SERVE_CONFIG, documents
 from tests.support.ports import NO_CHAIN, free_port
 
 READY_SECONDS = 150.0
-STOP_SECONDS = 60.0
+STOP_SECONDS = 120.0  # serve.shutdown, the replica's graceful stop and ray.shutdown, on 2 loaded cores
 
 
 @pytest.fixture()
@@ -76,7 +76,8 @@ def serve_env(tmp_path: Path) -> dict[str, str]:
     ray_token.chmod(0o600)
     env = {**os.environ, **RAY_ENV_DEFAULTS, **RAY_LOOPBACK_ENV, "RAY_AUTH_TOKEN_PATH": str(ray_token),
            GLOO_INTERFACE_ENV: loopback_interface(),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1"}  # the log shows how far serve run got, even when it has to be killed
     env.pop("RAY_ADDRESS", None)
     for name in [name for name in env if name.startswith("GATEWAY_LEDGER_")]:
         env.pop(name)  # the replicas find the ledger through the file's args alone
