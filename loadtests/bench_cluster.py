@@ -214,7 +214,7 @@ def engine_replicas_per_node(nodes: list[RayNode]) -> list[int]:
     counts = []
     for node in nodes:
         names = []
-        for process in node.workers():
+        for process in node.processes():
             try:
                 names.append(process.name())
             except Exception:  # noqa: BLE001 - a process that just ended

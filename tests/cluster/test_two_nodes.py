@@ -164,7 +164,7 @@ def cluster(demo_state: Path, postgres: PostgresServer, tmp_path_factory: pytest
 
 
 def engine_replicas(node: RayNode) -> list[psutil.Process]:
-    return [p for p in node.workers() if p.name().startswith("ray::ServeReplica:gateway:engine")]
+    return [p for p in node.processes() if p.name().startswith("ray::ServeReplica:gateway:engine")]
 
 
 def test_the_whole_loop_runs_through_the_engine_node(cluster: Cluster, tmp_path: Path) -> None:
@@ -244,7 +244,7 @@ def test_engine_node_lost_under_load_bills_every_received_response_once(cluster:
     with Load(cluster.gateway, ADAPTER) as load:
         load.wait_for(6)
         [replica] = engine_replicas(cluster.engine_node)
-        raylet, node_processes = cluster.engine_node.raylet(), cluster.engine_node.workers()
+        raylet, node_processes = cluster.engine_node.raylet(), cluster.engine_node.processes()
         raylet.send_signal(signal.SIGKILL)
         psutil.wait_procs([raylet], timeout=30)
         psutil.wait_procs([replica], timeout=60)

@@ -71,26 +71,23 @@ class RayNode:
 
     def raylet(self) -> psutil.Process:
         """This node's raylet process."""
-        found = [p for p in self._processes() if p.name() == "raylet"]
+        found = [p for p in self.processes() if p.name() == "raylet"]
         assert len(found) == 1, f"raylets of node {self.ip}: {found}"
         return found[0]
 
-    def _processes(self) -> list[psutil.Process]:
+    def processes(self) -> list[psutil.Process]:
+        """The node's processes now (raylet, agents, workers and what they started)."""
         assert self.process is not None
         try:
             return psutil.Process(self.process.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
 
-    def workers(self) -> list[psutil.Process]:
-        """The node's processes now (raylet, agents, workers and what they started)."""
-        return self._processes()
-
     def stop(self) -> None:
         """SIGTERM to `ray start --block` (it stops its node), then SIGKILL to whatever is left."""
         if self.process is None:
             return
-        left = self._processes()
+        left = self.processes()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
