@@ -149,6 +149,7 @@ class AdapterStore:
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.is_local = "file" in protocols
         self.cache_dir = Path(cache_dir)
+        self._objects = StoreCache(self.cache_dir / OBJECTS_DIR)  # one per store: one download per digest at a time
         self.list_ttl_seconds = list_ttl_seconds
         self._listing: tuple[float, list[str], frozenset[str]] = (0.0, [], frozenset())
         self._lock = threading.Lock()
@@ -202,7 +203,7 @@ class AdapterStore:
         validate_name(name)
         digest = self.digest(name)
         try:
-            fetched = StoreCache(self.cache_dir / OBJECTS_DIR).fetch(f"{self.url}/{name}", digest)
+            fetched = self._objects.fetch(f"{self.url}/{name}", digest)
         except StoreDigestMismatch as exc:
             raise AdapterUnavailable(f"adapter '{name}' in the store does not match its digest, so it is not used "
                                      f"({exc.got}, expected {exc.expected})", param="model") from None
