@@ -1,0 +1,1 @@
+"""The contributor portal: server-rendered pages beside the API."""
