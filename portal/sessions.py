@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from eth_utils import is_checksum_address
+
 if TYPE_CHECKING:
     from ledger.client.access import KeyGrant
 
@@ -96,7 +98,10 @@ class SessionStore:
             return self._live(session_id, pop=False)
 
     def sign_in_contributor(self, session_id: str, address: str) -> Session | None:
-        """The session, now also signed in as contributor `address`, under a new id; None when it is gone."""
+        """The session, now also signed in as contributor `address`, under a new id; None when it is gone.
+        ValueError when `address` is not checksummed (it comes from `SignInDesk.verify`)."""
+        if not isinstance(address, str) or not is_checksum_address(address):
+            raise ValueError(f"{address!r} is not a checksummed Ethereum address")
         with self._lock:
             session = self._live(session_id, pop=True)
             return None if session is None else self._add(address, session.api_key)
