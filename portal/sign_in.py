@@ -181,7 +181,7 @@ class SignInDesk:
         try:
             request = parse_message(message)
         except ValueError as exc:
-            raise SignInRefused(f"This is not a sign-in message of this portal: {exc}.") from None
+            raise SignInRefused(f"This is not a sign-in message of this portal: {str(exc)[:200]}.") from None
         now = self._clock()
         with self._lock:  # consume the nonce first: one attempt per nonce, whatever its outcome
             issued = self._issued.pop(request.nonce, None)
@@ -192,9 +192,9 @@ class SignInDesk:
                     self._used.popitem(last=False)
             self._prune(now)
         if request.domain != self.domain:
-            raise SignInRefused(f"The message is for {request.domain}, not {self.domain}.")
+            raise SignInRefused(f"The message is for {request.domain[:100]}, not {self.domain}.")
         if request.uri != self.uri:
-            raise SignInRefused(f"The message is for {request.uri}, not {self.uri}.")
+            raise SignInRefused(f"The message is for {request.uri[:100]}, not {self.uri}.")
         if request.chain_id != self.chain_id:
             raise SignInRefused(f"The message is for chain {request.chain_id}, not chain {self.chain_id}.")
         if used:
