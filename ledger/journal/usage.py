@@ -76,8 +76,8 @@ def usage(engine: Engine, adapters: Sequence[str] = (), *, bucket: str = "day", 
     if len(wanted) > MAX_ADAPTERS:
         raise ValueError(f"at most {MAX_ADAPTERS} adapters per request, not {len(wanted)}")
     key = _bucket_key(engine.dialect.name, window.bucket)
-    query = (select(IngestedTrace.adapter, key, func.count(), func.coalesce(func.sum(IngestedTrace.completion_tokens), 0),
-                    exact_sum(IngestedTrace.fee))
+    tokens = func.coalesce(func.sum(IngestedTrace.completion_tokens), 0)
+    query = (select(IngestedTrace.adapter, key, func.count(), tokens, exact_sum(IngestedTrace.fee))
              .where(col(IngestedTrace.received_at) >= window.since, col(IngestedTrace.received_at) < window.until)
              .group_by(IngestedTrace.adapter, key))
     if wanted:
