@@ -268,6 +268,8 @@ def test_a_stopped_ledger_or_a_wrong_token_is_unavailable(database_url: str, tmp
                 stranger.balance(ALICE.address)
             with pytest.raises(LedgerUnavailable, match="did not answer GetTrace: UNAUTHENTICATED"):
                 stranger.trace_record("r1")
+            with pytest.raises(LedgerUnavailable, match="did not answer GetUsage: UNAUTHENTICATED"):
+                stranger.usage()
         reads = LedgerReads(ledger.target, ledger.token, timeout=3)
         assert reads.trace_record("r1") is not None
     try:
