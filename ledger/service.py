@@ -43,6 +43,7 @@ from ledger.client.token import configured_token, read_ledger_token
 from ledger.client.trace_wire import trace_to_pb
 from ledger.journal.journal import AddressBalance, IngestResult, Journal
 from ledger.journal.prepare_pool import BatchPreparer, Outcome
+from ledger.journal.usage import BUCKETS_DEFAULT, usage
 from ledger.metrics import ingest_metrics
 from statedir.layout import StateLayout
 from wire.ledger.v1 import ledger_pb2, ledger_pb2_grpc
@@ -194,6 +195,15 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServicer):
             fees=str(totals.fees), by_class={k: str(v) for k, v in totals.by_class.items()},
             postings_sum=str(totals.postings_sum), unbalanced_entries=totals.unbalanced_entries,
         )
+
+    def GetUsage(self, request: ledger_pb2.GetUsageRequest,  # noqa: N802
+                 context: grpc.ServicerContext) -> ledger_pb2.Usage:
+        found = _checked(context, lambda: usage(self.journal.engine, request.adapters, bucket=request.bucket or "day",
+                                                buckets=request.buckets or BUCKETS_DEFAULT))
+        return ledger_pb2.Usage(buckets=[
+            ledger_pb2.UsageBucket(adapter=b.adapter, start=b.start.isoformat(), requests=b.requests,
+                                   completion_tokens=b.completion_tokens, fees=str(b.fees))
+            for b in found])
 
 
 def _ack(result: IngestResult) -> ledger_pb2.IngestAck:
