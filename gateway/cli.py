@@ -23,6 +23,7 @@ from gateway import (
     datanet_commands,
     ledger_commands,
     model_commands,
+    portal_commands,
     settle_commands,
 )
 from gateway.cli_output import EXIT_BAD_INPUT, EXIT_FAILED, CommandError, fail
@@ -84,6 +85,7 @@ def parser() -> argparse.ArgumentParser:
     settle_commands.add_parser(commands)
     account_commands.add_parser(commands)
     model_commands.add_parser(commands)
+    portal_commands.add_parser(commands)
     return root
 
 

@@ -26,6 +26,7 @@ from gateway.config import GatewayConfig
 from gateway.demo_data import ensure_demo_datanets
 from gateway.ledger_access import registry_contract
 from gateway.ledger_process import LedgerProcess, ledger_answers
+from gateway.portal_pages import portal_pages
 from gateway.ray_runtime import RayNodeOptions, join_ray, probe_cluster, start_ray
 from gateway.readiness import READY_TIMEOUT_SECONDS, wait_until_gateway_ready
 from ledger.chain.config import ChainConfig
@@ -176,8 +177,9 @@ def ledger_child_env() -> dict[str, str]:
 
 @contextmanager
 def background_work(config: GatewayConfig, ledger: LedgerConfig) -> Iterator[None]:
-    """What runs beside serving: the scrape endpoint and trace shipping (settlement and deposits run in the ledger)."""
-    with metrics_endpoint(config), trace_shipping(config, ledger):
+    """What runs beside serving: the scrape endpoint, trace shipping and the contributor portal (settlement and
+    deposits run in the ledger)."""
+    with metrics_endpoint(config), trace_shipping(config, ledger), portal_pages(config):
         yield
 
 

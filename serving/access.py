@@ -43,7 +43,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ledger.client.access import AccessLedger, AdapterTerms, LedgerUnavailable, NoCredit
+from ledger.client.access import AccessLedger, AdapterTerms, LedgerUnavailable, NoCredit, may_read_trace
 from ledger.client.fees import fee_for
 from serving.config import AccessConfig
 from serving.credit_book import CreditBook
@@ -233,9 +233,7 @@ class AccessControl:
             return True
         if caller is None:
             return False
-        if caller.admin or (requester is not None and requester == caller.key_id):
-            return True
-        return requester is not None and self.account_of(requester) == caller.account_id
+        return may_read_trace(caller.key_id, caller.account_id, caller.admin, requester, self.account_of)
 
     def check_read(self, caller: Caller | None, trace_id: str, requester: str | None) -> None:
         """TraceNotFound — the same error as for an id that does not exist — unless `may_read`."""

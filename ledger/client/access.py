@@ -13,7 +13,7 @@ base units (Python ints; decimal strings on the wire).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -48,6 +48,16 @@ class KeyGrant:
     admin: bool
     requests_per_second: float | None = None
     tokens_per_minute: int | None = None
+
+
+def may_read_trace(key_id: str, account_id: str, admin: bool, requester: str | None,
+                   account_of: Callable[[str], str | None]) -> bool:
+    """The ownership rule of traces, the same at every door: a trace made with key `requester` is read by
+    every key of that key's account (`account_of` maps a key id to its account) and by admin keys. A trace
+    without a requester (served with auth off) is for admin keys only."""
+    if admin or (requester is not None and requester == key_id):
+        return True
+    return requester is not None and account_of(requester) == account_id
 
 
 @dataclass(frozen=True)
