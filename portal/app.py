@@ -183,7 +183,7 @@ def build_portal(services: PortalServices) -> FastAPI:
         for bucket in usage:
             answered[bucket.adapter] = answered.get(bucket.adapter, 0) + bucket.requests
         proofs = {c.id: services.registry.proof(c) for c in contributions}
-        payouts = [line for line in statement.lines if line.kind.startswith("payout_")]
+        payouts = payout_rows(statement.lines)
         earnings = [line for line in statement.lines if not line.kind.startswith("payout_")]
         session = session_of(request)
         private = None
@@ -215,11 +215,8 @@ def build_portal(services: PortalServices) -> FastAPI:
                  if line.kind.startswith("payout_") and line.ref.lower() == batch_id.lower()]
         if not lines:
             raise PageError(404, "Unknown payout", f"{address} has no payout in batch {batch_id}.")
-        paid = next((line for line in lines if line.kind == "payout_paid"), None)
-        planned = next((line for line in lines if line.kind == "payout_planned"), lines[-1])
-        traces = next((line.traces for line in lines if line.traces), ())
-        return render(request, "payout.html", address=address, batch_id=batch_id.lower(), lines=lines, paid=paid,
-                      planned=planned, amount=abs(planned.amount), traces=traces)
+        [row] = payout_rows(lines)
+        return render(request, "payout.html", address=address, row=row, lines=lines)
 
     @app.get("/tx/{tx_hash}", response_class=HTMLResponse)
     def transaction(request: Request, tx_hash: str, payee: str = "", batch: str = "", amount: str = "") -> HTMLResponse:
@@ -356,6 +353,33 @@ def build_portal(services: PortalServices) -> FastAPI:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PayoutRow:
+    """One payout batch as it concerns one address (its statement has two lines per step of the batch)."""
+
+    batch_id: str
+    state: str  # planned (in a batch, not yet paid), paid, voided
+    amount: int
+    tx_hash: str | None
+    traces: tuple[str, ...]
+
+
+def payout_rows(lines: Any) -> list[PayoutRow]:
+    """The payout batches in statement `lines` (newest first), one row each."""
+    rows: dict[str, dict[str, Any]] = {}
+    for line in lines:
+        if not line.kind.startswith("payout_"):
+            continue
+        row = rows.setdefault(line.ref, {"kinds": set(), "amount": 0, "tx_hash": None, "traces": ()})
+        row["kinds"].add(line.kind)
+        row["amount"] = max(row["amount"], abs(line.amount))
+        row["tx_hash"] = row["tx_hash"] or line.tx_hash or None
+        row["traces"] = row["traces"] or tuple(line.traces)
+    return [PayoutRow(batch, "paid" if "payout_paid" in row["kinds"] else
+                      "voided" if "payout_voided" in row["kinds"] else "planned",
+                      row["amount"], row["tx_hash"], row["traces"]) for batch, row in rows.items()]
+
 
 def _usage(services: PortalServices, adapters: list[str]) -> tuple[list[Any], str]:
     if not adapters:

@@ -2,7 +2,8 @@
 
 The browser never holds the key: it stays in the viewer's server-side session (portal/sessions.py) and
 goes to the API in the Authorization header of each forwarded request. The request is narrowed to what
-the playground sends (a model, chat messages, a token budget) and always streams.
+the playground sends (a model, a prompt as a chat message or as text to continue, a token budget) and
+always streams, greedily (temperature 0).
 """
 
 from __future__ import annotations
@@ -37,16 +38,20 @@ class Playground:
             return []
 
     async def chat(self, viewer: KeyViewer, body: bytes) -> Response:
-        """The API's streamed answer to the chat in `body`, or a JSON error saying what was wrong with it."""
+        """The API's streamed answer to `body` ({model, prompt, max_tokens, mode: "chat" | "complete"}), or a JSON
+        error saying what was wrong with it."""
         try:
-            request = _chat_request(json.loads(body or b"{}"))
+            path, request = _forwarded(json.loads(body or b"{}"))
         except (ValueError, TypeError) as bad:
             return JSONResponse({"error": {"message": str(bad)}}, status_code=400)
         client = httpx.AsyncClient(timeout=TIMEOUT_SECONDS)
-        upstream = await client.send(
-            client.build_request("POST", f"{self.api_url}/v1/chat/completions", json=request, headers=_auth(viewer)),
-            stream=True,
-        )
+        try:
+            upstream = await client.send(
+                client.build_request("POST", f"{self.api_url}{path}", json=request, headers=_auth(viewer)), stream=True)
+        except httpx.HTTPError as away:
+            await client.aclose()
+            return JSONResponse({"error": {"message": f"the API at {self.api_url} did not answer ({away})"}},
+                                status_code=503)
         if upstream.status_code != 200:
             text = await upstream.aread()
             await upstream.aclose()
@@ -69,7 +74,8 @@ def _auth(viewer: KeyViewer) -> dict[str, str]:
     return {"authorization": f"Bearer {viewer.secret}"}
 
 
-def _chat_request(body: Any) -> dict[str, Any]:
+def _forwarded(body: Any) -> tuple[str, dict[str, Any]]:
+    """The API path and request of a playground request: a chat, or a plain completion of the prompt's text."""
     if not isinstance(body, dict):
         raise ValueError("the body must be a JSON object")
     model, prompt = body.get("model"), body.get("prompt")
@@ -82,5 +88,10 @@ def _chat_request(body: Any) -> dict[str, Any]:
     max_tokens = body.get("max_tokens", 128)
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= MAX_TOKENS:
         raise ValueError(f"max_tokens must be a whole number from 1 to {MAX_TOKENS}")
-    return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True}
+    mode = body.get("mode", "chat")
+    common = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    if mode == "chat":
+        return "/v1/chat/completions", {**common, "messages": [{"role": "user", "content": prompt}]}
+    if mode == "complete":
+        return "/v1/completions", {**common, "prompt": prompt}
+    raise ValueError("mode must be 'chat' or 'complete'")

@@ -30,8 +30,9 @@
         if (!data || data === "[DONE]") continue;
         const chunk = JSON.parse(data);
         traceId = traceId || chunk.id;
-        const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
-        if (delta && delta.content) answer.textContent += delta.content;
+        const choice = chunk.choices && chunk.choices[0];
+        const text = choice && (choice.delta ? choice.delta.content : choice.text);
+        if (text) answer.textContent += text;
       }
     }
     return traceId;
@@ -97,6 +98,7 @@
           model: document.getElementById("model").value,
           prompt: document.getElementById("prompt").value,
           max_tokens: Number(document.getElementById("max-tokens").value),
+          mode: document.getElementById("mode").value,
         }),
       });
       if (!response.ok) {

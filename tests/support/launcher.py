@@ -20,6 +20,7 @@ import grpc
 from gateway.ledger_process import open_private_log
 from gateway.readiness import READY_TIMEOUT_SECONDS, wait_until_gateway_ready
 from statedir.layout import StateLayout
+from tests.support.ports import free_port
 
 STOP_TIMEOUT_SECONDS = 60.0
 
@@ -44,10 +45,15 @@ class GatewayProcess:
     log_path: Path | None = None
     extra_args: tuple[str, ...] = ()  # more options of `gateway up`
     process: subprocess.Popen | None = None
+    portal_port: int = field(default_factory=free_port)  # its contributor portal (GATEWAY_PORTAL_PORT)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def portal_url(self) -> str:
+        return f"http://127.0.0.1:{self.portal_port}"
 
     @property
     def grpc_target(self) -> str:
@@ -79,7 +85,7 @@ class GatewayProcess:
         log_path = self.log_path or StateLayout(self.state_dir).gateway_log
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._log = open_private_log(log_path)
-        env = {**os.environ, **self.env}
+        env = {**os.environ, "GATEWAY_PORTAL_PORT": str(self.portal_port), **self.env}
         self.process = subprocess.Popen(
             [str(gateway), "--state-dir", str(self.state_dir), "up", "--http-port", str(self.http_port),
              "--grpc-port", str(self.grpc_port), *self.extra_args],
