@@ -153,7 +153,7 @@ def test_the_listing_covers_the_whole_stack(listing: StackListing, gateway: Gate
     for part in ("gcs_server", "raylet", "ServeReplica", "anvil", "ledger serve"):
         assert listing.of(part), f"no listening socket found for {part}"
     ports = {listener.port for listener in listing.listeners}
-    assert {gateway.http_port, gateway.grpc_port, ledger_service.port} <= ports
+    assert {gateway.http_port, gateway.grpc_port, gateway.portal_port, ledger_service.port} <= ports
 
 
 def test_nothing_listens_off_loopback_but_the_documented_exceptions(listing: StackListing) -> None:
