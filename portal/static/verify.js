@@ -517,7 +517,7 @@
       const ours = settled.find((log) => (log.topics[1] || "").toLowerCase() === batchId);
       let detail = `${BATCH_SETTLED} topic ${settledTopic}\n`;
       if (ours) {
-        const data = hexToBytes(ours.data, 128, "BatchSettled data");
+        const data = hexToBytes(ours.data, 96, "BatchSettled data");
         detail +=
           `log #${BigInt(ours.logIndex)} from ${settler}: batchId ${batchId}, manifestHash ${hex0x(data.slice(0, 32))}, ` +
           `count ${BigInt(hex0x(data.slice(32, 64)))}, total ${BigInt(hex0x(data.slice(64, 96)))}`;
