@@ -430,7 +430,11 @@
       working("Merkle leaf");
       const inner = keccak256(hexToBytes(id, 32));
       const leaf = keccak256(inner);
-      step("Merkle leaf", `keccak256(0x${id}) = ${hex0x(inner)}\nleaf = keccak256(${hex0x(inner)}) = ${hex0x(leaf)}`, true);
+      step(
+        "Merkle leaf",
+        `keccak256(0x${id}) = ${hex0x(inner)}\nleaf = keccak256(${hex0x(inner)}) = ${hex0x(leaf)}`,
+        true,
+      );
 
       working("Root computed from the proof");
       let node = leaf;
@@ -456,14 +460,16 @@
         `eth_call to ${registry} on chain ${BigInt(chainId)} at block ${BigInt(head)}, data ${data}\n` +
         `(cast call ${registry} "rootOf(bytes32,uint64)(bytes32)" ${hex0x(key)} ${version} --rpc-url ${args.rpcUrl})\n`;
       if (typeof answer !== "string" || answer === "0x") {
-        step("Root anchored on-chain", call + `the call returned ${JSON.stringify(answer)}: no registry contract at ${registry}`, false);
+        const why = `the call returned ${JSON.stringify(answer)}: no registry contract at ${registry}`;
+        step("Root anchored on-chain", call + why, false);
       }
       const anchored = hex0x(hexToBytes(answer, 32, "rootOf's answer"));
       const isZero = /^0x0+$/.test(anchored);
       step(
         "Root anchored on-chain",
         call + (isZero
-          ? `rootOf = ${anchored}: version ${version} of datanet ${JSON.stringify(String(args.datanetId))} is not anchored`
+          ? `rootOf = ${anchored}: version ${version} of datanet ${JSON.stringify(String(args.datanetId))} ` +
+            "is not anchored"
           : `rootOf = ${anchored}`),
         !isZero,
       );
@@ -494,7 +500,10 @@
 
       working("Transaction receipt");
       const receipt = await rpc(args.rpcUrl, "eth_getTransactionReceipt", [txHash]);
-      if (!receipt) step("Transaction receipt", `no receipt for ${txHash}: the node does not know the transaction or it is not mined`, false);
+      if (!receipt) {
+        const why = "the node does not know the transaction, or it is not mined";
+        step("Transaction receipt", `no receipt for ${txHash}: ${why}`, false);
+      }
       const blockNumber = BigInt(receipt.blockNumber);
       step(
         "Transaction receipt",
@@ -506,7 +515,8 @@
 
       working("Sent to the settler");
       const to = (receipt.to || "").toLowerCase();
-      step("Sent to the settler", `transaction to ${to || "(none: a contract creation)"}; settler ${settler}`, to === settler);
+      const sentTo = `transaction to ${to || "(none: a contract creation)"}; settler ${settler}`;
+      step("Sent to the settler", sentTo, to === settler);
 
       working("BatchSettled event");
       const logs = Array.isArray(receipt.logs) ? receipt.logs : [];
@@ -519,11 +529,13 @@
       if (ours) {
         const data = hexToBytes(ours.data, 96, "BatchSettled data");
         detail +=
-          `log #${BigInt(ours.logIndex)} from ${settler}: batchId ${batchId}, manifestHash ${hex0x(data.slice(0, 32))}, ` +
+          `log #${BigInt(ours.logIndex)} from ${settler}: batchId ${batchId}, ` +
+          `manifestHash ${hex0x(data.slice(0, 32))}, ` +
           `count ${BigInt(hex0x(data.slice(32, 64)))}, total ${BigInt(hex0x(data.slice(64, 96)))}`;
       } else {
         detail += settled.length
-          ? `the settler's BatchSettled logs name other batches: ${settled.map((l) => l.topics[1]).join(", ")}; expected ${batchId}`
+          ? `the settler's BatchSettled logs name other batches: ${settled.map((l) => l.topics[1]).join(", ")}; ` +
+            `expected ${batchId}`
           : `no BatchSettled log from ${settler} in this transaction`;
       }
       step("BatchSettled event", detail, Boolean(ours));
@@ -545,7 +557,8 @@
         detail += toPayee.map((t) => `log #${t.index}: ${t.value} base units to ${t.to}`).join("\n");
         detail += `\npaid to ${payee}: ${paid}; expected ${amount}` + (paid === amount ? " (equal)" : " (DIFFERENT)");
       } else {
-        detail += `no transfer to ${payee} in this transaction (${transfers.length} transfer(s) from the settler to others)`;
+        detail += `no transfer to ${payee} in this transaction ` +
+          `(${transfers.length} transfer(s) from the settler to others)`;
       }
       step("Token transfer to the payee", detail, toPayee.length > 0 && paid === amount);
 
@@ -599,6 +612,8 @@
     }
   }
 
+  const failure = (label, detail) => ({ ok: false, steps: [{ label, detail, ok: false }] });
+
   async function run(element) {
     const button = element.querySelector(".verify-run");
     if (button) button.disabled = true;
@@ -616,16 +631,16 @@
         args = error;
       }
       if (!check) {
-        result = { ok: false, steps: [{ label: "Arguments", detail: `unknown check data-verify="${kind}"`, ok: false }] };
+        result = failure("Arguments", `unknown check data-verify="${kind}"`);
       } else if (args instanceof Error) {
-        result = { ok: false, steps: [{ label: "Arguments", detail: `data-args is not valid JSON: ${args.message}`, ok: false }] };
+        result = failure("Arguments", `data-args is not valid JSON: ${args.message}`);
       } else {
         const text = element.querySelector("textarea.verify-text");
         if (text && kind === "inclusion" && args && typeof args === "object") args = { ...args, text: text.value };
         result = await check(args);
       }
     } catch (error) {
-      result = { ok: false, steps: [{ label: "Check", detail: String(error && error.message ? error.message : error), ok: false }] };
+      result = failure("Check", String(error && error.message ? error.message : error));
     }
     render(element, result);
     setState(element, result.ok ? "verified" : "failed");

@@ -97,7 +97,7 @@ class Chain:
 
     def __init__(self, node: AnvilNode, work: Path) -> None:
         self.rpc_url = node.rpc_url
-        client = ChainClient(node.rpc_url, ANVIL_DEV_KEYS[0])
+        self.client = client = ChainClient(node.rpc_url, ANVIL_DEV_KEYS[0])
         self.registry = DatanetRegistry.deploy(client)
         self.ids = [content_id(normalize(text)) for text in TEXTS]
         self.tree = MerkleTree.from_ids([bytes.fromhex(i) for i in self.ids])
@@ -106,6 +106,11 @@ class Chain:
         receipt = self.settler.settle(BATCH, MANIFEST, [ALICE, BOB], [AMOUNT, 5])
         assert receipt["status"] == 1
         self.tx_hash = "0x" + bytes(receipt["transactionHash"]).hex()
+
+    def rpc(self, method: str, *params: object) -> Any:
+        reply = self.client.w3.provider.make_request(method, list(params))  # type: ignore[arg-type]
+        assert "error" not in reply, reply
+        return reply["result"]
 
     def inclusion_args(self, **changes: Any) -> dict[str, Any]:
         cid = content_id(normalize(CHOSEN))
@@ -165,7 +170,8 @@ async def run_check(page: Page, kind: str, args: dict[str, Any] | str, *, text: 
     await page.wait_for_selector(f"#{section} .verify-verdict:is([data-state=verified], [data-state=failed])")
     steps = await page.evaluate(
         """(id) => [...document.querySelectorAll(`#${id} .verify-steps > li`)].map((li) => [
-            li.querySelector('.verify-label').textContent, li.dataset.ok, li.querySelector('.verify-detail').textContent])""",
+            li.querySelector('.verify-label').textContent, li.dataset.ok,
+            li.querySelector('.verify-detail').textContent])""",
         section,
     )
     return {
@@ -282,7 +288,8 @@ async def test_an_edited_text_fails_at_the_id_step(page: Page, chain: Chain) -> 
     assert label == "Contribution id" and len(result["steps"]) == 1
     assert content_id(normalize(CHOSEN.replace("nine", "ten"))) in detail and "DIFFERENT" in detail
     # Whitespace the normalization removes is no edit.
-    result = await run_check(page, "inclusion", chain.inclusion_args(), text="\n\n" + CHOSEN.replace("\r\n", "\n") + "  \n")
+    reflowed = "\n\n" + CHOSEN.replace("\r\n", "\n") + "  \n"
+    result = await run_check(page, "inclusion", chain.inclusion_args(), text=reflowed)
     assert result["verdict"] == "verified", result
 
 
@@ -314,7 +321,7 @@ async def test_a_settled_payout_verifies_for_the_right_payee_and_amount(page: Pa
     result = await run_check(page, "payout", chain.payout_args())
     assert result["verdict"] == result["state"] == "verified", result
     assert labels(result) == PAYOUT_STEPS
-    details = dict((label, detail) for label, _, detail in result["steps"])
+    details = {label: detail for label, _, detail in result["steps"]}
     assert f"{AMOUNT} base units to {ALICE.lower()}" in details["Token transfer to the payee"]
     assert "manifestHash 0x" + MANIFEST.hex() in details["BatchSettled event"]
     assert f"count 2, total {AMOUNT + 5}" in details["BatchSettled event"]
@@ -343,6 +350,23 @@ async def test_a_payout_fails_for_another_payee_or_amount(page: Page, chain: Cha
     assert label == "Transaction receipt" and "no receipt" in detail
 
 
+async def test_confirmations_grow_and_a_reorganized_payout_fails(page: Page, chain: Chain) -> None:
+    snapshot = chain.rpc("evm_snapshot")
+    batch = keccak(text="portal batch reorganized")
+    receipt = chain.settler.settle(batch, MANIFEST, [ALICE], [AMOUNT])
+    args = chain.payout_args(txHash="0x" + bytes(receipt["transactionHash"]).hex(), batchId="0x" + batch.hex())
+    chain.rpc("evm_mine")
+    chain.rpc("evm_mine")
+    result = await run_check(page, "payout", args)
+    assert result["verdict"] == "verified", result
+    assert result["steps"][-1][2].endswith(f"head is block {receipt['blockNumber'] + 2}: 3 confirmations")
+
+    chain.rpc("evm_revert", snapshot)  # the batch's block leaves the chain; another block takes its height
+    chain.rpc("evm_mine")
+    label, detail = failed_step(await run_check(page, "payout", args))
+    assert label == "Transaction receipt" and "no receipt" in detail
+
+
 # -- errors ---------------------------------------------------------------------------------------------
 
 
@@ -364,6 +388,26 @@ async def test_an_unreachable_node_or_bad_arguments_end_failed_with_a_readable_s
     assert "proof element #0 must be 32 bytes" in failed_step(result)[1]
     result = await run_check(page, "payout", chain.payout_args(txHash=None))
     assert "missing argument: txHash" in failed_step(result)[1]
+    result = await run_check(page, "refund", chain.payout_args())
+    assert failed_step(result) == ("Arguments", 'unknown check data-verify="refund"')
+
+
+async def test_the_verdict_is_running_until_the_check_ends(page: Page, chain: Chain) -> None:
+    states = await page.evaluate(
+        """async (args) => {
+            document.body.insertAdjacentHTML('beforeend', '<div id="plain" data-verify="payout">'
+                + '<ol class="verify-steps"></ol><b class="verify-verdict"></b></div>');
+            const element = document.getElementById('plain');
+            element.dataset.args = JSON.stringify(args);
+            const done = new Promise((resolve) => element.addEventListener('verify:done', (e) => resolve(e.detail.ok)));
+            const running = PortalVerify.run(element);
+            const during = [element.querySelector('.verify-verdict').dataset.state, element.dataset.state];
+            await running;
+            return [during, element.querySelector('.verify-verdict').dataset.state, await done];
+        }""",
+        chain.payout_args(),
+    )
+    assert states == [["running", "running"], "verified", True]
 
 
 async def test_the_browser_listens_on_nothing_off_loopback(page: Page) -> None:

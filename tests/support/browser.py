@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from playwright.async_api import Browser, async_playwright
 
@@ -71,7 +72,7 @@ class StaticSite:
         site = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 found = site.files.get(self.path.split("?", 1)[0])
                 body, content_type = found if found else (b"not found", "text/plain")
                 self.send_response(200 if found else 404)
@@ -81,7 +82,7 @@ class StaticSite:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: object) -> None:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -93,7 +94,7 @@ class StaticSite:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> StaticSite:
+    def start(self) -> Self:
         self._thread.start()
         return self
 
@@ -102,8 +103,10 @@ class StaticSite:
         self._server.server_close()
         self._thread.join(timeout=10)
 
-    def __enter__(self) -> StaticSite:
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
