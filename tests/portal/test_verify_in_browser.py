@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -237,6 +238,7 @@ async def test_normalize_and_contribution_id_equal_python(page: Page) -> None:
 
 async def test_an_anchored_contribution_verifies(page: Page, chain: Chain) -> None:
     args = chain.inclusion_args()
+    assert urlsplit(page.url).port != urlsplit(chain.rpc_url).port  # the node is called cross-origin (CORS)
     result = await run_check(page, "inclusion", args, text=CHOSEN)
     assert result["verdict"] == result["state"] == "verified", result
     assert labels(result) == INCLUSION_STEPS and all(ok for _, ok, _ in result["steps"])
@@ -261,22 +263,28 @@ async def test_an_anchored_contribution_verifies(page: Page, chain: Chain) -> No
 
 async def test_a_template_rendered_check_is_bound_on_load(browser: Browser, site: StaticSite, chain: Chain) -> None:
     args = html.escape(json.dumps(chain.inclusion_args(text="")))
+    payout = html.escape(json.dumps(chain.payout_args()))
     site.files["/contribution.html"] = (
         f"""<!doctype html><html><head><meta charset="utf-8"><script src="/static/verify.js" defer></script></head>
         <body><section data-verify="inclusion" data-args="{args}">
         <textarea class="verify-text">{html.escape(CHOSEN)}</textarea>
         <button class="verify-run">Verify</button><ol class="verify-steps"></ol><p class="verify-verdict"></p>
-        </section></body></html>""".encode(),
+        </section>
+        <div id="payout" data-verify="payout" data-args="{payout}"><ol class="verify-steps"></ol>
+        <span class="verify-verdict"></span></div></body></html>""".encode(),
         "text/html; charset=utf-8",
     )
     context = await browser.new_context()
     try:
         page = await context.new_page()
         await page.goto(site.url + "/contribution.html")
+        # A check without a button runs by itself once bound; the other waits for its button.
+        await page.wait_for_selector("#payout .verify-verdict[data-state=verified]")
+        assert await page.locator("section .verify-verdict").text_content() == ""
         await page.locator(".verify-run").click()
-        await page.wait_for_selector(".verify-verdict[data-state=verified]")
-        assert await page.locator(".verify-verdict").text_content() == "verified"
-        assert await page.locator(".verify-steps > li[data-ok=true]").count() == len(INCLUSION_STEPS)
+        await page.wait_for_selector("section .verify-verdict[data-state=verified]")
+        assert await page.locator("section .verify-verdict").text_content() == "verified"
+        assert await page.locator("section .verify-steps > li[data-ok=true]").count() == len(INCLUSION_STEPS)
         assert await page.locator("section[data-verify]").get_attribute("data-state") == "verified"
     finally:
         await context.close()
