@@ -24,6 +24,10 @@ PG_SERVER := $(firstword $(wildcard /usr/lib/postgresql/*/bin/postgres))
 # The dashboard test runs every panel's PromQL on a real Prometheus (Debian's package; the tests
 # start it on loopback; the package's own service is not used).
 PROMETHEUS := $(wildcard /usr/bin/prometheus)
+# The portal's in-browser verification tests (tests/portal/) drive Debian's headless chromium through
+# Playwright (pinned in the dev extras), which is pointed at /usr/bin/chromium: Playwright's own browser
+# download is never used.
+CHROMIUM := $(wildcard /usr/bin/chromium)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install up test clean stubs system-packages loadtest dashboards prometheus model
@@ -69,6 +73,10 @@ endif
 ifeq ($(PROMETHEUS),)
 	$(SUDO) apt-get update -qq
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+endif
+ifeq ($(CHROMIUM),)
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 endif
 
 test: install system-packages

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import openai
 import pytest
@@ -17,6 +18,9 @@ from tests.support.launcher import GatewayProcess
 from tests.support.ports import free_port
 from tests.support.postgres import PostgresServer
 from tests.support.s3 import S3Server, clear_fsspec_instances
+
+if TYPE_CHECKING:
+    from playwright.async_api import Browser
 
 # Tests whose subject is not the model (engine plumbing, errors, routing, money) run on the tiny random
 # model: ten times less engine time. Tests of the pretrained model ask for it explicitly. Set here, so the
@@ -154,3 +158,13 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
         clear_fsspec_instances()
         server.stop()
 
+
+@pytest.fixture(scope="session")
+async def browser() -> AsyncIterator[Browser]:
+    """Headless Debian chromium, Playwright's async API on the session's event loop (tests/support/browser.py
+    says why not the sync API); loopback only. Each test opens its own context:
+    ``context = await browser.new_context(); page = await context.new_page(); ...; await context.close()``."""
+    from tests.support.browser import chromium
+
+    async with chromium() as launched:
+        yield launched
