@@ -56,7 +56,7 @@ def open_services(config: PortalConfig, *, database_url: str, state_dir: Path, m
         key_account=access.key_account, decode=token_decoder(model_dir), chain=chain,
         sessions=SessionStore(ttl_seconds=config.session_minutes * 60),
         sign_in=SignInDesk(domain=f"{config.host}:{config.port}", uri=f"http://{config.host}:{config.port}",
-                           chain_id=chain.chain_id),  # replaced by serve_portal once the port is bound
+                           chain_id=chain().chain_id),  # replaced by serve_portal once the port is bound
         playground=Playground(api_url),
     )
 
@@ -92,7 +92,7 @@ def serve_portal(services: PortalServices) -> PortalServer:
         raise OSError(f"the portal cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
     port = sock.getsockname()[1]
     origin = f"http://{config.host}:{port}"
-    services.sign_in = SignInDesk(domain=f"{config.host}:{port}", uri=origin, chain_id=services.chain.chain_id)
+    services.sign_in = SignInDesk(domain=f"{config.host}:{port}", uri=origin, chain_id=services.chain().chain_id)
     server = uvicorn.Server(uvicorn.Config(build_portal(services), log_level="warning", access_log=False,
                                            lifespan="off"))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # the caller owns the signals
