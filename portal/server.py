@@ -12,6 +12,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +46,9 @@ def token_decoder(model_dir: Path):  # type: ignore[no-untyped-def]
     return decode
 
 
-def open_services(config: PortalConfig, *, database_url: str, state_dir: Path, model_dir: Path, chain: ChainView,
-                  api_url: str, ledger: LedgerClientConfig | None = None) -> PortalServices:
+def open_services(config: PortalConfig, *, database_url: str, state_dir: Path, model_dir: Path,
+                  chain: Callable[[], ChainView], api_url: str,
+                  ledger: LedgerClientConfig | None = None) -> PortalServices:
     """Everything the pages read from: the registry database, the ledger's read and Access APIs, the tokenizer."""
     reads = LedgerReads.for_state_dir(state_dir, ledger)
     access = LedgerAccessClient.for_state_dir(state_dir, ledger)
@@ -56,7 +58,7 @@ def open_services(config: PortalConfig, *, database_url: str, state_dir: Path, m
         key_account=access.key_account, decode=token_decoder(model_dir), chain=chain,
         sessions=SessionStore(ttl_seconds=config.session_minutes * 60),
         sign_in=SignInDesk(domain=f"{config.host}:{config.port}", uri=f"http://{config.host}:{config.port}",
-                           chain_id=chain.chain_id),  # replaced by serve_portal once the port is bound
+                           chain_id=chain().chain_id),  # replaced by serve_portal once the port is bound
         playground=Playground(api_url),
     )
 
@@ -92,7 +94,7 @@ def serve_portal(services: PortalServices) -> PortalServer:
         raise OSError(f"the portal cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
     port = sock.getsockname()[1]
     origin = f"http://{config.host}:{port}"
-    services.sign_in = SignInDesk(domain=f"{config.host}:{port}", uri=origin, chain_id=services.chain.chain_id)
+    services.sign_in = SignInDesk(domain=f"{config.host}:{port}", uri=origin, chain_id=services.chain().chain_id)
     server = uvicorn.Server(uvicorn.Config(build_portal(services), log_level="warning", access_log=False,
                                            lifespan="off"))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # the caller owns the signals
