@@ -21,14 +21,16 @@ Data (built once in `--work-dir`, reused by later runs: each step is skipped whe
 
 Measurement: the portal is served the real way (`gateway.portal_pages.start_portal` with port 0, in
 a child process of its own: `python loadtests/bench_portal.py --serve`, which only adds a line on
-stdout when the background Merkle-tree warm-up ends). Each page kind is requested once, in a fixed
-order, right after the portal answers (the *first render*: cold caches, including the 100k-leaf tree
-unless the warm-up got there first, which each row reports), then `--repeats` more times
-(interleaved) for the median and p95. Then two more fresh portals each get one request the moment
-they are ready: the 100k contributor page and the 100k contribution page (the tree is then built by
-the request or by the warm-up it waits for). Times are complete responses (body read) from an httpx
-client on loopback. Pages that belong to no datanet (the list, the error page, sign-in) are held to
-the 1 s target: the database they read holds the 100k.
+stdout when the background Merkle-tree warm-up ends). Right after a portal answers, each page kind
+is requested once, in a fixed order (the *first render*: cold caches, including the 100k-leaf tree
+unless the warm-up got there first, which each row reports); this is done with `--starts` fresh
+portals (median and worst are printed, the verdict is on the worst). The first portal then serves
+`--repeats` more requests of each page (interleaved) for the median and p95. Last, fresh portals
+each get one request the moment they are ready: the 100k contributor page, then (other portals) the
+100k contribution page; the tree is then built by that request or by the warm-up it waits for.
+Times are complete responses (body read) from an httpx client on loopback; signing in (for the
+trace pages) is not timed. Pages that belong to no datanet (the list, the error page, sign-in) are
+held to the 1 s target: the database they read holds the 100k.
 
     flock -x /tmp/quiet.lock .venv/bin/python loadtests/bench_portal.py
     .venv/bin/python loadtests/bench_portal.py --work-dir /tmp/bench-portal --contributions 100000 --json
@@ -361,13 +363,14 @@ def sign_in(client, api_key: str) -> None:  # type: ignore[no-untyped-def]
         raise RuntimeError(f"sign-in with the bench key refused: {reply.status_code}")
 
 
-def measure(state: Path, env: dict[str, str], manifest: dict, repeats: int) -> dict:
+def first_renders(state: Path, env: dict[str, str], manifest: dict, kinds: list[PageKind],
+                  repeats: int) -> tuple[dict, dict[str, list[float]]]:
+    """One fresh portal: each page's first request (ms, and whether the warm-up had finished when it was sent),
+    then `repeats` later requests of each (interleaved; none when 0)."""
     import httpx
 
-    kinds = page_kinds(manifest)
     portal = start_child_portal(state, env)
-    log(f"portal at {portal.url} (started in {portal.start_seconds:.2f} s); first renders")
-    rows = []
+    log(f"portal at {portal.url} (ready {portal.start_seconds:.2f} s after spawn): first renders")
     try:
         with httpx.Client(base_url=portal.url, timeout=120) as client:
             first: dict[str, tuple[float, bool]] = {}
@@ -378,36 +381,59 @@ def measure(state: Path, env: dict[str, str], manifest: dict, repeats: int) -> d
                     signed_in = True
                 warm_before = portal.warm_done.is_set()
                 first[kind.path] = (timed_get(client, kind.path, kind.status), warm_before)
-            log(f"{repeats} later renders of each of {len(kinds)} pages")
+            if repeats:
+                log(f"{repeats} later renders of each of {len(kinds)} pages")
             later: dict[str, list[float]] = {kind.path: [] for kind in kinds}
             for _ in range(repeats):
                 for kind in kinds:
                     later[kind.path].append(timed_get(client, kind.path, kind.status))
-        for kind in kinds:
-            times = sorted(later[kind.path])
-            p95 = times[min(len(times) - 1, max(0, round(0.95 * len(times)) - 1))]
-            rows.append({"page": kind.name, "scope": kind.scope, "path": kind.path, "status": kind.status,
-                         "first_ms": round(first[kind.path][0], 1), "warm_up_done": first[kind.path][1],
-                         "median_ms": round(statistics.median(times), 1), "p95_ms": round(p95, 1),
-                         "target_ms": kind.target_ms})
-        warm = portal.warm_seconds[0] if portal.warm_seconds else None
+        portal.warm_done.wait(30)
+        return {"start_seconds": portal.start_seconds, "warm_up_seconds": (portal.warm_seconds or [None])[0],
+                "first": first}, later
     finally:
         portal.stop()
 
+
+def immediately(state: Path, env: dict[str, str], kind: PageKind) -> tuple[float, bool]:
+    """A fresh portal asked for one page the moment it is ready."""
+    import httpx
+
+    fresh = start_child_portal(state, env)
+    try:
+        with httpx.Client(base_url=fresh.url, timeout=120) as client:
+            warm_before = fresh.warm_done.is_set()
+            return timed_get(client, kind.path, kind.status), warm_before
+    finally:
+        fresh.stop()
+
+
+def measure(state: Path, env: dict[str, str], manifest: dict, repeats: int, starts: int) -> dict:
+    kinds = page_kinds(manifest)
+    runs = []
+    later: dict[str, list[float]] = {}
+    for n in range(starts):
+        run, times = first_renders(state, env, manifest, kinds, repeats if n == 0 else 0)
+        runs.append(run)
+        later = later or times
+    rows = []
+    for kind in kinds:
+        firsts = [run["first"][kind.path] for run in runs]
+        times = sorted(later[kind.path])
+        p95 = times[min(len(times) - 1, max(0, round(0.95 * len(times)) - 1))]
+        rows.append({"page": kind.name, "scope": kind.scope, "path": kind.path, "status": kind.status,
+                     "first_ms": [round(ms, 1) for ms, _ in firsts],
+                     "warm_up_done": [done for _, done in firsts],
+                     "median_ms": round(statistics.median(times), 1), "p95_ms": round(p95, 1),
+                     "target_ms": kind.target_ms})
     immediate = []
     for kind in kinds:
         if kind.scope == "large" and kind.name in ("contributor", "contribution"):
-            fresh = start_child_portal(state, env)
-            try:
-                with httpx.Client(base_url=fresh.url, timeout=120) as client:
-                    warm_before = fresh.warm_done.is_set()
-                    elapsed = timed_get(client, kind.path, kind.status)
-                    immediate.append({"page": kind.name, "scope": kind.scope, "path": kind.path,
-                                      "first_ms": round(elapsed, 1), "warm_up_done": warm_before,
-                                      "target_ms": kind.target_ms})
-            finally:
-                fresh.stop()
-    return {"portal_start_seconds": round(portal.start_seconds, 2), "warm_up_seconds": warm, "pages": rows,
+            firsts = [immediately(state, env, kind) for _ in range(starts)]
+            immediate.append({"page": kind.name, "scope": kind.scope, "path": kind.path,
+                              "first_ms": [round(ms, 1) for ms, _ in firsts],
+                              "warm_up_done": [done for _, done in firsts], "target_ms": kind.target_ms})
+    return {"portal_ready_seconds": [round(run["start_seconds"], 2) for run in runs],
+            "warm_up_seconds": [run["warm_up_seconds"] for run in runs], "pages": rows,
             "immediately_after_start": immediate}
 
 
@@ -415,24 +441,34 @@ def verdict(ms: float, target: float) -> str:
     return "PASS" if ms <= target else "MISS"
 
 
+def warm_state(done: list[bool]) -> str:
+    return "done" if all(done) else "running" if not any(done) else f"{sum(done)}/{len(done)} done"
+
+
 def print_table(result: dict) -> None:
-    print(f"large: '{LARGE}', {result['contributions']} contributions by {result['contributors']} contributors; demo: "
-          f"the demo datanet; portal ready {result['portal_start_seconds']} s after spawn; Merkle warm-up "
-          f"{result['warm_up_seconds']} s")
-    head = (f"{'page':<18} {'datanet':<7} {'first ms':>9} {'warm-up':>8} {'median':>8} {'p95':>8} {'target':>7}"
-            f" {'first':>5} {'p95':>5}")
+    starts = len(result["portal_ready_seconds"])
+    print(f"large: '{LARGE}', {result['contributions']} contributions by {result['contributors']} contributors; "
+          f"demo: the demo datanet (12 by 4)")
+    print(f"{starts} portal starts: ready {result['portal_ready_seconds']} s after spawn, Merkle warm-up "
+          f"{result['warm_up_seconds']} s after ready")
+    print(f"first = the page's first request after a start (median and worst of {starts} starts); warm-up = whether "
+          f"the warm-up had finished when it was sent; median/p95 of {result['repeats']} later renders (first start)")
+    head = (f"{'page':<18} {'datanet':<7} {'first ms':>9} {'worst':>8} {'warm-up':>12} {'median':>8} {'p95':>8} "
+            f"{'target':>7} {'first':>5} {'p95':>5}")
     print(head)
     print("-" * len(head))
     for row in result["pages"]:
-        print(f"{row['page']:<18} {row['scope']:<7} {row['first_ms']:>9.1f} "
-              f"{'done' if row['warm_up_done'] else 'running':>8} {row['median_ms']:>8.1f} {row['p95_ms']:>8.1f} "
-              f"{row['target_ms']:>7.0f} {verdict(row['first_ms'], row['target_ms']):>5} "
+        worst = max(row["first_ms"])
+        print(f"{row['page']:<18} {row['scope']:<7} {statistics.median(row['first_ms']):>9.1f} {worst:>8.1f} "
+              f"{warm_state(row['warm_up_done']):>12} {row['median_ms']:>8.1f} {row['p95_ms']:>8.1f} "
+              f"{row['target_ms']:>7.0f} {verdict(worst, row['target_ms']):>5} "
               f"{verdict(row['p95_ms'], row['target_ms']):>5}")
-    print("first request to a freshly started portal:")
+    print("the one request to a portal the moment it is ready:")
     for row in result["immediately_after_start"]:
-        print(f"{row['page']:<18} {row['scope']:<7} {row['first_ms']:>9.1f} "
-              f"{'done' if row['warm_up_done'] else 'running':>8} {'':>8} {'':>8} {row['target_ms']:>7.0f} "
-              f"{verdict(row['first_ms'], row['target_ms']):>5}")
+        worst = max(row["first_ms"])
+        print(f"{row['page']:<18} {row['scope']:<7} {statistics.median(row['first_ms']):>9.1f} {worst:>8.1f} "
+              f"{warm_state(row['warm_up_done']):>12} {'':>8} {'':>8} {row['target_ms']:>7.0f} "
+              f"{verdict(worst, row['target_ms']):>5}")
 
 
 def main() -> None:
@@ -442,6 +478,7 @@ def main() -> None:
     parser.add_argument("--contributions", type=int, default=100_000, help="contributions of the large datanet")
     parser.add_argument("--contributors", type=int, default=500, help="contributors of the large datanet")
     parser.add_argument("--repeats", type=int, default=20, help="later renders of each page")
+    parser.add_argument("--starts", type=int, default=3, help="fresh portals whose first renders are measured")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -471,10 +508,10 @@ def main() -> None:
                 manifest_path.write_text(json.dumps(saved))
                 manifest.update(saved)
             manifest["demo"]["trace"], manifest["large"]["trace"] = manifest["demo_trace"], manifest["large_trace"]
-            result = measure(state, env, manifest, args.repeats)
+            result = measure(state, env, manifest, args.repeats, args.starts)
         finally:
             ledger.stop()
-    result.update(contributions=args.contributions, contributors=args.contributors)
+    result.update(contributions=args.contributions, contributors=args.contributors, repeats=args.repeats)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
