@@ -56,6 +56,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ledger.client.trace import AttributionTrace, TokenAttribution  # noqa: E402
+
 os.environ.setdefault("GATEWAY_BASE_MODEL", "datanet-tiny-llama")  # only the tiny tokenizer is needed
 
 DEMO_TARGET_MS = 300.0
@@ -124,8 +126,8 @@ def build_registry(state: Path, contributions: int, contributors: int) -> dict:
         log(f"demo datanet '{demo.name}': {len(items)} contributions published")
     if not adapters.is_registered("demo-lora"):
         adapters.register("demo-lora", uri="file:///bench/demo-lora", base_model="datanet-tiny-llama", owner=owner,
-                          price_per_1k_tokens=DEFAULT_PRICE_PER_1K_TOKENS, lineage=adapters.resolve_lineage([demo.name]),
-                          source="registered")
+                          price_per_1k_tokens=DEFAULT_PRICE_PER_1K_TOKENS,
+                          lineage=adapters.resolve_lineage([demo.name]), source="registered")
 
     # the large datanet: bulk rows, then version 1 with the real root
     try:
@@ -196,8 +198,9 @@ def build_registry(state: Path, contributions: int, contributors: int) -> dict:
                       "own": list(large_own), "all": list(large_others)}}
 
 
-def make_trace(trace_id: str, adapter: str, requester: str, own: list[str], others: list[str], seed: int):  # type: ignore[no-untyped-def]
-    from ledger.client.trace import AttributionTrace, TokenAttribution
+def make_trace(trace_id: str, adapter: str, requester: str, own: list[str], others: list[str],
+               seed: int) -> AttributionTrace:
+    """TRACE_TOKENS tokens, each credited to one of `own` and one of `others` (every sixth: nobody)."""
 
     rng = random.Random(seed)
     tokens = []
