@@ -127,7 +127,8 @@ class RegistryView:
         self.engine = engine
         self.page_size = page_size
         self._trees: OrderedDict[tuple[str, int], MerkleTree] = OrderedDict()
-        self._tree_lock = threading.Lock()
+        self._tree_lock = threading.Lock()  # guards _trees and _building
+        self._building: dict[tuple[str, int], threading.Lock] = {}  # a lock per version whose tree is being built
 
     # -- datanets ----------------------------------------------------------------------------------
 
@@ -249,18 +250,36 @@ class RegistryView:
 
     def _tree(self, datanet_id: str, number: int) -> MerkleTree:
         key = (datanet_id, number)
-        with self._tree_lock:  # one build per version, however many pages ask at once
-            tree = self._trees.get(key)
+        with self._tree_lock:
+            tree = self._cached(key)
             if tree is not None:
-                self._trees.move_to_end(key)
                 return tree
-            with Session(self.engine) as session:
-                ids = session.exec(select(Contribution.id).where(in_version(datanet_id, number))).all()
-            tree = MerkleTree.from_ids([bytes.fromhex(i) for i in ids])
-            self._trees[key] = tree
-            while len(self._trees) > TREES_KEPT:
-                self._trees.popitem(last=False)
+            building = self._building.setdefault(key, threading.Lock())
+        # One build per version, however many pages ask at once; a page of another version does not wait
+        # for it (a 12-leaf tree is not queued behind a 100k-leaf one).
+        with building:
+            with self._tree_lock:
+                tree = self._cached(key)
+            if tree is not None:
+                return tree
+            try:
+                with Session(self.engine) as session:
+                    ids = session.exec(select(Contribution.id).where(in_version(datanet_id, number))).all()
+                tree = MerkleTree.from_ids([bytes.fromhex(i) for i in ids])
+                with self._tree_lock:
+                    self._trees[key] = tree
+                    while len(self._trees) > TREES_KEPT:
+                        self._trees.popitem(last=False)
+            finally:
+                with self._tree_lock:
+                    self._building.pop(key, None)
             return tree
+
+    def _cached(self, key: tuple[str, int]) -> MerkleTree | None:
+        tree = self._trees.get(key)  # the caller holds _tree_lock
+        if tree is not None:
+            self._trees.move_to_end(key)
+        return tree
 
     def warm(self) -> None:
         """Build the trees of every datanet's latest version ahead of the first page that needs one."""

@@ -12,6 +12,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +46,9 @@ def token_decoder(model_dir: Path):  # type: ignore[no-untyped-def]
     return decode
 
 
-def open_services(config: PortalConfig, *, database_url: str, state_dir: Path, model_dir: Path, chain: ChainView,
-                  api_url: str, ledger: LedgerClientConfig | None = None) -> PortalServices:
+def open_services(config: PortalConfig, *, database_url: str, state_dir: Path, model_dir: Path,
+                  chain: Callable[[], ChainView], api_url: str,
+                  ledger: LedgerClientConfig | None = None) -> PortalServices:
     """Everything the pages read from: the registry database, the ledger's read and Access APIs, the tokenizer."""
     reads = LedgerReads.for_state_dir(state_dir, ledger)
     access = LedgerAccessClient.for_state_dir(state_dir, ledger)
