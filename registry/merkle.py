@@ -75,14 +75,18 @@ class MerkleTree:
 
         Raises ValueError for an empty list, a duplicate id or an id that is not 32 bytes.
         """
-        checked = [_check_hash(cid, f"contribution id #{n}") for n, cid in enumerate(ids)]
+        checked = [bytes(cid) if isinstance(cid, (bytearray, memoryview)) else cid for cid in ids]
         if not checked:
             raise ValueError("a Merkle tree needs at least one contribution id, got none")
-        seen: set[bytes] = set()
-        for cid in checked:
-            if cid in seen:
-                raise ValueError(f"duplicate contribution id 0x{cid.hex()} (ids must be unique)")
-            seen.add(cid)
+        if not all(isinstance(cid, bytes) and len(cid) == HASH_BYTES for cid in checked):
+            for n, cid in enumerate(checked):  # name the first bad one (the fast check above formats nothing)
+                _check_hash(cid, f"contribution id #{n}")
+        if len(set(checked)) != len(checked):
+            seen: set[bytes] = set()
+            for cid in checked:
+                if cid in seen:
+                    raise ValueError(f"duplicate contribution id 0x{cid.hex()} (ids must be unique)")
+                seen.add(cid)
 
         leaves = sorted(_keccak(_keccak(cid)) for cid in checked)
         count = len(leaves)
