@@ -109,14 +109,23 @@ def cmd_show(config: GatewayConfig, args: argparse.Namespace) -> None:
          "license": c.license}
         for c in registry.contributions(args.name)
     ]
+    rejections = [
+        {"content_id": r.content_id, "contributor": r.contributor, "file": r.source, "reason": r.reason,
+         "created_at": r.created_at.isoformat()}
+        for r in registry.rejections(args.name)
+    ]
     payload = {"name": datanet.name, "id": datanet.id, "description": datanet.description,
-               "versions": versions, "contributions": contributions}
+               "versions": versions, "contributions": contributions, "rejections": rejections}
 
     def human(p: dict[str, Any]) -> str:
         lines = [f"{p['name']} (id {p['id']}) {p['description']}".rstrip()]
         lines += [f"  version {v['version']}: {v['contributions']} contributions, root {v['merkle_root']}, "
                   f"tx {v['tx_hash'] or 'not anchored yet'}" for v in p["versions"]]
         lines += [f"  {c['id'][:16]}…  {c['contributor']}  {c['status']}" for c in p["contributions"]]
+        if p["rejections"]:
+            newest = p["rejections"][0]
+            lines.append(f"  {len(p['rejections'])} recorded rejection(s); newest: {newest['file']} from "
+                         f"{newest['contributor']}: {newest['reason']}")
         return "\n".join(lines)
 
     emit(args, payload, human)

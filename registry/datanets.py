@@ -10,6 +10,9 @@ The index is built on local disk (`<index_root>/<datanet id>/v<n>`) and its dige
 ``s3://bucket/indexes``; ``GATEWAY_INDEX_STORE``), it is uploaded to ``<store>/<datanet id>/v<n>``
 before the version is committed, `index_path` is that URL, and the local build is removed: nodes copy
 the index from the store and check it against the digest (statedir/store_cache.py).
+
+Rejections decided after a submission's signature verified are stored (`ContributionRejection`,
+read with `rejections`); see `contribute` for which ones and why the others are not.
 """
 
 from __future__ import annotations
@@ -34,12 +37,13 @@ from registry.contribution_content import BadSignature, checksum_address, conten
 from registry.contribution_files import Rejection
 from registry.errors import AlreadyExists, AnchorFailed, IndexStoreFailed, InvalidInput, NothingToPublish, NotFound
 from registry.merkle import MerkleTree, verify_proof
-from registry.models import Contribution, ContributionBand, Datanet, DatanetVersion
+from registry.models import Contribution, ContributionBand, ContributionRejection, Datanet, DatanetVersion
 from statedir.store_cache import StoreError, check_store_url, directory_digest, is_local_url, local_path_of, upload
 from storage.database import utcnow
 
 DATANET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ID_CHUNK = 900  # ids per IN (...) clause, below SQLite's variable limit
+REJECTIONS_LIMIT_MAX = 1000
 
 
 class IndexBuilder(Protocol):
@@ -79,6 +83,17 @@ class Accepted:
     id: str
     contributor: str
     source: str
+
+
+@dataclass(frozen=True)
+class RejectionRecord:
+    """A stored rejection: what was refused (by content id and the submitter's label), whose, why, when."""
+
+    content_id: str
+    contributor: str
+    source: str
+    reason: str
+    created_at: datetime
 
 
 @dataclass
@@ -219,6 +234,12 @@ class DatanetRegistry:
 
         Checks run in this order: empty, size, address, signature, daily limit, exact duplicate,
         near-duplicate (against the ledger and against earlier items of the same call).
+
+        Every rejection is returned. Those decided after the signature verified (daily limit, exact
+        and near duplicate) are also stored, in the transaction that stores the accepted items, with
+        the recovered contributor, the content id and the reason, never the text. Those decided
+        before (empty, too large, bad address, bad or mismatched signature) are not stored: their
+        submitter is not proven, and storing them would let anyone attach refusals to another's address.
         """
         datanet = self.get(name)
         result = ContributeResult()
@@ -242,10 +263,12 @@ class DatanetRegistry:
                 ).all()
             ) if candidates else {}
             accepted: list[_Candidate] = []
+            refused: list[tuple[_Candidate, str]] = []
             for candidate in candidates:
                 reason = self._check_against(candidate, known, neighbours, used_today)
                 if reason:
                     result.rejected.append(Rejection(candidate.source, reason))
+                    refused.append((candidate, reason))
                     continue
                 accepted.append(candidate)
                 known[candidate.id] = datanet.name
@@ -253,9 +276,28 @@ class DatanetRegistry:
                     neighbours.setdefault(key, []).append((candidate.id, candidate.minhash))
                 used_today[candidate.contributor] = used_today.get(candidate.contributor, 0) + candidate.size
                 result.accepted.append(Accepted(candidate.id, candidate.contributor, candidate.source))
-            self._insert(session, datanet, accepted)
+            now = self.clock()
+            self._insert(session, datanet, accepted, now)
+            self._insert_rejections(session, datanet, refused, now)
             session.commit()
         return result
+
+    def rejections(self, name: str, *, contributor: str | None = None, limit: int = 100) -> list[RejectionRecord]:
+        """The stored rejections of a datanet, newest first, optionally of one contributor only.
+
+        NotFound for an unknown datanet; InvalidInput for a malformed address or a limit outside
+        1..1000."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= REJECTIONS_LIMIT_MAX:
+            raise InvalidInput(f"limit must be an integer from 1 to {REJECTIONS_LIMIT_MAX}, not {limit!r}")
+        address = self._address(contributor) if contributor is not None else None
+        datanet = self.get(name)
+        query = select(ContributionRejection).where(ContributionRejection.datanet_id == datanet.id)
+        if address is not None:
+            query = query.where(ContributionRejection.contributor == address)
+        query = query.order_by(col(ContributionRejection.created_at).desc(), col(ContributionRejection.id).desc())
+        with Session(self.engine) as session:
+            rows = session.exec(query.limit(limit)).all()
+        return [RejectionRecord(r.content_id, r.contributor, r.source, r.reason, r.created_at) for r in rows]
 
     def _check_alone(self, datanet: Datanet, item: SignedText) -> _Candidate | str:
         """What can be checked without the database: content, size, address, signature."""
@@ -336,10 +378,9 @@ class DatanetRegistry:
                 neighbours.setdefault(key, []).append((cid, near_duplicates.from_bytes(minhash)))
         return neighbours
 
-    def _insert(self, session: Session, datanet: Datanet, accepted: list[_Candidate]) -> None:
+    def _insert(self, session: Session, datanet: Datanet, accepted: list[_Candidate], now: datetime) -> None:
         if not accepted:
             return
-        now = self.clock()
         connection = session.connection()  # Core executemany: no ORM objects for bulk rows
         connection.execute(
             insert(Contribution.__table__),
@@ -353,6 +394,21 @@ class DatanetRegistry:
         connection.execute(
             insert(ContributionBand.__table__),
             [{"key": key, "contribution_id": c.id} for c in accepted for key in sorted(set(c.band_keys))],
+        )
+
+    @staticmethod
+    def _insert_rejections(session: Session, datanet: Datanet, refused: list[tuple[_Candidate, str]],
+                           now: datetime) -> None:
+        """Rows for refusals of signature-verified candidates: contributor, content id, reason; not the text."""
+        if not refused:
+            return
+        session.connection().execute(
+            insert(ContributionRejection.__table__),
+            [
+                {"datanet_id": datanet.id, "contributor": c.contributor, "content_id": c.id,
+                 "source": c.source[-255:], "reason": reason, "created_at": now}
+                for c, reason in refused
+            ],
         )
 
     # -- publishing -----------------------------------------------------------------------------

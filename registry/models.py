@@ -7,7 +7,8 @@ Guarantees (asserted in code and tests):
 - a published version is frozen: its contribution set, Merkle root and index never change;
   versions are cumulative (version n holds every contribution published in versions 1..n);
 - an adapter's lineage names published datanet versions only;
-- a version's index is its `index_digest` (statedir/store_cache.py): nodes refuse a copy that differs.
+- a version's index is its `index_digest` (statedir/store_cache.py): nodes refuse a copy that differs;
+- a stored rejection names a contributor proven by a valid signature and never holds the rejected text.
 Times are timezone-aware UTC. The schema is created and upgraded by Alembic (storage/migrations/).
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Column, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, LargeBinary, String, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from storage.database import utcnow
@@ -71,6 +72,25 @@ class ContributionBand(SQLModel, table=True):
 
     key: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
     contribution_id: str = Field(foreign_key="contribution.id", primary_key=True, max_length=64)
+
+
+class ContributionRejection(SQLModel, table=True):
+    """A submitted text refused after its signature verified (duplicate, near-duplicate, daily limit).
+
+    `contributor` is the address recovered from the signature, `content_id` the SHA-256 of the
+    normalized text; the text itself is not kept. Items refused before their signature verified
+    (empty, too large, bad address or signature) have no proven submitter and are never stored.
+    """
+
+    __table_args__ = (Index("ix_contributionrejection_datanet_id_created_at", "datanet_id", "created_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    datanet_id: str = Field(foreign_key="datanet.id", max_length=32)
+    contributor: str = Field(index=True, max_length=42)
+    content_id: str = Field(max_length=64)
+    source: str = Field(default="", max_length=255)
+    reason: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
 
 
 class Adapter(SQLModel, table=True):

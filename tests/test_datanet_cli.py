@@ -151,6 +151,13 @@ def test_publish_anchors_and_proofs_verify_on_chain(state: Path, tmp_path: Path,
     code, shown, _ = gateway(state, capsys, "datanet", "show", "rivers", "--json")
     assert {c["status"] for c in shown["contributions"]} == {"published"}
     assert shown["versions"][0]["merkle_root"] == published["merkle_root"]
+    # Of the earlier submission's refusals only the one after Alice's signature verified is recorded.
+    assert [(r["file"].rsplit("/", 1)[-1], r["contributor"], r["content_id"]) for r in shown["rejections"]] == [
+        ("copy.txt", ALICE.address, content_id(normalize(PASSAGES[0])))]
+    assert shown["rejections"][0]["reason"].startswith("exact duplicate of contribution")
+    capsys.readouterr()
+    assert main(["--state-dir", str(state), "datanet", "show", "rivers"]) == 0
+    assert "  1 recorded rejection(s); newest: " in capsys.readouterr().out
     first = shown["contributions"][0]["id"]
     code, proof, err = gateway(state, capsys, "datanet", "proof", "rivers", first, "--json")
     assert code == 0, err

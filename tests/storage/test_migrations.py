@@ -62,7 +62,29 @@ def test_0007_adds_an_unchecked_index_digest_to_versions_published_before(databa
     raw.dispose()
     engine = open_database(database_url)
     with engine.connect() as connection:
-        assert current_revision(connection) == head_revision() == "0007"
+        assert current_revision(connection) == head_revision()
         rows = connection.execute(text("SELECT index_path, index_digest FROM datanetversion")).all()
     engine.dispose()
     assert [tuple(row) for row in rows] == [("/indexes/d1/v1", None)]
+
+
+def test_0008_adds_an_empty_rejection_table_and_its_downgrade_removes_it(database_url: str) -> None:
+    raw = create_engine(database_url)
+    with raw.begin() as connection:
+        command.upgrade(alembic_config(connection), "0007")
+        connection.execute(text("INSERT INTO datanet (id, name, description, created_at) "
+                                "VALUES ('d1', 'rivers', '', '2026-01-01 00:00:00')"))
+    raw.dispose()
+    engine = open_database(database_url)
+    with engine.connect() as connection:
+        assert current_revision(connection) == head_revision() == "0008"
+        assert connection.execute(text("SELECT count(*) FROM contributionrejection")).scalar() == 0
+        indexes = {i["name"] for i in inspect(connection).get_indexes("contributionrejection")}
+    engine.dispose()
+    assert {"ix_contributionrejection_contributor", "ix_contributionrejection_datanet_id_created_at"} <= indexes
+    raw = create_engine(database_url)
+    with raw.begin() as connection:
+        command.downgrade(alembic_config(connection), "0007")
+        assert not inspect(connection).has_table("contributionrejection")
+        assert connection.execute(text("SELECT name FROM datanet")).scalars().all() == ["rivers"]
+    raw.dispose()
