@@ -166,7 +166,14 @@ def build_portal(services: PortalServices) -> FastAPI:
                                                     "/datanets.")
         adapters = sorted({a for v in detail.summary.versions for a in v.adapters})
         usage, usage_error = _usage(services, adapters)
-        return render(request, "datanet.html", detail=detail, usage=usage, usage_error=usage_error)
+        session = session_of(request)
+        viewer = session.contributor if session else None
+        rejections = None  # refusals are shown to the datanet's owner (all) and to each submitter (their own)
+        if viewer is not None:
+            mine = None if viewer == detail.summary.owner else viewer
+            rejections = services.registry.rejections(detail.summary.id, mine)
+        return render(request, "datanet.html", detail=detail, usage=usage, usage_error=usage_error,
+                      rejections=rejections)
 
     # ---- contributors and contributions ------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from sqlmodel import Session, col, select
 from registry.anchor import datanet_key
 from registry.datanets import in_version
 from registry.merkle import MerkleTree
-from registry.models import Adapter, AdapterLineage, Contribution, Datanet, DatanetVersion
+from registry.models import Adapter, AdapterLineage, Contribution, ContributionRejection, Datanet, DatanetVersion
 
 TREES_KEPT = 8
 EXCERPT_CHARS = 160
@@ -220,6 +220,15 @@ class RegistryView:
             ).all()
         return {adapter: (names[datanet_id], number) for adapter, datanet_id, number in rows
                 if number >= first[datanet_id]}
+
+    def rejections(self, datanet_id: str, contributor: str | None = None, limit: int = 50) -> list[ContributionRejection]:
+        """Recorded refusals of a datanet's submissions (all, or one contributor's), newest first."""
+        query = select(ContributionRejection).where(ContributionRejection.datanet_id == datanet_id)
+        if contributor is not None:
+            query = query.where(ContributionRejection.contributor == contributor)
+        with Session(self.engine) as session:
+            return list(session.exec(query.order_by(col(ContributionRejection.created_at).desc(),
+                                                    col(ContributionRejection.id).desc()).limit(limit)).all())
 
     def adapter_owner(self, name: str) -> str | None:
         with Session(self.engine) as session:

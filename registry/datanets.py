@@ -399,9 +399,27 @@ class DatanetRegistry:
     @staticmethod
     def _insert_rejections(session: Session, datanet: Datanet, refused: list[tuple[_Candidate, str]],
                            now: datetime) -> None:
-        """Rows for refusals of signature-verified candidates: contributor, content id, reason; not the text."""
-        if not refused:
+        """Rows for refusals of signature-verified candidates: contributor, content id, reason; not the text.
+
+        A signature proves its signer signed that text for this datanet, not who submitted it: a copy can be
+        replayed. So a refusal is recorded once per contributor and content, and never for a text that is
+        already that contributor's own contribution (a replay of it tells its signer nothing)."""
+        ids = sorted({c.id for c, _ in refused})
+        if not ids:
             return
+        seen = set(session.exec(select(ContributionRejection.contributor, ContributionRejection.content_id)
+                                .where(ContributionRejection.datanet_id == datanet.id)
+                                .where(col(ContributionRejection.content_id).in_(ids))).all())
+        seen |= set(session.exec(select(Contribution.contributor, Contribution.id)
+                                 .where(col(Contribution.id).in_(ids))).all())
+        fresh: list[tuple[_Candidate, str]] = []
+        for candidate, reason in refused:
+            if (candidate.contributor, candidate.id) not in seen:
+                seen.add((candidate.contributor, candidate.id))
+                fresh.append((candidate, reason))
+        if not fresh:
+            return
+        refused = fresh
         session.connection().execute(
             insert(ContributionRejection.__table__),
             [

@@ -151,9 +151,17 @@ def test_publish_anchors_and_proofs_verify_on_chain(state: Path, tmp_path: Path,
     code, shown, _ = gateway(state, capsys, "datanet", "show", "rivers", "--json")
     assert {c["status"] for c in shown["contributions"]} == {"published"}
     assert shown["versions"][0]["merkle_root"] == published["merkle_root"]
-    # Of the earlier submission's refusals only the one after Alice's signature verified is recorded.
+    # Of the earlier submission's refusals none is recorded: those before the signature verified never are, and
+    # copy.txt repeats Alice's own river.txt (a replay of one's own text is not recorded).
+    assert shown["rejections"] == []
+    # Bob's copy of Alice's text is refused after his signature verified: recorded, with him and the reason
+    bob_key = write(tmp_path, "bob.key", BOB.key.hex())
+    code, _, err = gateway(state, capsys, "datanet", "contribute", "rivers",
+                           str(write(tmp_path, "bobs-copy.txt", PASSAGES[0])), "--key-file", str(bob_key), "--json")
+    assert code == 0, err
+    code, shown, _ = gateway(state, capsys, "datanet", "show", "rivers", "--json")
     assert [(r["file"].rsplit("/", 1)[-1], r["contributor"], r["content_id"]) for r in shown["rejections"]] == [
-        ("copy.txt", ALICE.address, content_id(normalize(PASSAGES[0])))]
+        ("bobs-copy.txt", BOB.address, content_id(normalize(PASSAGES[0])))]
     assert shown["rejections"][0]["reason"].startswith("exact duplicate of contribution")
     capsys.readouterr()
     assert main(["--state-dir", str(state), "datanet", "show", "rivers"]) == 0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from eth_account import Account
+from sqlalchemy import text
 from eth_account.messages import encode_defunct
 from fastapi.testclient import TestClient
 
@@ -28,9 +29,11 @@ from portal.playground import Playground
 from portal.registry_view import RegistryView
 from portal.sessions import SessionStore
 from portal.sign_in import SignInDesk
+from registry.config import DatanetConfig
+from registry.datanets import DatanetRegistry
 from registry.merkle import verify_proof
 from tests.ledger.conftest import CIDS, OWNER, rivers_ledger
-from tests.registry.test_datanet_registry import ALICE, BOB
+from tests.registry.test_datanet_registry import ALICE, BOB, TEXTS, signed
 from tests.support.ledger_server import ServedLedger, served_ledger
 
 DOMAIN = "testserver"
@@ -68,7 +71,15 @@ def decode(ids: list[int]) -> str:
 def portal(tmp_path: Path) -> Iterator[Portal]:
     state = tmp_path / "state"
     state.mkdir()
-    rivers_ledger(f"sqlite:///{state / 'ledger.db'}", tmp_path).dispose()
+    engine = rivers_ledger(f"sqlite:///{state / 'ledger.db'}", tmp_path)
+    datanets = DatanetRegistry(engine, DatanetConfig())
+    rivers = datanets.get("rivers")
+    with engine.begin() as connection:  # the datanet's owner, who may see every recorded refusal
+        connection.execute(text("UPDATE datanet SET owner = :owner WHERE id = :id"), {"owner": OWNER.address,
+                                                                                      "id": rivers.id})
+    refused = datanets.contribute("rivers", [signed(BOB, rivers.id, TEXTS[0], "bob/copy.txt")])
+    assert [r.source for r in refused.rejected] == ["bob/copy.txt"]
+    engine.dispose()
     with served_ledger(state) as ledger:
         admin_key = ledger.bootstrap()
         with ledger.admin(admin_key) as admin:
@@ -105,6 +116,20 @@ def sign_in_with_key(http: TestClient, key: str) -> None:
     token = csrf(http.get("/sign-in").text)
     reply = http.post("/sign-in/key", data={"key": key, "csrf": token}, follow_redirects=False)
     assert reply.status_code == 303, reply.text
+
+
+def sign_in_as(http: TestClient, account) -> None:  # type: ignore[no-untyped-def]
+    """Sign in as a contributor the way the page asks: get the message, sign it with the account's key."""
+    import html
+
+    token = csrf(http.get("/sign-in").text)
+    challenge = http.post("/sign-in/challenge", data={"address": account.address, "csrf": token})
+    message = html.unescape(re.search(r'id="sign-in-message">([^<]+)</textarea>',
+                                      challenge.text).group(1))  # type: ignore[union-attr]
+    signature = Account.sign_message(encode_defunct(text=message), account.key).signature.hex()
+    done = http.post("/sign-in/contributor", data={"message": message, "signature": "0x" + signature, "csrf": token},
+                     follow_redirects=False)
+    assert done.status_code == 303, done.text
 
 
 def assert_error_page(reply, status: int, says: str) -> None:  # type: ignore[no-untyped-def]
@@ -251,3 +276,17 @@ def test_pages_say_when_the_ledger_is_away(portal: Portal) -> None:
     assert_error_page(portal.http.get(f"/contributors/{ALICE.address}"), 503, "The ledger is not answering")
     page = portal.http.get("/datanets/rivers")
     assert page.status_code == 200 and "The ledger did not answer" in page.text
+
+
+def test_refused_submissions_are_shown_to_the_datanet_owner_and_to_their_submitter_only(portal: Portal) -> None:
+    http = portal.http
+    assert 'id="rejections-locked"' in http.get("/datanets/rivers").text
+    sign_in_as(http, ALICE)  # a contributor with no refusal sees none, and nobody else's
+    page = http.get("/datanets/rivers").text
+    assert 'id="rejections"' in page and "bob/copy.txt" not in page and "None recorded for you" in page
+    for account in (BOB, OWNER):
+        http.cookies.clear()
+        sign_in_as(http, account)
+        page = http.get("/datanets/rivers").text
+        row = page[page.index('id="rejections"'):]
+        assert "bob/copy.txt" in row and "exact duplicate of contribution" in row

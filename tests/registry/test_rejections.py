@@ -108,15 +108,22 @@ def test_the_rejected_text_is_not_in_the_database(registry: DatanetRegistry) -> 
 
 def test_filter_order_limit_and_unknown_datanet(registry: DatanetRegistry, clock: list[datetime]) -> None:
     rivers, lakes = registry.create("rivers"), registry.create("lakes")
-    registry.contribute("rivers", [signed(ALICE, rivers.id, TEXTS[0], "a0")])
+    registry.contribute("rivers", [signed(ALICE, rivers.id, TEXTS[0], "a0"), signed(ALICE, rivers.id, TEXTS[2], "a0b"),
+                                   signed(BOB, rivers.id, TEXTS[1], "b0")])
     clock[0] += timedelta(minutes=1)
     registry.contribute("rivers", [signed(BOB, rivers.id, TEXTS[0], "b1")])
     clock[0] += timedelta(minutes=1)
     registry.contribute("lakes", [signed(BOB, lakes.id, TEXTS[0], "b-lakes")])
     clock[0] += timedelta(minutes=1)
-    registry.contribute("rivers", [signed(ALICE, rivers.id, TEXTS[0] + " ", "a2")])
+    registry.contribute("rivers", [signed(ALICE, rivers.id, TEXTS[1] + " ", "a2")])
     clock[0] += timedelta(minutes=1)
-    registry.contribute("rivers", [signed(BOB, rivers.id, TEXTS[0] + "\n", "b3")])
+    registry.contribute("rivers", [signed(BOB, rivers.id, TEXTS[2] + "\n", "b3")])
+    clock[0] += timedelta(minutes=1)
+    # replays: a copy of Bob's refused submission, and of Alice's own stored contribution, are refused again
+    # but recorded no more (a signature proves who signed a text, not who sent it)
+    replay = registry.contribute("rivers", [signed(BOB, rivers.id, TEXTS[0], "b1-again"),
+                                            signed(ALICE, rivers.id, TEXTS[0], "a0-again")])
+    assert [r.source for r in replay.rejected] == ["b1-again", "a0-again"]
 
     assert [(r.source, r.created_at) for r in registry.rejections("rivers")] == [
         ("b3", START + timedelta(minutes=4)), ("a2", START + timedelta(minutes=3)),
