@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Form, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -132,6 +133,13 @@ def build_portal(services: PortalServices) -> FastAPI:
         title = "Page not found" if exc.status_code == 404 else "Request refused"
         message = "There is no page at this address." if exc.status_code == 404 else str(exc.detail)
         return render(request, "error.html", exc.status_code, title=title, message=message, status=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request: Request, exc: RequestValidationError) -> HTMLResponse:
+        names = sorted({str(error["loc"][-1]) for error in exc.errors() if error.get("loc")})
+        return render(request, "error.html", 400, status=400, title="Bad request",
+                      message=f"These parameters are not valid here: {', '.join(names) or 'the request body'} "
+                              "(a page number is a whole number).")
 
     @app.exception_handler(LedgerUnavailable)
     async def ledger_away(request: Request, exc: LedgerUnavailable) -> HTMLResponse:

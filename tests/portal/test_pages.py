@@ -161,6 +161,7 @@ def test_bad_inputs_get_a_clear_page_never_a_stack_trace(portal: Portal) -> None
     assert_error_page(portal.http.get("/contributors/" + "0x" + "ab" * 20), 404, "No contribution and no earnings")
     assert_error_page(portal.http.get("/contributions/xyz"), 400, "64 hexadecimal digits")
     assert_error_page(portal.http.get("/nowhere"), 404, "There is no page at this address")
+    assert_error_page(portal.http.get("/datanets/rivers?contributions=abc"), 400, "not valid here: contributions")
     sign_in_with_key(portal.http, portal.own_key)
     assert_error_page(portal.http.get("/traces/bad$id"), 400, "Not a trace id")
     assert_error_page(portal.http.get("/traces/" + "x" * 129), 400, "Not a trace id")
