@@ -23,7 +23,8 @@ from portal.server import PortalServer, open_services, serve_portal
 from storage.database import database_url
 
 
-def chain_view(config: GatewayConfig, portal: PortalConfig, chain: ChainConfig | None = None) -> Callable[[], ChainView]:
+def chain_view(config: GatewayConfig, portal: PortalConfig,
+               chain: ChainConfig | None = None) -> Callable[[], ChainView]:
     """What each page tells the browser about the chain."""
     chain = chain or ChainConfig()
     settle = SettlementConfig()

@@ -475,4 +475,5 @@ def _content_security_policy(rpc_url: str) -> str:
     parts = urlsplit(rpc_url)
     chain = f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
     return ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-            f"connect-src 'self' {chain}; frame-ancestors 'none'; base-uri 'none'; form-action 'self'").replace("  ", " ")
+            f"connect-src 'self' {chain}; frame-ancestors 'none'; base-uri 'none'; "
+            "form-action 'self'").replace("  ", " ")

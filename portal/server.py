@@ -27,6 +27,7 @@ from portal.playground import Playground
 from portal.registry_view import RegistryView
 from portal.sessions import SessionStore
 from portal.sign_in import SignInDesk
+from statedir.layout import StateLayout
 from storage.database import open_database
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ def open_services(config: PortalConfig, *, database_url: str, state_dir: Path, m
     """Everything the pages read from: the registry database, the ledger's read and Access APIs, the tokenizer."""
     reads = LedgerReads.for_state_dir(state_dir, ledger)
     access = LedgerAccessClient.for_state_dir(state_dir, ledger)
-    registry = RegistryView(open_database(database_url, migrate=False), page_size=config.page_size)
+    registry = RegistryView(open_database(database_url, migrate=False), page_size=config.page_size,
+                            tree_dir=StateLayout(state_dir).merkle_cache)
     return PortalServices(
         config=config, registry=registry, ledger=reads, authenticate=access.authenticate,
         key_account=access.key_account, decode=token_decoder(model_dir), chain=chain,

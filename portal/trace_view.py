@@ -108,8 +108,8 @@ def explore(trace: AttributionTrace, contributions: dict[str, ContributionView],
             contribution_id=ranked[0][0] if ranked and ranked[0][1] > 0 else None, weights=ranked,
             choice=choice_of[index] if index < len(choice_of) else 0,
         ))
-    return ExplorerView(trace, tuple(tokens), tuple(_spans(tokens, contributions)), _shares(trace, tokens, contributions),
-                        contributions)
+    return ExplorerView(trace, tuple(tokens), tuple(_spans(tokens, contributions)),
+                        _shares(trace, tokens, contributions), contributions)
 
 
 def _spans(tokens: list[TokenView], contributions: dict[str, ContributionView]) -> list[SpanView]:

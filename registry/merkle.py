@@ -98,6 +98,25 @@ class MerkleTree:
         index_of_leaf = {leaf: 2 * count - 2 - i for i, leaf in enumerate(leaves)}
         return cls(nodes, index_of_leaf)
 
+    def to_bytes(self) -> bytes:
+        """Every node, concatenated (what `from_bytes` reads back): 32 × (2 × leaves − 1) bytes."""
+        return b"".join(self._nodes)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> MerkleTree:
+        """A tree saved by `to_bytes`, without hashing anything again. ValueError when `blob` cannot be one.
+
+        Only its shape is checked: the caller compares `root` with the root it expects, and a proof from a
+        damaged file fails verification against that root (`verify_proof`, or on-chain)."""
+        if len(blob) % HASH_BYTES or (len(blob) // HASH_BYTES) % 2 == 0:
+            raise ValueError(f"{len(blob)} bytes is not a saved Merkle tree (an odd number of 32-byte nodes)")
+        nodes = [blob[i:i + HASH_BYTES] for i in range(0, len(blob), HASH_BYTES)]
+        count = (len(nodes) + 1) // 2
+        index_of_leaf = {nodes[i]: i for i in range(count - 1, len(nodes))}
+        if len(index_of_leaf) != count:
+            raise ValueError("a saved Merkle tree holds a leaf twice")
+        return cls(nodes, index_of_leaf)
+
     @property
     def root(self) -> bytes:
         """The 32-byte root (for one id it is that id's leaf hash)."""

@@ -45,6 +45,11 @@ class StateLayout:
         return self.root / "cache" / "indexes"
 
     @property
+    def merkle_cache(self) -> Path:
+        """The portal's Merkle trees of published versions, by root (`<root hex>.bin`): derived, rebuilt if lost."""
+        return self.root / "cache" / "merkle"
+
+    @property
     def wheel_cache(self) -> Path:
         """Verified wheels the pretrained model is converted from (kept for rebuilds)."""
         return self.root / "cache" / "wheels"

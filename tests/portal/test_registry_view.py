@@ -62,3 +62,30 @@ def test_a_tree_being_built_holds_up_only_the_pages_of_its_own_version(tmp_path:
         assert verify_proof(bytes.fromhex(proof.root[2:]), bytes.fromhex(contribution.id),  # type: ignore[attr-defined]
                             [bytes.fromhex(p[2:]) for p in proof.proof])  # type: ignore[attr-defined]
     engine.dispose()
+
+
+def test_a_saved_tree_is_read_back_by_a_restarted_portal_and_a_damaged_one_is_rebuilt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = rivers_ledger(f"sqlite:///{tmp_path / 'ledger.db'}", tmp_path)
+    trees = tmp_path / "merkle"
+    alice = next(c for c in RegistryView(engine).contributions_of(ALICE.address))
+    first = RegistryView(engine, tree_dir=trees).proof(alice)
+    assert first is not None
+    [saved] = list(trees.iterdir())
+    assert saved.name == first.root.removeprefix("0x") + ".bin"
+
+    builds: list[int] = []
+    real_from_ids = MerkleTree.from_ids
+    monkeypatch.setattr(MerkleTree, "from_ids", classmethod(lambda cls, ids: builds.append(1) or real_from_ids(ids)))
+    again = RegistryView(engine, tree_dir=trees).proof(alice)  # a new process: reads the file, hashes nothing
+    assert again == first and builds == []
+
+    saved.write_bytes(saved.read_bytes()[:-32])  # cut short: not a tree; rebuilt, and the file mended
+    assert RegistryView(engine, tree_dir=trees).proof(alice) == first and builds == [1]
+    other = bytearray(saved.read_bytes())
+    other[0] ^= 1  # a wrong root: not this version's tree; rebuilt
+    saved.write_bytes(bytes(other))
+    assert RegistryView(engine, tree_dir=trees).proof(alice) == first and builds == [1, 1]
+    assert MerkleTree.from_bytes(saved.read_bytes()).root.hex() == first.root.removeprefix("0x")
+    assert verify_proof(bytes.fromhex(first.root[2:]), bytes.fromhex(alice.id),
+                        [bytes.fromhex(p[2:]) for p in first.proof])

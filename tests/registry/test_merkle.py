@@ -137,3 +137,14 @@ def test_property_every_member_verifies_and_an_outsider_does_not(ids: list[bytes
         assert verify_proof(tree.root, cid, tree.proof(cid))
     if outsider not in ids:
         assert not verify_proof(tree.root, outsider, tree.proof(ids[0]))
+
+
+def test_a_tree_saved_as_bytes_reads_back_with_the_same_root_and_proofs() -> None:
+    ids = [bytes([n]) * 32 for n in range(1, 8)]
+    tree = MerkleTree.from_ids(ids)
+    again = MerkleTree.from_bytes(tree.to_bytes())
+    assert again.root == tree.root and len(again) == len(tree) == 7
+    assert all(again.proof(cid) == tree.proof(cid) for cid in ids)
+    for blob in (b"", tree.to_bytes()[:-32], tree.to_bytes() + b"x", tree.to_bytes()[:32 * 6]):
+        with pytest.raises(ValueError, match="not a saved Merkle tree"):
+            MerkleTree.from_bytes(blob)
