@@ -129,7 +129,7 @@ def sign_in_as(http: TestClient, account) -> None:  # type: ignore[no-untyped-de
     signature = Account.sign_message(encode_defunct(text=message), account.key).signature.hex()
     done = http.post("/sign-in/contributor", data={"message": message, "signature": "0x" + signature, "csrf": token},
                      follow_redirects=False)
-    assert done.status_code == 303, done.text
+    assert done.status_code == 303 and done.headers["location"] == f"/contributors/{account.address}", done.text
 
 
 def assert_error_page(reply, status: int, says: str) -> None:  # type: ignore[no-untyped-def]
@@ -243,14 +243,8 @@ def test_a_contributor_signs_in_with_their_key_and_sees_only_their_own_contribut
                                                      "csrf": token})
     assert replay.status_code == 401
 
-    challenge = http.post("/sign-in/challenge", data={"address": ALICE.address, "csrf": token})
-    message = html.unescape(re.search(r'id="sign-in-message">([^<]+)</textarea>',
-                                      challenge.text).group(1))  # type: ignore[union-attr]
-    signature = Account.sign_message(encode_defunct(text=message), ALICE.key).signature.hex()
-    done = http.post("/sign-in/contributor", data={"message": message, "signature": "0x" + signature, "csrf": token},
-                     follow_redirects=False)
-    assert done.status_code == 303 and done.headers["location"] == f"/contributors/{ALICE.address}"
-    page = http.get(done.headers["location"])
+    sign_in_as(http, ALICE)
+    page = http.get(f"/contributors/{ALICE.address}")
     private = page.text[page.text.index('id="private"'):]
     assert 'data-trace="t-own"' in private
     assert CIDS[0] in private and CIDS[2] not in private  # Bob's contribution in the same trace is not shown
