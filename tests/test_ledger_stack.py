@@ -84,7 +84,7 @@ def test_an_inference_is_billed_once_and_split_exactly(client: openai.OpenAI,
     # The contributor can see what they were paid and why: balance, and a statement naming the trace.
     balance = cli(capsys, "ledger", "balance", contributor)
     assert balance["address"] == contributor and int(balance["payable"]) >= credited[f"payable:{contributor}"]
-    assert (balance["pending"], balance["paid"]) == ("0", "0")
+    assert balance["pending"] == "0", "no payout batch is in flight"  # earlier tests may have paid earlier credits
     statement = cli(capsys, "ledger", "statement", contributor)
     assert trace_id in {line["ref"] for line in statement["lines"]}
     after = cli(capsys, "ledger", "totals")
