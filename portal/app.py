@@ -197,7 +197,7 @@ def build_portal(services: PortalServices) -> FastAPI:
         answered = {}
         for bucket in usage:
             answered[bucket.adapter] = answered.get(bucket.adapter, 0) + bucket.requests
-        proofs = {c.id: services.registry.proof(c) for c in contributions}
+        proofs = services.registry.proofs(contributions)
         payouts = payout_rows(statement.lines)
         earnings = [line for line in statement.lines if not line.kind.startswith("payout_")]
         session = session_of(request)

@@ -248,23 +248,32 @@ class RegistryView:
 
     def proof(self, contribution: ContributionView) -> ProofView | None:
         """The inclusion proof of a published contribution in its datanet's latest version (None: not published)."""
-        if contribution.status != "published" or contribution.version is None:
-            return None
-        with Session(self.engine) as session:
-            version = session.exec(
-                select(DatanetVersion).where(DatanetVersion.datanet_id == contribution.datanet_id)
-                .order_by(col(DatanetVersion.number).desc())
-            ).first()
-        if version is None:
-            return None
-        tree = self._tree(contribution.datanet_id, version.number)
-        path = tree.proof(bytes.fromhex(contribution.id))
-        return ProofView(
-            datanet_id=contribution.datanet_id, datanet_key="0x" + datanet_key(contribution.datanet_id).hex(),
-            version=version.number, contribution_id=contribution.id, root="0x" + tree.root.hex(),
-            proof=tuple("0x" + node.hex() for node in path), anchor_tx=version.anchor_tx,
-            anchor_contract=version.anchor_contract,
-        )
+        return self.proofs([contribution])[contribution.id]
+
+    def proofs(self, contributions: list[ContributionView]) -> dict[str, ProofView | None]:
+        """`proof` of each contribution, by id, reading each datanet's latest version once."""
+        published = [c for c in contributions if c.status == "published" and c.version is not None]
+        latest: dict[str, DatanetVersion] = {}
+        if published:
+            with Session(self.engine) as session:
+                for version in session.exec(select(DatanetVersion).where(
+                        col(DatanetVersion.datanet_id).in_(sorted({c.datanet_id for c in published})))).all():
+                    if version.number > getattr(latest.get(version.datanet_id), "number", 0):
+                        latest[version.datanet_id] = version
+        out: dict[str, ProofView | None] = {c.id: None for c in contributions}
+        for contribution in published:
+            version = latest.get(contribution.datanet_id)
+            if version is None:
+                continue
+            tree = self._tree(contribution.datanet_id, version.number)
+            path = tree.proof(bytes.fromhex(contribution.id))
+            out[contribution.id] = ProofView(
+                datanet_id=contribution.datanet_id, datanet_key="0x" + datanet_key(contribution.datanet_id).hex(),
+                version=version.number, contribution_id=contribution.id, root="0x" + tree.root.hex(),
+                proof=tuple("0x" + node.hex() for node in path), anchor_tx=version.anchor_tx,
+                anchor_contract=version.anchor_contract,
+            )
+        return out
 
     def _tree(self, datanet_id: str, number: int) -> MerkleTree:
         key = (datanet_id, number)
