@@ -248,6 +248,15 @@ def build_portal(services: PortalServices) -> FastAPI:
 
     # ---- the attribution explorer -----------------------------------------------------------------
 
+    def live_key(session: Session) -> KeyViewer:
+        """The session's key, asked of the ledger again: a key revoked since sign-in reads nothing more."""
+        assert session.api_key is not None
+        if services.authenticate(session.api_key.secret) is None:
+            services.sessions.sign_out(session.id)
+            raise PageError(401, "Your key is no longer valid", "The API key you signed in with was revoked. "
+                                                                "Sign in again at /sign-in.")
+        return session.api_key
+
     def readable_trace(request: Request, trace_id: str):  # type: ignore[no-untyped-def]
         if not TRACE_ID.match(trace_id):
             raise PageError(400, "Not a trace id", "A trace id is the id of a response (chatcmpl-…, cmpl-…): "
@@ -256,7 +265,7 @@ def build_portal(services: PortalServices) -> FastAPI:
         if session is None or session.api_key is None:
             raise PageError(401, "Sign in to read traces", "A trace is read with an API key of the account that "
                                                            "made the request. Sign in with your key at /sign-in.")
-        viewer = session.api_key
+        viewer = live_key(session)
         record = services.ledger.trace_record(trace_id)
         if record is None or not may_read_trace(viewer.key_id, viewer.account_id, viewer.admin,
                                                 record.trace.requester, services.key_account):
@@ -330,7 +339,10 @@ def build_portal(services: PortalServices) -> FastAPI:
     @app.post("/sign-in/key", response_class=HTMLResponse)
     def sign_in_key(request: Request, key: str = Form(""), csrf: str = Form("")) -> Response:
         session = form_session(request, csrf)
-        grant = services.authenticate(key.strip()) if key.strip() else None
+        try:
+            grant = services.authenticate(key.strip()) if key.strip() else None
+        except ValueError:  # the ledger refused it as malformed
+            grant = None
         if grant is None:
             return render(request, "sign_in.html", 401, session=session,
                           key_error="This key is not a live API key of this gateway.")

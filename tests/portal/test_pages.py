@@ -285,3 +285,12 @@ def test_refused_submissions_are_shown_to_the_datanet_owner_and_to_their_submitt
         page = http.get("/datanets/rivers").text
         row = page[page.index('id="rejections"'):]
         assert "bob/copy.txt" in row and "exact duplicate of contribution" in row
+
+
+def test_a_key_revoked_after_sign_in_reads_no_more_traces(portal: Portal) -> None:
+    sign_in_with_key(portal.http, portal.own_key)
+    assert portal.http.get("/traces/t-own").status_code == 200
+    with portal.ledger.admin(portal.admin_key) as admin:
+        admin.revoke_key(portal.own_key_id)
+    assert_error_page(portal.http.get("/traces/t-own"), 401, "was revoked")
+    assert_error_page(portal.http.get("/traces/t-own"), 401, "Sign in to read traces")  # and the session ended
