@@ -15,26 +15,16 @@ from ledger.client.rate_limits import (
     RateLimiter,
     retry_after_header,
 )
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.support.clock import ManualClock
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    return ManualClock(1000.0)
 
 
 @pytest.fixture
-def limiter(clock: FakeClock) -> RateLimiter:
+def limiter(clock: ManualClock) -> RateLimiter:
     return RateLimiter(clock=clock)
 
 
@@ -52,7 +42,7 @@ def test_requests_per_second_allows_a_burst_of_capacity_then_refuses_with_retry_
     assert refusal == Decision(allowed=False, retry_after_seconds=pytest.approx(0.2), reason=REASON_REQUESTS_PER_SECOND)
 
 
-def test_a_rate_below_one_per_second_still_allows_one_request(limiter: RateLimiter, clock: FakeClock) -> None:
+def test_a_rate_below_one_per_second_still_allows_one_request(limiter: RateLimiter, clock: ManualClock) -> None:
     limit = RateLimit(requests_per_second=0.5)
     allowed, refusal = admit_until_refused(limiter, "k", limit)
     assert allowed == 1
@@ -61,7 +51,7 @@ def test_a_rate_below_one_per_second_still_allows_one_request(limiter: RateLimit
     assert limiter.admit("k", limit, 0).allowed
 
 
-def test_requests_refill_over_time(limiter: RateLimiter, clock: FakeClock) -> None:
+def test_requests_refill_over_time(limiter: RateLimiter, clock: ManualClock) -> None:
     limit = RateLimit(requests_per_second=3)
     assert admit_until_refused(limiter, "k", limit)[0] == 3
     clock.advance(1 / 3)  # exactly the retry-after: float slack must not refuse it
@@ -72,7 +62,7 @@ def test_requests_refill_over_time(limiter: RateLimiter, clock: FakeClock) -> No
 
 
 def test_tokens_per_minute_reserves_the_worst_case_and_settle_refunds_the_unused(
-    limiter: RateLimiter, clock: FakeClock
+    limiter: RateLimiter, clock: ManualClock
 ) -> None:
     limit = RateLimit(tokens_per_minute=600)  # refills 10 tokens per second
     assert limiter.admit("k", limit, 500).allowed
@@ -88,7 +78,7 @@ def test_tokens_per_minute_reserves_the_worst_case_and_settle_refunds_the_unused
     assert limiter.admit("k", limit, 60).allowed
 
 
-def test_settle_never_refunds_above_capacity(limiter: RateLimiter, clock: FakeClock) -> None:
+def test_settle_never_refunds_above_capacity(limiter: RateLimiter, clock: ManualClock) -> None:
     limit = RateLimit(tokens_per_minute=600)
     assert limiter.admit("k", limit, 100).allowed
     limiter.settle("k", reserved_tokens=100, actual_tokens=0)
@@ -142,7 +132,7 @@ def test_a_token_refusal_consumes_no_request(limiter: RateLimiter) -> None:
     assert limiter.admit("k", limit, 40).allowed  # the second request slot was still there
 
 
-def test_a_request_refusal_consumes_no_tokens(limiter: RateLimiter, clock: FakeClock) -> None:
+def test_a_request_refusal_consumes_no_tokens(limiter: RateLimiter, clock: ManualClock) -> None:
     limit = RateLimit(requests_per_second=1, tokens_per_minute=600)
     assert limiter.admit("k", limit, 100).allowed
     assert limiter.admit("k", limit, 100).reason == REASON_REQUESTS_PER_SECOND
@@ -225,7 +215,7 @@ def test_concurrent_admits_never_exceed_capacity(limit: RateLimit, tokens: int, 
     assert sum(allowed) == capacity
 
 
-def test_idle_buckets_are_forgotten_once_full_again(limiter: RateLimiter, clock: FakeClock) -> None:
+def test_idle_buckets_are_forgotten_once_full_again(limiter: RateLimiter, clock: ManualClock) -> None:
     limit = RateLimit(requests_per_second=1, tokens_per_minute=600)
     for i in range(1000):
         assert limiter.admit(f"idle-{i}", limit, 600).allowed
@@ -242,7 +232,7 @@ def test_idle_buckets_are_forgotten_once_full_again(limiter: RateLimiter, clock:
     assert len(limiter) <= 2
 
 
-def test_a_forgotten_key_starts_full_like_a_new_one(limiter: RateLimiter, clock: FakeClock) -> None:
+def test_a_forgotten_key_starts_full_like_a_new_one(limiter: RateLimiter, clock: ManualClock) -> None:
     limit = RateLimit(requests_per_second=2)
     assert admit_until_refused(limiter, "k", limit)[0] == 2
     clock.advance(1.0)

@@ -12,6 +12,7 @@ from eth_account import Account
 from ledger.client.access import KeyGrant
 from portal.sessions import (COOKIE_NAME, KeyViewer, Session, SessionStore, check_csrf, clear_cookie_settings,
                              cookie_settings)
+from tests.support.clock import ManualClock
 
 SECRET = "dgk-s3cr3t-abcdefghijklmnopqrstuvwxyz"
 ADDRESS = Account.from_key("0x" + "11" * 32).address
@@ -19,16 +20,8 @@ VIEWER = KeyViewer(key_id="key-1", account_id="acct-1", admin=False, secret=SECR
 T0 = 1_800_000_000.0
 
 
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_session_ids_are_random_url_safe_and_long() -> None:
-    store = SessionStore(clock=Clock())
+    store = SessionStore(clock=ManualClock(T0))
     sessions = [store.create() for _ in range(50)]
     assert len({s.id for s in sessions}) == 50 and len({s.csrf_token for s in sessions}) == 50
     for session in sessions:
@@ -39,9 +32,9 @@ def test_session_ids_are_random_url_safe_and_long() -> None:
 
 
 def test_secret_never_in_repr_or_str() -> None:
-    session = SessionStore(clock=Clock()).sign_in_key(SessionStore(clock=Clock()).create().id, VIEWER)
+    session = SessionStore(clock=ManualClock(T0)).sign_in_key(SessionStore(clock=ManualClock(T0)).create().id, VIEWER)
     assert session is None  # another store's id is unknown
-    store = SessionStore(clock=Clock())
+    store = SessionStore(clock=ManualClock(T0))
     session = store.sign_in_key(store.create().id, VIEWER)
     assert session is not None and session.api_key == VIEWER and session.api_key.secret == SECRET
     for text in (repr(VIEWER), str(VIEWER), repr(session), str(session), f"{session}", f"{session!r}"):
@@ -51,7 +44,7 @@ def test_secret_never_in_repr_or_str() -> None:
 
 
 def test_secret_not_logged_nor_in_exception_text(caplog: pytest.LogCaptureFixture) -> None:
-    store = SessionStore(clock=Clock())
+    store = SessionStore(clock=ManualClock(T0))
     session = store.sign_in_key(store.create().id, VIEWER)
     with caplog.at_level(logging.INFO):
         logging.getLogger("portal.test").info("signed in: %s", session)
@@ -68,7 +61,7 @@ def test_viewer_from_the_ledgers_grant() -> None:
 
 
 def test_sign_ins_rotate_the_id_and_keep_each_other() -> None:
-    clock = Clock()
+    clock = ManualClock(T0)
     store = SessionStore(clock=clock)
     anonymous = store.create()
     clock.now += 10
@@ -84,7 +77,7 @@ def test_sign_ins_rotate_the_id_and_keep_each_other() -> None:
 
 
 def test_only_a_checksummed_address_signs_in() -> None:
-    store = SessionStore(clock=Clock())
+    store = SessionStore(clock=ManualClock(T0))
     session = store.create()
     for address in (ADDRESS.lower(), "0x1234", None):
         with pytest.raises(ValueError, match="checksummed"):
@@ -93,7 +86,7 @@ def test_only_a_checksummed_address_signs_in() -> None:
 
 
 def test_sign_out_forgets_the_session() -> None:
-    store = SessionStore(clock=Clock())
+    store = SessionStore(clock=ManualClock(T0))
     session = store.sign_in_contributor(store.create().id, ADDRESS)
     assert session is not None
     store.sign_out(session.id)
@@ -103,7 +96,7 @@ def test_sign_out_forgets_the_session() -> None:
 
 
 def test_expired_sessions_are_none_and_dropped() -> None:
-    clock = Clock()
+    clock = ManualClock(T0)
     store = SessionStore(ttl_seconds=60, clock=clock)
     session = store.create()
     clock.now += 59.9
@@ -116,7 +109,7 @@ def test_expired_sessions_are_none_and_dropped() -> None:
 
 
 def test_store_is_bounded_evicting_the_oldest() -> None:
-    clock = Clock()
+    clock = ManualClock(T0)
     store = SessionStore(max_sessions=3, clock=clock)
     first, second, third = store.create(), store.create(), store.create()
     fourth = store.create()
@@ -129,7 +122,7 @@ def test_store_is_bounded_evicting_the_oldest() -> None:
 
 
 def test_expired_sessions_leave_room_before_live_ones_are_evicted() -> None:
-    clock = Clock()
+    clock = ManualClock(T0)
     store = SessionStore(ttl_seconds=60, max_sessions=2, clock=clock)
     store.create()
     clock.now += 30
@@ -156,7 +149,7 @@ def test_concurrent_creates_stay_bounded() -> None:
 
 @pytest.mark.parametrize("https", [False, True])
 def test_cookie_settings(https: bool) -> None:
-    clock = Clock()
+    clock = ManualClock(T0)
     store = SessionStore(ttl_seconds=600, clock=clock)
     session = store.create()
     clock.now += 100
@@ -171,7 +164,7 @@ def test_cookie_settings(https: bool) -> None:
 
 def test_cookie_settings_fit_starlette() -> None:
     from starlette.responses import Response
-    session = SessionStore(clock=Clock()).create()
+    session = SessionStore(clock=ManualClock(T0)).create()
     response = Response()
     response.set_cookie(**cookie_settings(session, https=True, now=T0))
     header = response.headers["set-cookie"]
@@ -187,7 +180,7 @@ def test_cookie_settings_fit_starlette() -> None:
 
 
 def test_csrf_check() -> None:
-    store = SessionStore(clock=Clock())
+    store = SessionStore(clock=ManualClock(T0))
     session, other = store.create(), store.create()
     assert check_csrf(session, session.csrf_token)
     for presented in (other.csrf_token, "", None, 42, session.csrf_token[:-1], session.csrf_token + "x",
@@ -196,7 +189,7 @@ def test_csrf_check() -> None:
 
 
 def test_session_is_immutable() -> None:
-    session = SessionStore(clock=Clock()).create()
+    session = SessionStore(clock=ManualClock(T0)).create()
     with pytest.raises(AttributeError):
         session.contributor = ADDRESS  # type: ignore[misc]
     assert isinstance(session, Session)

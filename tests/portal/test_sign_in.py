@@ -12,6 +12,7 @@ from eth_account.messages import encode_defunct
 
 from portal.sessions import SessionStore
 from portal.sign_in import SignInDesk, SignInRefused, SignInRequest, parse_message
+from tests.support.clock import ManualClock
 
 DOMAIN, URI, CHAIN = "127.0.0.1:8080", "http://127.0.0.1:8080/sign-in", 1
 KEY = "0x" + "11" * 32
@@ -20,20 +21,12 @@ ADDRESS = Account.from_key(KEY).address
 T0 = 1_800_000_000.0
 
 
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def sign(message: str, key: str = KEY) -> str:
     return "0x" + Account.sign_message(encode_defunct(text=message), key).signature.hex().removeprefix("0x")
 
 
-def desk(clock: Clock | None = None, **kwargs: object) -> SignInDesk:
-    return SignInDesk(DOMAIN, URI, CHAIN, clock=clock or Clock(), **kwargs)  # type: ignore[arg-type]
+def desk(clock: ManualClock | None = None, **kwargs: object) -> SignInDesk:
+    return SignInDesk(DOMAIN, URI, CHAIN, clock=clock or ManualClock(T0), **kwargs)  # type: ignore[arg-type]
 
 
 def sign_in(store: SessionStore, session_id: str, desk_: SignInDesk, message: str, signature: str) -> str | None:
@@ -120,7 +113,7 @@ def test_request_checks_its_fields() -> None:
 
 
 def test_challenge_is_fresh_and_verifies_to_the_signer() -> None:
-    clock = Clock()
+    clock = ManualClock(T0)
     sign_in_desk = desk(clock)
     first, second = sign_in_desk.challenge(ADDRESS.lower()), sign_in_desk.challenge(ADDRESS)
     assert first.address == ADDRESS and first.nonce != second.nonce
@@ -177,7 +170,7 @@ REFUSALS: dict[str, tuple[Callable[[SignInDesk], tuple[str, str]], str]] = {
 @pytest.mark.parametrize("case", sorted(REFUSALS))
 def test_each_refusal_says_why_and_signs_no_session_in(case: str) -> None:
     make, words = REFUSALS[case]
-    sign_in_desk, store = desk(), SessionStore(clock=Clock())
+    sign_in_desk, store = desk(), SessionStore(clock=ManualClock(T0))
     session = store.create()
     message, signature = make(sign_in_desk)
     reason = sign_in(store, session.id, sign_in_desk, message, signature)
@@ -186,7 +179,7 @@ def test_each_refusal_says_why_and_signs_no_session_in(case: str) -> None:
 
 
 def test_signed_in_session_after_success() -> None:
-    sign_in_desk, store = desk(), SessionStore(clock=Clock())
+    sign_in_desk, store = desk(), SessionStore(clock=ManualClock(T0))
     session = store.create()
     message = sign_in_desk.challenge(ADDRESS).to_message()
     assert sign_in(store, session.id, sign_in_desk, message, sign(message)) is None
@@ -213,7 +206,7 @@ def test_a_failed_attempt_consumes_the_nonce() -> None:
 
 
 def test_expiry_with_an_injected_clock() -> None:
-    clock = Clock()
+    clock = ManualClock(T0)
     sign_in_desk = desk(clock, ttl_seconds=60)
     late, on_time = sign_in_desk.challenge(ADDRESS).to_message(), sign_in_desk.challenge(ADDRESS).to_message()
     clock.now += 59
@@ -225,7 +218,7 @@ def test_expiry_with_an_injected_clock() -> None:
 
 
 def test_expired_and_forgotten_challenge_still_says_expired() -> None:
-    clock = Clock()
+    clock = ManualClock(T0)
     sign_in_desk = desk(clock, ttl_seconds=60)
     message = sign_in_desk.challenge(ADDRESS).to_message()
     clock.now += 120

@@ -19,19 +19,13 @@ from tests.support.desk_access import DeskAccess
 from serving.config import AccessConfig
 from serving.errors import InsufficientQuota, RateLimited, Unauthenticated
 from storage.database import open_database
+from tests.support.clock import ManualClock
 
 PRICE = 1000  # base units per 1k tokens: a token costs 1
 
 
-class Clock:
-    now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture()
-def setup(tmp_path: Path) -> Iterator[tuple[DeskAccess, str, Clock]]:
+def setup(tmp_path: Path) -> Iterator[tuple[DeskAccess, str, ManualClock]]:
     engine = open_database(f"sqlite:///{tmp_path / 'ledger.db'}")
     with Session(engine) as session:
         session.add(Adapter(name="priced", base_model="base", uri="file:///x", owner="0x" + "11" * 20,
@@ -40,7 +34,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[DeskAccess, str, Clock]]:
     Accounts(engine).create("acme")
     Accounts(engine).credit("acme", 100, "c1")
     key = ApiKeys(engine).create("acme").presented
-    clock = Clock()
+    clock = ManualClock(100.0)
     config = AccessConfig(rate_requests_per_second=2, rate_tokens_per_minute=10_000, key_cache_seconds=1.0)
     yield DeskAccess(engine, config, clock), key, clock
     engine.dispose()

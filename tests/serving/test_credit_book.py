@@ -15,21 +15,15 @@ from ledger.accounts.accounts import Accounts
 from ledger.accounts.transfers import LEASE, PENDING, POSTED, Transfers
 from serving.credit_book import CreditBook
 from storage.database import open_database
-
-
-class Clock:
-    now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import ManualClock
 
 
 @pytest.fixture()
-def book(tmp_path: Path) -> Iterator[tuple[CreditBook, Transfers, Clock]]:
+def book(tmp_path: Path) -> Iterator[tuple[CreditBook, Transfers, ManualClock]]:
     engine = open_database(f"sqlite:///{tmp_path / 'ledger.db'}")
     Accounts(engine).create("acme")
     Accounts(engine).credit("acme", 10_000, "c1")
-    clock = Clock()
+    clock = ManualClock(1000.0)
     yield (CreditBook(AccessDesk(engine), "replica-a", lease_requests=10, idle_return_seconds=30,
                       lease_ttl_seconds=300, clock=clock, background=False), Transfers(engine), clock)
     engine.dispose()
