@@ -20,6 +20,7 @@ from ledger.config import SettlementConfig
 from portal.app import ChainView
 from portal.config import PortalConfig
 from portal.server import PortalServer, open_services, serve_portal
+from serving.metrics_endpoint import WILDCARD_HOSTS
 from storage.database import database_url
 
 
@@ -45,7 +46,7 @@ def start_portal(config: GatewayConfig, portal: PortalConfig | None = None) -> P
     services = open_services(
         portal, database_url=database_url(config.state_dir), state_dir=config.state_dir,
         model_dir=config.model_path, chain=chain_view(config, portal),
-        api_url=portal.api_url or f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '::') else config.host}:"
+        api_url=portal.api_url or f"http://{'127.0.0.1' if config.host in WILDCARD_HOSTS else config.host}:"
                                   f"{config.http_port}",
     )
     return serve_portal(services)

@@ -26,6 +26,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ledger.client.access import KeyGrant, LedgerUnavailable, may_read_trace
+from ledger.client.reads import LedgerReads
 from portal.config import PortalConfig
 from portal.playground import Playground
 from portal.registry_view import RegistryView
@@ -62,15 +63,14 @@ class PortalServices:
 
     config: PortalConfig
     registry: RegistryView
-    ledger: Any  # ledger.client.reads.LedgerReads
+    ledger: LedgerReads
     authenticate: Callable[[str], KeyGrant | None]
     key_account: Callable[[str], str | None]
     decode: Callable[[list[int]], str]
     chain: Callable[[], ChainView]  # read per page: the settler appears once the first payout deploys it
     sessions: SessionStore
-    sign_in: SignInDesk
     playground: Playground
-
+    sign_in: SignInDesk | None = None  # EIP-4361 messages name the portal's host:port: set once it is bound
 
 class PageError(Exception):
     """Ends a request with an error page: status, a title and what to do about it."""
@@ -355,6 +355,7 @@ def build_portal(services: PortalServices) -> FastAPI:
         if not ADDRESS.match(address.strip()):
             return render(request, "sign_in.html", 400, session=session,
                           address_error="That is not an address: 0x followed by 40 hexadecimal digits.")
+        assert services.sign_in is not None, "serve_portal sets the sign-in desk"
         challenge = services.sign_in.challenge(checksum(address.strip()))
         return render(request, "sign_in.html", session=session, challenge=challenge.to_message())
 
@@ -362,6 +363,7 @@ def build_portal(services: PortalServices) -> FastAPI:
     def sign_in_contributor(request: Request, message: str = Form(""), signature: str = Form(""),
                             csrf: str = Form("")) -> Response:
         session = form_session(request, csrf)
+        assert services.sign_in is not None, "serve_portal sets the sign-in desk"
         try:
             address = services.sign_in.verify(message.replace("\r\n", "\n"), signature.strip())
         except SignInRefused as refused:

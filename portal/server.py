@@ -58,10 +58,7 @@ def open_services(config: PortalConfig, *, database_url: str, state_dir: Path, m
     return PortalServices(
         config=config, registry=registry, ledger=reads, authenticate=access.authenticate,
         key_account=access.key_account, decode=token_decoder(model_dir), chain=chain,
-        sessions=SessionStore(ttl_seconds=config.session_minutes * 60),
-        sign_in=SignInDesk(domain=f"{config.host}:{config.port}", uri=f"http://{config.host}:{config.port}",
-                           chain_id=chain().chain_id),  # replaced by serve_portal once the port is bound
-        playground=Playground(api_url),
+        sessions=SessionStore(ttl_seconds=config.session_minutes * 60), playground=Playground(api_url),
     )
 
 

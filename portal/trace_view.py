@@ -75,7 +75,7 @@ def token_texts(token_ids: Sequence[int], decode: Callable[[list[int]], str]) ->
     """Each token's text, so that their concatenation is the decoded completion (multi-byte characters
     split over several tokens land on the token that completes them)."""
     texts: list[str] = []
-    previous = ""
+    previous = current = ""
     for n in range(1, len(token_ids) + 1):
         current = decode(list(token_ids[:n]))
         if current.startswith(previous) and not current.endswith("\ufffd"):
@@ -83,8 +83,8 @@ def token_texts(token_ids: Sequence[int], decode: Callable[[list[int]], str]) ->
             previous = current
         else:
             texts.append("")
-    if texts and previous != decode(list(token_ids)):
-        texts[-1] += decode(list(token_ids))[len(previous):]
+    if current.startswith(previous) and current != previous:  # the completion ends inside a character
+        texts[-1] += current[len(previous):]
     return texts
 
 

@@ -162,6 +162,15 @@ def test_bad_inputs_get_a_clear_page_never_a_stack_trace(portal: Portal) -> None
     assert_error_page(portal.http.get("/contributions/xyz"), 400, "64 hexadecimal digits")
     assert_error_page(portal.http.get("/nowhere"), 404, "There is no page at this address")
     assert_error_page(portal.http.get("/datanets/rivers?contributions=abc"), 400, "not valid here: contributions")
+    assert_error_page(portal.http.get("/contributions/" + "ab" * 32), 404, "No contribution has the id")
+    assert_error_page(portal.http.get("/tx/0x12"), 400, "A transaction hash is")
+    tx = "/tx/0x" + "cd" * 32
+    assert_error_page(portal.http.get(tx + "?amount=12e3"), 400, "whole number of base units")
+    assert_error_page(portal.http.get(tx + "?batch=0x12"), 400, "A payout batch id is")
+    assert_error_page(portal.http.get(tx + "?payee=bob"), 400, "is not an Ethereum address")
+    payouts = f"/contributors/{ALICE.address}/payouts/"
+    assert_error_page(portal.http.get(payouts + "0x12"), 400, "A payout batch id is")
+    assert_error_page(portal.http.get(payouts + "0x" + "ef" * 32), 404, "has no payout in batch")
     sign_in_with_key(portal.http, portal.own_key)
     assert_error_page(portal.http.get("/traces/bad$id"), 400, "Not a trace id")
     assert_error_page(portal.http.get("/traces/" + "x" * 129), 400, "Not a trace id")
@@ -294,3 +303,25 @@ def test_a_key_revoked_after_sign_in_reads_no_more_traces(portal: Portal) -> Non
         admin.revoke_key(portal.own_key_id)
     assert_error_page(portal.http.get("/traces/t-own"), 401, "was revoked")
     assert_error_page(portal.http.get("/traces/t-own"), 401, "Sign in to read traces")  # and the session ended
+
+
+def test_the_playground_refuses_bad_requests_and_forwards_nothing_for_them(portal: Portal) -> None:
+    http = portal.http
+    assert http.post("/playground/chat", json={"model": "river-guide", "prompt": "hi"}).status_code == 401
+    sign_in_with_key(http, portal.own_key)
+    page = http.get("/playground")
+    assert page.status_code == 200
+    token = re.search(r'data-csrf="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+    refused = http.post("/playground/chat", json={"model": "river-guide", "prompt": "hi"},
+                        headers={"x-csrf-token": "forged"})
+    assert refused.status_code == 403 and "CSRF" in refused.json()["error"]["message"]
+    for body, says in (({"prompt": "hi"}, "pick a model"), ({"model": "river-guide", "prompt": " "}, "type a prompt"),
+                       ({"model": "river-guide", "prompt": "hi", "max_tokens": 0}, "max_tokens must be"),
+                       ({"model": "river-guide", "prompt": "hi", "mode": "poem"}, "mode must be"),
+                       ([], "must be a JSON object")):
+        reply = http.post("/playground/chat", json=body, headers={"x-csrf-token": token})
+        assert reply.status_code == 400 and says in reply.json()["error"]["message"], (body, reply.text)
+    # a well-formed request to an API that does not answer (this test's portal points at port 1): a clear 503
+    away = http.post("/playground/chat", json={"model": "river-guide", "prompt": "hi"}, headers={"x-csrf-token": token})
+    assert away.status_code == 503 and "did not answer" in away.json()["error"]["message"]
+    assert portal.journal.totals().traces == 2  # the fixture's two traces: nothing billed by the refused requests
