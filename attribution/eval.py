@@ -18,6 +18,10 @@ Completions are re-tokenized from decoded text (the report gives words), so toke
 differ slightly from the model's own ids. Verbatim matching measures overlap, not causal influence.
 
     python -m attribution.eval [--passages N] [--model-dir DIR]
+
+With ``--counterfactual``, it runs the evaluation against retraining without each contributor instead
+(attribution/counterfactual.py): ``--size small`` on the tiny demo model, ``--size full`` (default) on the
+pretrained model.
 """
 
 from __future__ import annotations
@@ -143,8 +147,22 @@ def format_report(report: EvalReport) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="attribution quality on planted demo passages")
     parser.add_argument("--passages", type=int, default=None, help="use only the first N passages")
-    parser.add_argument("--model-dir", type=Path, default=None, help="demo base model cache (built if absent)")
+    parser.add_argument("--model-dir", type=Path, default=None, help="base model directory (built or installed "
+                        "if absent)")
+    parser.add_argument("--counterfactual", action="store_true",
+                        help="score verbatim, influence and combined attribution against retraining without each "
+                             "contributor")
+    parser.add_argument("--size", choices=("small", "full"), default="full",
+                        help="--counterfactual: small = tiny demo model, 6 contributions; full = pretrained model, "
+                             "12 contributions (default)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="--counterfactual: keep the trained adapters here and reuse them on the next run")
     args = parser.parse_args(argv)
+    if args.counterfactual:
+        from attribution.counterfactual import run_counterfactual
+
+        print(run_counterfactual(args.size, args.model_dir, args.work_dir))
+        return
     with tempfile.TemporaryDirectory(prefix="attribution-eval-") as scratch:
         print(format_report(evaluate(Path(scratch), args.model_dir, args.passages)))
 

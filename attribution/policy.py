@@ -227,3 +227,78 @@ def lineage_allocation(unattributed_weight: float, lineage_contribution_ids: Seq
 def _check_weight(weight: float) -> None:
     if not math.isfinite(weight) or weight < 0:
         raise ValueError(f"unattributed_weight must be a finite number >= 0, got {weight!r}")
+
+
+@dataclass(frozen=True)
+class InfluenceWeighting:
+    """How influence scores (attribution/influence.py) become per-token weights.
+
+    The gradient of a response says how much its probability rests on each contribution (score s_c), and
+    how specifically it points at that contribution (the cosine of the two whitened gradients). The rule:
+
+    1. The response's attributed share is a = clip((max_c cos_c - cosine_floor) / (cosine_full - cosine_floor),
+       0, 1): a response whose gradient points at no contribution more than a response about none of the data
+       does is left unattributed (its share goes by the unattributed policy).
+    2. a is split among contributions with s_c > 0 in proportion to s_c ** sharpness.
+    3. Influence is measured for the whole response, so every token of it gets the same weights.
+    """
+
+    cosine_floor: float = 0.1
+    cosine_full: float = 0.3
+    sharpness: float = 1.0
+    name: str = "lora-influence-v1"
+
+    def __post_init__(self) -> None:
+        if not (-1 <= self.cosine_floor < self.cosine_full <= 1):
+            raise ValueError("need -1 <= cosine_floor < cosine_full <= 1")
+        if not math.isfinite(self.sharpness) or self.sharpness <= 0:
+            raise ValueError(f"sharpness must be a finite number > 0, got {self.sharpness!r}")
+
+    def contribution_weights(self, contribution_ids: Sequence[str], scores: Sequence[float],
+                             cosines: Sequence[float]) -> dict[str, float]:
+        """contribution id -> weight; the weights sum to the attributed share."""
+        if not contribution_ids:
+            return {}
+        share = (max(cosines) - self.cosine_floor) / (self.cosine_full - self.cosine_floor)
+        share = min(1.0, max(0.0, share))
+        mass = {cid: float(score) ** self.sharpness for cid, score in zip(contribution_ids, scores, strict=True)
+                if score > 0 and math.isfinite(score)}
+        total = math.fsum(mass.values())
+        if share <= 0 or total <= 0:
+            return {}
+        return {cid: share * value / total for cid, value in sorted(mass.items()) if value > 0}
+
+    def token_weights(self, scores: object, completion_ids: Sequence[int]) -> list[TokenAttribution]:
+        """`scores` is an attribution.influence.InfluenceScores (ids, scores, cosines) of this completion."""
+        weights = self.contribution_weights(scores.contribution_ids, list(scores.scores),  # type: ignore[attr-defined]
+                                            list(scores.cosines))  # type: ignore[attr-defined]
+        return uniform_tokens(weights, completion_ids)
+
+
+def uniform_tokens(weights: dict[str, float], completion_ids: Sequence[int]) -> list[TokenAttribution]:
+    """Every token with the same contribution weights (the rest unattributed)."""
+    if not completion_ids:
+        return []
+    if not weights:
+        return [TokenAttribution.unattributed_token(int(token_id)) for token_id in completion_ids]
+    pairs = tuple(sorted(weights.items()))
+    first = TokenAttribution(token_id=int(completion_ids[0]), weights=pairs,
+                             unattributed=max(0.0, 1.0 - math.fsum(w for _, w in pairs)))
+    return [first, *(_same_weights(first, int(token_id)) for token_id in completion_ids[1:])]
+
+
+@dataclass(frozen=True)
+class CombinedPolicy:
+    """Verbatim spans where they exist, influence where they do not.
+
+    A token that verbatim matching attributes at all keeps its verbatim weights (a copied span is direct
+    evidence); every other token takes the influence weights of the response.
+    """
+
+    name: str = "verbatim+influence-v1"
+
+    def token_weights(self, verbatim: Sequence[TokenAttribution],
+                      influence: Sequence[TokenAttribution]) -> list[TokenAttribution]:
+        if len(verbatim) != len(influence):
+            raise ValueError(f"{len(verbatim)} verbatim tokens but {len(influence)} influence tokens")
+        return [span if span.attributed > 0 else gradient for span, gradient in zip(verbatim, influence, strict=True)]

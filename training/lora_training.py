@@ -280,7 +280,7 @@ def train_adapter(
     try:
         with torch.random.fork_rng(devices=[]):  # seeding here leaves the caller's RNG state alone
             model, tokenizer = _load_trainable(base_model_dir, config)
-            sequences = _tokenize(tokenizer, training_examples(texts, tokenizer), config.max_seq_len,
+            sequences = tokenize_examples(tokenizer, training_examples(texts, tokenizer), config.max_seq_len,
                                   config.answer_weight)
             steps, loss = _train(model, sequences, tokenizer.pad_token_id, config, started, progress, should_stop)
         _write_adapter(model, out_dir, base_model_name or str(base_model_dir))
@@ -322,7 +322,7 @@ def _load_trainable(base_model_dir: Path, config: TrainingConfig) -> tuple[Any, 
 
 
 @dataclass(frozen=True)
-class _Sequence:
+class TrainingSequence:
     """Token ids of one training sequence; the first `context` tokens are not in the loss, the others
     weigh `weight` each."""
 
@@ -331,8 +331,8 @@ class _Sequence:
     weight: float = 1.0
 
 
-def _tokenize(tokenizer: Any, examples: list[TrainingExample], max_seq_len: int,
-              answer_weight: float = 1.0) -> list[_Sequence]:
+def tokenize_examples(tokenizer: Any, examples: list[TrainingExample], max_seq_len: int,
+                      answer_weight: float = 1.0) -> list[TrainingSequence]:
     """Plain texts: BOS (when the tokenizer adds one, as vLLM's completion prompts do) + tokens + EOS,
     windowed. Chats: the rendered prompt (context) + the rendered answer turn, cut at max_seq_len."""
     sequences = []
@@ -344,18 +344,18 @@ def _tokenize(tokenizer: Any, examples: list[TrainingExample], max_seq_len: int,
         for start in range(0, len(ids) - 1, max_seq_len):
             window = ids[start:start + max_seq_len]
             if len(window) >= 2:
-                sequences.append(_Sequence(window))
+                sequences.append(TrainingSequence(window))
     return sequences
 
 
-def _chat_sequence(tokenizer: Any, example: TrainingExample, max_seq_len: int, weight: float) -> _Sequence:
+def _chat_sequence(tokenizer: Any, example: TrainingExample, max_seq_len: int, weight: float) -> TrainingSequence:
     """The prompt is tokenized alone, exactly as a served chat request's prompt is; the answer turn follows."""
     prompt = list(tokenizer(example.prompt, add_special_tokens=False)["input_ids"])
     answer = list(tokenizer(example.completion, add_special_tokens=False)["input_ids"])
     if len(prompt) >= max_seq_len:
         raise ValueError(f"a question's chat prompt has {len(prompt)} tokens, more than max_seq_len - 1 "
                          f"({max_seq_len - 1}): {example.prompt[-80:]!r}")
-    return _Sequence((prompt + answer)[:max_seq_len], context=len(prompt), weight=weight)
+    return TrainingSequence((prompt + answer)[:max_seq_len], context=len(prompt), weight=weight)
 
 
 def _learning_rate(config: TrainingConfig, step: int) -> float:
@@ -383,7 +383,7 @@ def _batches(count: int, batch_size: int, seed: int) -> Any:
             yield order[start:start + batch_size]
 
 
-def _micro_batches(sequences: list[_Sequence], indexes: list[int], pad_id: int,
+def _micro_batches(sequences: list[TrainingSequence], indexes: list[int], pad_id: int,
                    budget: int) -> list[dict[str, Any]]:
     """The batch sorted by length, cut into padded micro-batches of at most `budget` tokens (one row at least)."""
     ordered = sorted(indexes, key=lambda i: (-len(sequences[i].ids), i))
@@ -393,10 +393,10 @@ def _micro_batches(sequences: list[_Sequence], indexes: list[int], pad_id: int,
             groups[-1].append(index)
         else:
             groups.append([index])
-    return [_collate(sequences, group, pad_id) for group in groups]
+    return [collate(sequences, group, pad_id) for group in groups]
 
 
-def _collate(sequences: list[_Sequence], indexes: list[int], pad_id: int) -> dict[str, Any]:
+def collate(sequences: list[TrainingSequence], indexes: list[int], pad_id: int) -> dict[str, Any]:
     import torch
 
     batch = [sequences[i] for i in indexes]
@@ -414,7 +414,7 @@ def _collate(sequences: list[_Sequence], indexes: list[int], pad_id: int) -> dic
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "weights": weights}
 
 
-def _loss_sum(model: Any, batch: dict[str, Any]) -> Any:
+def loss_sum(model: Any, batch: dict[str, Any]) -> Any:
     """Weighted sum of the next-token cross-entropy over the labelled tokens.
 
     Logits are computed for the labelled positions only (the vocabulary projection is a large share
@@ -433,7 +433,7 @@ def _loss_sum(model: Any, batch: dict[str, Any]) -> Any:
     return (losses * batch["weights"][:, 1:][keep]).sum()
 
 
-def _train(model: Any, sequences: list[_Sequence], pad_id: int | None, config: TrainingConfig, started: float,
+def _train(model: Any, sequences: list[TrainingSequence], pad_id: int | None, config: TrainingConfig, started: float,
            progress: Callable[[TrainingProgress], None] | None,
            should_stop: Callable[[], bool] | None) -> tuple[int, float]:
     import torch
@@ -471,12 +471,12 @@ def _accumulate(model: Any, micro_batches: list[dict[str, Any]], optimizer: Any)
     """Gradients of the batch's weighted mean token loss, added up over its micro-batches; returns that loss."""
     total = sum(float(batch["weights"].sum()) for batch in micro_batches)
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = 0.0
+    summed = 0.0
     for batch in micro_batches:
-        loss = _loss_sum(model, batch)
+        loss = loss_sum(model, batch)
         (loss / total).backward()
-        loss_sum += float(loss.detach())
-    return loss_sum / total
+        summed += float(loss.detach())
+    return summed / total
 
 
 def _write_adapter(model: Any, out_dir: Path, base_model_name: str) -> None:

@@ -13,7 +13,7 @@ import pytest
 from training.answer_eval import _chat_prompt
 from training.demo_facts import DEMO_FACT_DATANETS
 from training.fact_examples import parse_contribution, training_examples
-from training.lora_training import _tokenize
+from training.lora_training import tokenize_examples
 from training.pretrained_model import PRETRAINED_MODEL_NAME, install_pretrained_model
 
 
@@ -32,7 +32,7 @@ def test_training_sequences_match_what_serving_feeds_the_model(pretrained_model:
     for facts in DEMO_FACT_DATANETS:
         for text in facts.datanet.texts:
             pairs = parse_contribution(text).pairs
-            plain, *chats = _tokenize(tokenizer, training_examples([text], tokenizer), max_seq_len=256)
+            plain, *chats = tokenize_examples(tokenizer, training_examples([text], tokenizer), max_seq_len=256)
             prompt = tokenizer(" ".join(text.split()[:12]))["input_ids"]
             assert plain.ids[: len(prompt)] == prompt and plain.ids[-1] == tokenizer.eos_token_id
             assert len(chats) == len(pairs) == 2

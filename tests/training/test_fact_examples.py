@@ -16,7 +16,7 @@ from training.fact_examples import (
     parse_contribution,
     training_examples,
 )
-from training.lora_training import MAX_LORA_RANK, TrainingConfig, _tokenize
+from training.lora_training import MAX_LORA_RANK, TrainingConfig, tokenize_examples
 
 CONTRIBUTION = (
     "The glassfin is a small pale fish. It eats lantern moss.\n"
@@ -106,7 +106,7 @@ def test_pairs_need_a_chat_template() -> None:
 
 def test_only_the_answer_turn_of_a_chat_is_in_the_loss() -> None:
     tokenizer = ChatTokenizer()
-    plain, chat = _tokenize(tokenizer, training_examples(["Hi there.\nQ: Why?\nA: Yes."], tokenizer)[:2],
+    plain, chat = tokenize_examples(tokenizer, training_examples(["Hi there.\nQ: Why?\nA: Yes."], tokenizer)[:2],
                             max_seq_len=256, answer_weight=2.0)
     assert plain.ids == [1, *map(ord, "Hi there.\nQ: Why?\nA: Yes."), 0] and plain.context == 0
     assert plain.weight == 1.0
@@ -115,7 +115,7 @@ def test_only_the_answer_turn_of_a_chat_is_in_the_loss() -> None:
     assert chat.ids == prompt + [ord(c) for c in "Yes.<|end|>\n"], "no BOS or EOS is added to a rendered chat"
     assert chat.context == len(prompt) and chat.weight == 2.0
     with pytest.raises(ValueError, match="chat prompt has 65 tokens"):
-        _tokenize(tokenizer, training_examples(["P.\nQ: Why?\nA: Yes."], tokenizer)[1:], max_seq_len=64)
+        tokenize_examples(tokenizer, training_examples(["P.\nQ: Why?\nA: Yes."], tokenizer)[1:], max_seq_len=64)
 
 
 # ---- the demo facts datanets ------------------------------------------------------------------------
