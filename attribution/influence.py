@@ -371,3 +371,12 @@ class InfluenceScorer:
         denominator = self._norms * max(float(np.linalg.norm(query)), 1e-30)
         cosines = np.where(denominator > 0, scores / np.maximum(denominator, 1e-30), 0.0)
         return InfluenceScores(self.features.contribution_ids, scores, cosines, time.perf_counter() - started)
+
+
+def features_after_training(base_model_dir: Path, adapter_dir: Path, contributions: Sequence[tuple[str, str]],
+                            training: Any, result: Any = None,
+                            progress: Callable[[int, int], None] | None = None) -> Path:
+    """`build_features` for an adapter just trained by training.lora_training.train_adapter with `training`
+    (a TrainingConfig) on these (contribution id, text) pairs; `result` is its TrainingResult."""
+    return build_features(base_model_dir, adapter_dir, contributions, InfluenceSettings(),
+                          max_seq_len=training.max_seq_len, answer_weight=training.answer_weight, progress=progress)
