@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -148,18 +149,29 @@ class Experiment:
         self.owner_of = {cid: index % size.contributors for index, cid in enumerate(self.ids)}
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
 
-    def adapter(self, name: str, texts: Sequence[str], seed: int) -> Path:
+    def adapter(self, name: str, texts: Sequence[str], seed: int, with_features: bool = False) -> Path:
+        """The adapter `name` trained on `texts` (kept in the work dir); with its influence features if asked."""
         out = self.work_dir / "adapters" / name
-        if not (out / "adapter_model.safetensors").is_file():
+        done = (out / "adapter_model.safetensors").is_file() and (not with_features or (out / FEATURES_FILE).is_file())
+        if done:
+            return out
+        shutil.rmtree(out, ignore_errors=True)
+        started = time.monotonic()
+        training = replace(self.size.training, seed=seed)
+        result = train_adapter(self.model_dir, texts, out, training)
+        self.report(f"trained {name} on {len(texts)} contributions in {time.monotonic() - started:.0f} s")
+        if with_features:
             started = time.monotonic()
-            train_adapter(self.model_dir, texts, out, replace(self.size.training, seed=seed))
-            self.report(f"trained {name} on {len(texts)} contributions in {time.monotonic() - started:.0f} s")
+            build_features(self.model_dir, out, list(zip(self.ids, texts, strict=True)), self.size.influence,
+                           max_seq_len=training.max_seq_len, answer_weight=training.answer_weight,
+                           snapshot=result.snapshot)
+            self.report(f"influence features of {name} computed in {time.monotonic() - started:.1f} s")
         return out
 
     def adapters(self) -> dict[str, Path]:
         """"all", "seed2" and "without-<c>" for every contributor, trained if not already in the work dir."""
         seed = self.size.training.seed
-        found = {"all": self.adapter("all", self.texts, seed), "seed2": self.adapter("seed2", self.texts, seed + 1)}
+        found = {"all": self.adapter("all", self.texts, seed, with_features=True), "seed2": self.adapter("seed2", self.texts, seed + 1)}
         for contributor in range(self.size.contributors):
             kept = [t for t, cid in zip(self.texts, self.ids, strict=True) if self.owner_of[cid] != contributor]
             found[f"without-{contributor}"] = self.adapter(f"without-{contributor}", kept, seed)
@@ -281,11 +293,6 @@ def evaluate(work_dir: Path, model_dir: Path, size: EvalSize, report: Any = prin
     index_dir = work_dir / "index"
     if not (index_dir / "manifest.json").is_file():
         build_index(list(zip(experiment.ids, experiment.texts, strict=True)), model_dir, index_dir)
-    if not (adapters["all"] / FEATURES_FILE).is_file():
-        started = time.monotonic()
-        build_features(model_dir, adapters["all"], list(zip(experiment.ids, experiment.texts, strict=True)),
-                       size.influence, max_seq_len=size.training.max_seq_len, answer_weight=size.training.answer_weight)
-        report(f"influence features computed in {time.monotonic() - started:.1f} s")
     scorer = InfluenceScorer.open(model_dir, adapters["all"])
     weighting = influence_policy or InfluenceWeighting()
     combined = CombinedPolicy()

@@ -46,6 +46,7 @@ from statedir.durable_files import fsync_path
 METHOD = "lora-influence-v1"
 FEATURES_FILE = "influence.safetensors"
 FORMAT_VERSION = "1"
+SNAPSHOT_PREFIX = "snapshot."
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's name, as in training.lora_training.WEIGHTS_FILE
 
 
@@ -98,10 +99,10 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _tensors_sha256(features: np.ndarray, whitener: np.ndarray) -> str:
+def _tensors_sha256(tensors: dict[str, np.ndarray]) -> str:
     digest = hashlib.sha256()
-    for array in (features, whitener):
-        digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+    for name in sorted(tensors):
+        digest.update(name.encode() + b"\0" + np.ascontiguousarray(tensors[name], dtype=np.float32).tobytes())
     return digest.hexdigest()
 
 
@@ -204,26 +205,34 @@ class InfluenceFeatures:
     """[contributions, sketch_dim]: psi_c = W sum of c's sequence gradients."""
     whitener: np.ndarray
     """[sketch_dim, sketch_dim]: W = H^-1/2."""
+    raw: np.ndarray
+    """[contributions, sketch_dim]: the sums of c's sequence gradients before whitening (for the cosine)."""
+    snapshot: dict[str, np.ndarray]
+    """The LoRA weights the gradients are taken at (an early point of training; empty: the adapter's own)."""
     settings: InfluenceSettings
     adapter_sha256: str
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        out = {"features": self.features, "whitener": self.whitener, "raw": self.raw}
+        out.update({SNAPSHOT_PREFIX + name: value for name, value in self.snapshot.items()})
+        return {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in out.items()}
 
     def save(self, adapter_dir: Path) -> Path:
         """Write ``influence.safetensors`` into `adapter_dir` atomically; return its path."""
         from safetensors.numpy import save_file
 
-        features = np.ascontiguousarray(self.features, dtype=np.float32)
-        whitener = np.ascontiguousarray(self.whitener, dtype=np.float32)
+        tensors = self.tensors()
         metadata = {
             "method": METHOD, "format_version": FORMAT_VERSION, "adapter_sha256": self.adapter_sha256,
             "contribution_ids": json.dumps(list(self.contribution_ids)),
             "settings": json.dumps(asdict(self.settings), sort_keys=True),
-            "tensors_sha256": _tensors_sha256(features, whitener),
+            "tensors_sha256": _tensors_sha256(tensors),
         }
         target = Path(adapter_dir) / FEATURES_FILE
         handle, staging = tempfile.mkstemp(prefix=f".{FEATURES_FILE}.", dir=adapter_dir)
         os.close(handle)
         try:
-            save_file({"features": features, "whitener": whitener}, staging, metadata=metadata)
+            save_file(tensors, staging, metadata=metadata)
             os.chmod(staging, 0o644)
             fsync_path(Path(staging))
             os.replace(staging, target)
@@ -247,8 +256,8 @@ class InfluenceFeatures:
         try:
             with safe_open(str(path), framework="numpy") as handle:
                 metadata = handle.metadata() or {}
-                features = handle.get_tensor("features")
-                whitener = handle.get_tensor("whitener")
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            features, whitener, raw = tensors["features"], tensors["whitener"], tensors["raw"]
             settings = InfluenceSettings(**json.loads(metadata["settings"]))
             contribution_ids = tuple(str(c) for c in json.loads(metadata["contribution_ids"]))
             recorded = metadata["tensors_sha256"]
@@ -260,10 +269,10 @@ class InfluenceFeatures:
             raise FeaturesCorrupt(f"influence features {path} are of format {version!r} / {metadata.get('method')!r}; "
                                   f"expected {FORMAT_VERSION!r} / {METHOD!r}")
         k = settings.sketch_dim
-        if features.shape != (len(contribution_ids), k) or whitener.shape != (k, k):
+        if features.shape != (len(contribution_ids), k) or whitener.shape != (k, k) or raw.shape != features.shape:
             raise FeaturesCorrupt(f"influence features {path} have shapes {features.shape} and {whitener.shape} "
                                   f"for {len(contribution_ids)} contributions of dimension {k}")
-        if _tensors_sha256(features, whitener) != recorded:
+        if _tensors_sha256(tensors) != recorded:
             raise FeaturesCorrupt(f"influence features {path} do not match their checksum (altered or damaged)")
         weights = Path(adapter_dir) / ADAPTER_WEIGHTS_FILE
         actual = file_sha256(weights) if weights.is_file() else "(no weights file)"
@@ -275,8 +284,10 @@ class InfluenceFeatures:
             if unknown:
                 raise FeaturesStale(f"influence features {path} name {len(unknown)} contributions outside the "
                                     f"adapter's lineage (first: {unknown[0][:16]}…)")
-        return cls(contribution_ids, features.astype(np.float64), whitener.astype(np.float64), settings,
-                   adapter_sha256)
+        snapshot = {name[len(SNAPSHOT_PREFIX):]: value for name, value in tensors.items()
+                    if name.startswith(SNAPSHOT_PREFIX)}
+        return cls(contribution_ids, features.astype(np.float64), whitener.astype(np.float64), raw.astype(np.float64),
+                   snapshot, settings, adapter_sha256)
 
 
 def whitener_of(gradients: np.ndarray, damping: float) -> np.ndarray:
@@ -290,13 +301,18 @@ def whitener_of(gradients: np.ndarray, damping: float) -> np.ndarray:
 
 def build_features(base_model_dir: Path, adapter_dir: Path, contributions: Sequence[tuple[str, str]],
                    settings: InfluenceSettings = InfluenceSettings(), *, max_seq_len: int = 256,
-                   answer_weight: float = 1.0, progress: Callable[[int, int], None] | None = None) -> Path:
+                   answer_weight: float = 1.0, snapshot: dict[str, Any] | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> Path:
     """Compute the features of `contributions` ((id, text), the texts the adapter was trained on) and save them
-    beside the adapter. `progress(done, total)` is called after each training sequence."""
+    beside the adapter. Gradients are taken at `snapshot` (LoRA weights from early in training, see
+    training.lora_training.TrainingResult.snapshot) when given, else at the adapter's own weights.
+    `progress(done, total)` is called after each training sequence."""
     adapter_dir = Path(adapter_dir)
     if not contributions:
         raise ValueError("no contributions to compute influence features for")
-    model, tokenizer = load_for_gradients(base_model_dir, adapter_dir)
+    kept = {name: np.asarray(value.float().numpy() if hasattr(value, "numpy") else value, dtype=np.float32)
+            for name, value in (snapshot or {}).items()}
+    model, tokenizer = load_for_gradients(base_model_dir, adapter_dir, kept)
     sketch = GradientSketch(model, settings)
     ids = [cid for cid, _ in contributions]
     sequences = contribution_sequences(tokenizer, [text for _, text in contributions], max_seq_len, answer_weight)
@@ -312,15 +328,17 @@ def build_features(base_model_dir: Path, adapter_dir: Path, contributions: Seque
     whitener = whitener_of(gradients, settings.damping)
     summed = np.zeros((len(ids), settings.sketch_dim))
     np.add.at(summed, owners, gradients)
-    features = InfluenceFeatures(tuple(ids), summed @ whitener.T, whitener, settings,
+    features = InfluenceFeatures(tuple(ids), summed @ whitener.T, whitener, summed, kept, settings,
                                  file_sha256(adapter_dir / ADAPTER_WEIGHTS_FILE))
     return features.save(adapter_dir)
 
 
-def load_for_gradients(base_model_dir: Path, adapter_dir: Path) -> tuple[Any, Any]:
-    """The base model (float32) with the adapter's LoRA weights differentiable, in eval mode, and its tokenizer."""
+def load_for_gradients(base_model_dir: Path, adapter_dir: Path,
+                       snapshot: dict[str, np.ndarray] | None = None) -> tuple[Any, Any]:
+    """The base model (float32) with the adapter's LoRA weights (or `snapshot`'s) differentiable, in eval mode,
+    and its tokenizer."""
     import torch
-    from peft import PeftModel
+    from peft import PeftModel, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -330,6 +348,11 @@ def load_for_gradients(base_model_dir: Path, adapter_dir: Path) -> tuple[Any, An
                                                 attn_implementation="eager")
     base.config.use_cache = False
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    if snapshot:
+        result = set_peft_model_state_dict(model, {name: torch.from_numpy(np.array(value, dtype=np.float32))
+                                                   for name, value in snapshot.items()})
+        if getattr(result, "unexpected_keys", None):
+            raise FeaturesCorrupt(f"the snapshot names weights the adapter lacks: {result.unexpected_keys[:3]}")
     model.eval()
     return model, tokenizer
 
@@ -354,22 +377,21 @@ class InfluenceScorer:
         self.model = model
         self.features = features
         self.sketch = GradientSketch(model, features.settings)
-        self._norms = np.linalg.norm(features.features, axis=1)
+        self._raw_norms = np.linalg.norm(features.raw, axis=1)
 
     @classmethod
     def open(cls, base_model_dir: Path, adapter_dir: Path,
              lineage_contribution_ids: Sequence[str] | None = None) -> InfluenceScorer:
         features = InfluenceFeatures.load(adapter_dir, lineage_contribution_ids)
-        model, _ = load_for_gradients(base_model_dir, adapter_dir)
+        model, _ = load_for_gradients(base_model_dir, adapter_dir, features.snapshot)
         return cls(model, features)
 
     def scores(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> InfluenceScores:
         started = time.perf_counter()
         gradient = self.sketch.gradient(self.model, response_batch(prompt_ids, completion_ids))
-        query = self.features.whitener @ gradient
-        scores = self.features.features @ query
-        denominator = self._norms * max(float(np.linalg.norm(query)), 1e-30)
-        cosines = np.where(denominator > 0, scores / np.maximum(denominator, 1e-30), 0.0)
+        scores = self.features.features @ (self.features.whitener @ gradient)
+        denominator = self._raw_norms * max(float(np.linalg.norm(gradient)), 1e-30)
+        cosines = np.where(denominator > 0, (self.features.raw @ gradient) / np.maximum(denominator, 1e-30), 0.0)
         return InfluenceScores(self.features.contribution_ids, scores, cosines, time.perf_counter() - started)
 
 
@@ -379,4 +401,5 @@ def features_after_training(base_model_dir: Path, adapter_dir: Path, contributio
     """`build_features` for an adapter just trained by training.lora_training.train_adapter with `training`
     (a TrainingConfig) on these (contribution id, text) pairs; `result` is its TrainingResult."""
     return build_features(base_model_dir, adapter_dir, contributions, InfluenceSettings(),
-                          max_seq_len=training.max_seq_len, answer_weight=training.answer_weight, progress=progress)
+                          max_seq_len=training.max_seq_len, answer_weight=training.answer_weight,
+                          snapshot=getattr(result, "snapshot", None), progress=progress)

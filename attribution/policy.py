@@ -244,7 +244,7 @@ class InfluenceWeighting:
     """
 
     cosine_floor: float = 0.1
-    cosine_full: float = 0.3
+    cosine_full: float = 0.25
     sharpness: float = 1.0
     name: str = "lora-influence-v1"
 
@@ -259,7 +259,7 @@ class InfluenceWeighting:
         """contribution id -> weight; the weights sum to the attributed share."""
         if not contribution_ids:
             return {}
-        share = (max(cosines) - self.cosine_floor) / (self.cosine_full - self.cosine_floor)
+        share = (float(max(cosines)) - self.cosine_floor) / (self.cosine_full - self.cosine_floor)
         share = min(1.0, max(0.0, share))
         mass = {cid: float(score) ** self.sharpness for cid, score in zip(contribution_ids, scores, strict=True)
                 if score > 0 and math.isfinite(score)}

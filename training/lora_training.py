@@ -187,6 +187,9 @@ class TrainingResult:
     """Training sequences: texts (or windows of long texts), and a chat per Q/A pair."""
     tokens: int
     """Tokens in the training sequences, BOS and EOS included."""
+    snapshot: dict[str, Any] | None = None
+    """The LoRA weights (PEFT state-dict names, CPU tensors) after `snapshot_step(config)` steps: an early point
+    of the run, where the training texts' gradients are not yet near zero (attribution/influence.py uses them)."""
 
 
 class TrainingInterrupted(Exception):
@@ -282,12 +285,15 @@ def train_adapter(
             model, tokenizer = _load_trainable(base_model_dir, config)
             sequences = tokenize_examples(tokenizer, training_examples(texts, tokenizer), config.max_seq_len,
                                   config.answer_weight)
-            steps, loss = _train(model, sequences, tokenizer.pad_token_id, config, started, progress, should_stop)
+            snapshot: dict[str, Any] = {}
+            steps, loss = _train(model, sequences, tokenizer.pad_token_id, config, started, progress, should_stop,
+                                 snapshot)
         _write_adapter(model, out_dir, base_model_name or str(base_model_dir))
     finally:
         torch.set_num_threads(threads_before)
     return TrainingResult(steps=steps, final_loss=loss, seconds=time.monotonic() - started, out_dir=out_dir,
-                          sequences=len(sequences), tokens=sum(len(s.ids) for s in sequences))
+                          sequences=len(sequences), tokens=sum(len(s.ids) for s in sequences),
+                          snapshot=snapshot or None)
 
 
 _ATTENTION = {"float32": "sdpa", "bfloat16": "eager"}
@@ -433,10 +439,19 @@ def loss_sum(model: Any, batch: dict[str, Any]) -> Any:
     return (losses * batch["weights"][:, 1:][keep]).sum()
 
 
+SNAPSHOT_FRACTION = 0.1
+
+
+def snapshot_step(config: TrainingConfig) -> int:
+    """The step after which `TrainingResult.snapshot` is taken: a tenth of the run (at least one step)."""
+    return max(1, int(config.steps * SNAPSHOT_FRACTION))
+
+
 def _train(model: Any, sequences: list[TrainingSequence], pad_id: int | None, config: TrainingConfig, started: float,
            progress: Callable[[TrainingProgress], None] | None,
-           should_stop: Callable[[], bool] | None) -> tuple[int, float]:
+           should_stop: Callable[[], bool] | None, snapshot: dict[str, Any] | None = None) -> tuple[int, float]:
     import torch
+    from peft import get_peft_model_state_dict
 
     pad = pad_id if pad_id is not None else 0
     params = [p for p in model.parameters() if p.requires_grad]
@@ -457,6 +472,9 @@ def _train(model: Any, sequences: list[TrainingSequence], pad_id: int | None, co
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
+        if snapshot is not None and step + 1 == snapshot_step(config):
+            snapshot.update({name: tensor.detach().to("cpu", torch.float32).clone()
+                             for name, tensor in get_peft_model_state_dict(model).items()})
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"training diverged at step {step + 1} (loss {loss_value}); "
                                      "lower the learning rate")

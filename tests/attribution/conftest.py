@@ -37,3 +37,11 @@ def built(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 @pytest.fixture(scope="session")
 def index(built: tuple[Path, IndexManifest]) -> VersionIndex:
     return open_index(built[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's tiny random base model (built once per session)."""
+    from training.demo_assets import ensure_base_model
+
+    return ensure_base_model(tmp_path_factory.mktemp("models") / "tiny-llama")
