@@ -242,3 +242,23 @@ def test_the_train_command_records_combined_unless_told() -> None:
     assert ATTRIBUTION_CHOICES[args.attribution] == VERBATIM
     with pytest.raises(SystemExit):
         parser.parse_args(["adapter", "train", "x", "--datanet", "nature", "--attribution", "influence"])
+
+
+def test_a_worker_keeps_at_most_two_scorers_open(world: World, tmp_path: Path) -> None:
+    from attribution.search_pool import SCORERS_MAX, LocalAttributors
+
+    ids = token_ids(world, TEXTS[1])
+    lineage = tuple(cid for cid, _ in world.contributions)
+    adapters = [world.adapters_dir / "combo"] + [tmp_path / f"copy-{i}" for i in range(2)]
+    for copy in adapters[1:]:
+        shutil.copytree(adapters[0], copy)
+    attributors = LocalAttributors()
+    try:
+        for adapter in adapters + adapters[:1]:
+            tokens = attributors.attribute((), ids[:4], ids[4:], (str(world.model_dir), str(adapter), lineage))
+            assert [t.token_id for t in tokens] == ids[4:]
+            assert attributors.scorers_open() <= SCORERS_MAX == 2
+        assert attributors.scorers_open() == 2
+    finally:
+        attributors.close()
+    assert attributors.scorers_open() == 0
