@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,7 +202,8 @@ def stale(world: World, target: Path) -> None:
 @pytest.mark.parametrize(("damage", "error"), [(missing, "FeaturesMissing"), (corrupt, "FeaturesCorrupt"),
                                                (stale, "FeaturesStale")])
 @pytest.mark.parametrize("processes", [False, True], ids=["in-process", "worker-process"])
-async def test_unusable_features_bill_the_response_unattributed(world: World, tmp_path: Path, damage, error: str,  # type: ignore[no-untyped-def]
+async def test_unusable_features_bill_the_response_unattributed(world: World, tmp_path: Path,
+                                                                damage: Callable[[World, Path], None], error: str,
                                                                 processes: bool,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     name = f"{damage.__name__}-{'p' if processes else 'l'}"
