@@ -2,7 +2,8 @@
 
 How many worker processes attribute (each one core: attribution/search_pool.py) and the lag policy's
 bounds (attribution/service.py): at most `queue_max` responses held in memory, and a response waiting
-longer than `max_lag_seconds` is billed unattributed. Whether attribution runs at all is
+longer than `max_lag_seconds` is billed unattributed. `influence` turns gradient influence off: adapters
+recorded as "verbatim+influence-v1" are then attributed verbatim only. Whether attribution runs at all is
 ``GATEWAY_ATTRIBUTION`` (`serving.config.ServingConfig.attribution`).
 """
 
@@ -19,7 +20,7 @@ MAX_LAG_SECONDS = 120.0
 
 
 class AttributionConfig(BaseSettings):
-    """Attribution workers and the lag policy's bounds (defaults: 1 worker, 1,024 responses, 120 s)."""
+    """Attribution workers, the lag policy's bounds and influence (defaults: 1 worker, 1,024 responses, 120 s, on)."""
 
     model_config = SettingsConfigDict(env_prefix="GATEWAY_ATTRIBUTION_", extra="forbid")
 
@@ -28,6 +29,8 @@ class AttributionConfig(BaseSettings):
                            "their usage records wait in the usage log.")
     max_lag_seconds: float = Field(MAX_LAG_SECONDS, description="A response waiting longer than this (> 0) for "
                                    "attribution is billed with every token unattributed (shed).")
+    influence: bool = Field(True, description="Attribute adapters recorded as verbatim+influence-v1 with gradient "
+                            "influence too (false: verbatim spans only).")
 
     @field_validator("workers", "queue_max")
     @classmethod

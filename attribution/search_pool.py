@@ -13,6 +13,12 @@ tokens sharing their weights), so the caller's process -- the gateway's, on the 
 little on each reply.
 Workers start on first use; a worker that dies fails the call in flight (`WorkerLost`, which the
 service retries) and is started again on the next one.
+
+Adapters attributed with "verbatim+influence-v1" send `Influence` (base model dir, adapter dir, lineage
+contribution ids) with the query: the worker keeps an `InfluenceScorer` (base model + adapter, in torch)
+open per adapter, `SCORERS_MAX` of them, least recently used closed first, and combines the verbatim
+tokens with the influence tokens (`CombinedPolicy`). An adapter whose features cannot be used raises
+`FeaturesUnavailable` (its own type, also from a worker process). Queries without it are as before.
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from attribution.attributor import Attributor
+from attribution.influence import FeaturesUnavailable
 from ledger.client.trace import TokenAttribution
 
 ATTRIBUTORS_MAX = 32  # lineages kept open per process (least recently used closed first)
+SCORERS_MAX = 2  # influence scorers (a torch model each) kept open per process
 FRAME = struct.Struct("<Q")
 STOP_WAIT_SECONDS = 5.0
 
@@ -45,11 +53,15 @@ class WorkerError(RuntimeError):
     """Attribution raised in the worker process (its type and message)."""
 
 
+Influence = tuple[str, str, tuple[str, ...]]  # (base model dir, adapter dir, lineage contribution ids)
+
+
 class TokenAttributor(Protocol):
-    """What the attribution service calls to attribute one completion against a lineage's indexes."""
+    """What the attribution service calls to attribute one completion against a lineage's indexes
+    (and, with `influence`, the adapter's influence features as well: "verbatim+influence-v1")."""
 
     def attribute(self, index_dirs: tuple[str, ...], context: Sequence[int],
-                  completion: Sequence[int]) -> list[TokenAttribution]: ...
+                  completion: Sequence[int], influence: Influence | None = None) -> list[TokenAttribution]: ...
 
     def indexes_open(self) -> int: ...
 
@@ -57,16 +69,57 @@ class TokenAttributor(Protocol):
 
 
 class LocalAttributors:
-    """Attribute in the calling thread, with one Attributor per lineage (LRU of `ATTRIBUTORS_MAX`)."""
+    """Attribute in the calling thread, with one Attributor per lineage (LRU of `ATTRIBUTORS_MAX`) and one
+    InfluenceScorer per adapter (LRU of `SCORERS_MAX`; scoring is serialized, the scorers are not thread-safe).
+    `torch_threads` caps torch's threads when a scorer is first opened (worker processes: 1)."""
 
-    def __init__(self, max_open: int = ATTRIBUTORS_MAX) -> None:
+    def __init__(self, max_open: int = ATTRIBUTORS_MAX, max_scorers: int = SCORERS_MAX,
+                 torch_threads: int | None = None) -> None:
         self.max_open = max_open
+        self.max_scorers = max_scorers
+        self.torch_threads = torch_threads
         self._open: OrderedDict[tuple[str, ...], Attributor] = OrderedDict()
         self._lock = threading.Lock()
+        self._scorers: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._scoring = threading.Lock()
 
     def attribute(self, index_dirs: tuple[str, ...], context: Sequence[int],
-                  completion: Sequence[int]) -> list[TokenAttribution]:
-        return self._attributor(tuple(index_dirs)).attribute(context, completion)
+                  completion: Sequence[int], influence: Influence | None = None) -> list[TokenAttribution]:
+        if influence is None:
+            return self._attributor(tuple(index_dirs)).attribute(context, completion)
+        from attribution.policy import CombinedPolicy, InfluenceWeighting
+
+        with self._scoring:
+            scores = self._scorer(influence).scores(context, completion)
+        if index_dirs:
+            verbatim = self._attributor(tuple(index_dirs)).attribute(context, completion)
+        else:
+            verbatim = [TokenAttribution.unattributed_token(int(t)) for t in completion]
+        return CombinedPolicy().token_weights(verbatim, InfluenceWeighting().token_weights(scores, completion))
+
+    def scorers_open(self) -> int:
+        return len(self._scorers)
+
+    def _scorer(self, influence: Influence) -> Any:
+        """The adapter's open scorer (call with _scoring held); reopened when its files changed."""
+        from attribution.influence import InfluenceScorer
+
+        base_model_dir, adapter_dir, contribution_ids = influence
+        key = (base_model_dir, adapter_dir, _files_stamp(Path(adapter_dir)), frozenset(contribution_ids))
+        scorer = self._scorers.get(key)
+        if scorer is None:
+            if self.torch_threads:
+                import torch
+
+                torch.set_num_threads(self.torch_threads)
+            for stale in [k for k in self._scorers if k[:2] == key[:2]]:  # the adapter's files changed
+                del self._scorers[stale]
+            scorer = InfluenceScorer.open(Path(base_model_dir), Path(adapter_dir), contribution_ids)
+            self._scorers[key] = scorer
+            while len(self._scorers) > self.max_scorers:
+                self._scorers.popitem(last=False)
+        self._scorers.move_to_end(key)
+        return scorer
 
     def indexes_open(self) -> int:
         return len(self._open)
@@ -76,6 +129,8 @@ class LocalAttributors:
             for attributor in self._open.values():
                 attributor.close()
             self._open.clear()
+        with self._scoring:
+            self._scorers.clear()
 
     def _attributor(self, index_dirs: tuple[str, ...]) -> Attributor:
         with self._lock:
@@ -87,6 +142,20 @@ class LocalAttributors:
                     self._open.popitem(last=False)[1].close()
             self._open.move_to_end(index_dirs)
             return attributor
+
+
+def _files_stamp(adapter_dir: Path) -> tuple[tuple[int, int, int], ...]:
+    """(inode, mtime, size) of the adapter's weights and features: a retrained or replaced adapter differs."""
+    from attribution.influence import ADAPTER_WEIGHTS_FILE, FEATURES_FILE
+
+    stamps = []
+    for name in (ADAPTER_WEIGHTS_FILE, FEATURES_FILE):
+        try:
+            found = os.stat(adapter_dir / name)
+            stamps.append((found.st_ino, found.st_mtime_ns, found.st_size))
+        except OSError:
+            stamps.append((0, 0, 0))
+    return tuple(stamps)
 
 
 Run = tuple[int, tuple[tuple[str, float], ...], float]  # tokens in the run, their weights, unattributed share
@@ -196,7 +265,7 @@ class ProcessAttributors:
         self._closed = False
 
     def attribute(self, index_dirs: tuple[str, ...], context: Sequence[int],
-                  completion: Sequence[int]) -> list[TokenAttribution]:
+                  completion: Sequence[int], influence: Influence | None = None) -> list[TokenAttribution]:
         if self._closed:
             raise RuntimeError("the attribution workers are closed")
         key = tuple(index_dirs)
@@ -207,7 +276,10 @@ class ProcessAttributors:
                 self._lineages.popitem(last=False)
         worker = self._free.get()
         try:
-            return decode_tokens(*worker.call((key, list(context), list(completion))))
+            request: tuple[Any, ...] = (key, list(context), list(completion))
+            if influence is not None:
+                request += (tuple(influence),)
+            return decode_tokens(*worker.call(request))
         finally:
             self._free.put(worker)
 
@@ -243,16 +315,20 @@ def _read_frame(pipe: BinaryIO) -> Any:
 
 
 def serve(requests: BinaryIO, replies: BinaryIO) -> None:
-    """A worker's loop: (index dirs, context, completion) in, ("ok", encoded tokens) or ("error", exception) out."""
-    attributors = LocalAttributors()
+    """A worker's loop: (index dirs, context, completion[, influence]) in, ("ok", encoded tokens) or ("error",
+    exception) out. FeaturesUnavailable goes back as itself (the service handles it apart); others as WorkerError."""
+    attributors = LocalAttributors(torch_threads=1)
     try:
         while True:
             try:
-                index_dirs, context, completion = _read_frame(requests)
+                index_dirs, context, completion, *influence = _read_frame(requests)
             except EOFError:
                 return
             try:
-                reply: tuple[str, Any] = ("ok", encode_tokens(attributors.attribute(index_dirs, context, completion)))
+                tokens = attributors.attribute(index_dirs, context, completion, *influence)
+                reply: tuple[str, Any] = ("ok", encode_tokens(tokens))
+            except FeaturesUnavailable as error:
+                reply = ("error", error)
             except Exception as error:  # sent back and raised in the caller
                 reply = ("error", WorkerError(f"{type(error).__name__}: {error}"))
             _write_frame(replies, reply)

@@ -17,6 +17,15 @@ lineage (on an attribution worker thread, never on the event loop) resolves each
 with a `StoreCache` (statedir/store_cache.py; ``<state>/cache/indexes/<digest hex>/``), downloading it
 once per node and checking its digest. An index that cannot be had (store unreachable, digest
 mismatch) fails the lineage read like an unreachable ledger: the trace is written unattributed.
+Each adapter is attributed with the method recorded beside it (attribution/adapter_method.py): with
+`adapter_dirs` (the node's local copy of an adapter, by name: the deployment passes
+`AdapterStore.local_path`) the lineage read also reads the adapter's method. "verbatim+influence-v1"
+adds gradient influence (attribution/influence.py) from the adapter's ``influence.safetensors`` against
+`base_model_dir`, combined with the verbatim spans (`CombinedPolicy`), unless `influence` is off
+(``GATEWAY_ATTRIBUTION_INFLUENCE=false``: verbatim only). When the features cannot be used (missing,
+corrupt, or made for other weights) the trace is written at once with every token unattributed
+(`FALLBACK_METHOD`, no retry); the reason is logged once per adapter per `FEATURES_WARN_SECONDS`, and
+the features are not tried again for `FEATURES_RECHECK_SECONDS`.
 With n > 1 choices every choice is attributed on its own (each continues the same prompt) and the
 trace holds them one after the other (`choice_tokens`).
 
@@ -61,14 +70,16 @@ import re
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from attribution.adapter_method import COMBINED, read_method
 from attribution.attributor import MAX_CONTEXT_TOKENS
 from attribution.config import MAX_LAG_SECONDS, QUEUE_MAX, WORKERS, AttributionConfig
+from attribution.influence import FeaturesUnavailable
 from attribution.metrics import AttributionMetrics, attribution_metrics
 from attribution.outbox import TRACE_SUFFIX as TRACE_FILE_SUFFIX
 from attribution.outbox import Outbox
@@ -92,6 +103,8 @@ CATCH_UP_SECONDS = 0.5
 ATTEMPTS = 2
 RETRY_DELAY_SECONDS = 0.5
 RECOVER_SECONDS = 10.0
+FEATURES_WARN_SECONDS = 60.0  # an adapter's unusable influence features are logged at most this often
+FEATURES_RECHECK_SECONDS = 10.0  # and not tried again for this long (its traces are unattributed meanwhile)
 CLOSE_WAIT_SECONDS = 4.0
 
 
@@ -127,6 +140,8 @@ class Lineage:
 
     index_dirs: tuple[str, ...]
     owners: dict[str, tuple[str, str]]  # contribution id → (contributor address, datanet name)
+    adapter_dir: str | None = None  # the node's local copy of the adapter (when the deployment says where)
+    method: str = METHOD  # the adapter's recorded method (attribution/adapter_method.py)
 
     @classmethod
     def empty(cls) -> Lineage:
@@ -153,8 +168,11 @@ class LedgerLineages:
     (no download per trace)."""
 
     def __init__(self, ledger: LineageSource, ttl_seconds: float = 5.0, retry_seconds: float = 2.0,
-                 down_seconds: float = 5.0, store_cache: StoreCache | None = None) -> None:
+                 down_seconds: float = 5.0, store_cache: StoreCache | None = None,
+                 adapter_dirs: Callable[[str], Path] | None = None) -> None:
+        """`adapter_dirs(name)` is the node's local copy of an adapter (its method is read from it)."""
         self.ledger = ledger
+        self.adapter_dirs = adapter_dirs
         self.ttl_seconds = ttl_seconds
         self.retry_seconds = retry_seconds
         self.down_seconds = down_seconds
@@ -231,7 +249,19 @@ class LedgerLineages:
                 with self._lock:
                     self._unavailable[adapter] = (time.monotonic() + self.down_seconds, reason)
                 raise IndexUnavailable(reason) from None
-        return Lineage(tuple(local), record.owners)
+        adapter_dir, method = self._adapter_method(adapter) if record.owners else (None, METHOD)
+        return Lineage(tuple(local), record.owners, adapter_dir, method)
+
+    def _adapter_method(self, adapter: str) -> tuple[str | None, str]:
+        """(local adapter directory, its method); verbatim when it cannot be had or read (with a warning)."""
+        if self.adapter_dirs is None:
+            return None, METHOD
+        try:
+            adapter_dir = Path(self.adapter_dirs(adapter))
+            return str(adapter_dir), read_method(adapter_dir)
+        except Exception as exc:  # the store's own errors included: attribution cannot name them
+            log.warning("adapter '%s': its attribution method cannot be read (%s); attributed verbatim", adapter, exc)
+            return None, METHOD
 
 
 class LineageSource(Protocol):
@@ -257,10 +287,12 @@ class AttributionService:
                  usage_log: UsageLog | None = None, workers: int = WORKERS, traces_max: int = TRACES_MAX,
                  metrics: AttributionMetrics | None = None, recover_seconds: float = RECOVER_SECONDS,
                  delay_seconds: float = 0.0, processes: bool = True, attributors: TokenAttributor | None = None,
-                 queue_max: int = QUEUE_MAX, max_lag_seconds: float = MAX_LAG_SECONDS) -> None:
+                 queue_max: int = QUEUE_MAX, max_lag_seconds: float = MAX_LAG_SECONDS,
+                 base_model_dir: Path | None = None, influence: bool = True) -> None:
         """`workers` threads (and as many processes with `processes`) attribute; `attributors` replaces
         where the search runs (tests); `queue_max` and `max_lag_seconds` are the lag policy's bounds
-        (operators set all three as `AttributionConfig`: `from_config`)."""
+        (operators set all three as `AttributionConfig`: `from_config`). Adapters recorded as
+        "verbatim+influence-v1" get influence too when `influence` is on and `base_model_dir` is given."""
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if queue_max < 1:
@@ -288,6 +320,11 @@ class AttributionService:
         self._waiting: OrderedDict[str, _Waiting] = OrderedDict()  # spilled: their records wait in the usage log
         self._lag_lock = threading.Lock()
         self.shed = 0
+        self.base_model_dir = base_model_dir
+        self.influence = influence
+        self._features_down: dict[str, tuple[float, str]] = {}  # adapter dir → (not tried until, reason)
+        self._features_warned: dict[str, float] = {}  # adapter → when its features were last logged
+        self._features_lock = threading.Lock()
         self._traces: OrderedDict[str, AttributionTrace] = OrderedDict()
         self._pending: dict[str, asyncio.Future[AttributionTrace]] = {}
         self._work: set[concurrent.futures.Future[AttributionTrace]] = set()  # queued or running, for close()
@@ -313,7 +350,7 @@ class AttributionService:
         """A service with the operator's settings (``GATEWAY_ATTRIBUTION_*`` unless `config` is given)."""
         config = config or AttributionConfig()
         return cls(lineages, workers=config.workers, queue_max=config.queue_max,
-                   max_lag_seconds=config.max_lag_seconds, **kwargs)
+                   max_lag_seconds=config.max_lag_seconds, influence=config.influence, **kwargs)
 
     def record_usage(self, record: UsageRecord) -> concurrent.futures.Future[None] | None:
         """Queue the response's usage record; the future resolves once it is durable (None: no usage log)."""
@@ -535,6 +572,9 @@ class AttributionService:
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 return self._attributed(record, METHOD, recovered)
+            except FeaturesUnavailable as exc:  # not retried: the same files give the same answer
+                self._features_unavailable(record.adapter, exc)
+                break
             except Exception:
                 log.exception("attribution of %s failed (attempt %d of %d)", record.trace_id, attempt, ATTEMPTS)
                 if attempt < ATTEMPTS and not self._closed.wait(RETRY_DELAY_SECONDS):
@@ -544,10 +584,16 @@ class AttributionService:
         return self._attributed(record, FALLBACK_METHOD, recovered)
 
     def _attributed(self, record: UsageRecord, method: str, recovered: bool) -> AttributionTrace:
+        """The trace attributed as the adapter's lineage says (`method` METHOD: attempt it), or unattributed."""
         lineage = self.lineages.lineage(record.adapter) if method == METHOD else Lineage.empty()
+        influence = self._influence_of(lineage)
+        if influence is not None:
+            method = COMBINED
         tokens: list[TokenAttribution] = []
         for choice in record.choices:
-            if lineage.index_dirs:
+            if influence is not None:
+                tokens += self._attributors.attribute(lineage.index_dirs, record.prompt_tail, choice, influence)
+            elif lineage.index_dirs:
                 tokens += self._attributors.attribute(lineage.index_dirs, record.prompt_tail, choice)
             else:
                 tokens += [TokenAttribution.unattributed_token(t) for t in choice]
@@ -556,6 +602,34 @@ class AttributionService:
             prompt_tokens=record.prompt_tokens, completion_tokens=len(tokens), tokens=tuple(tokens), method=method,
             choice_tokens=tuple(len(choice) for choice in record.choices), recovered=recovered,
         )
+
+    def _influence_of(self, lineage: Lineage) -> tuple[str, str, tuple[str, ...]] | None:
+        """What the worker needs to add influence (None: verbatim only); raises FeaturesUnavailable while the
+        adapter's features were found unusable a moment ago."""
+        if (lineage.method != COMBINED or not self.influence or self.base_model_dir is None
+                or lineage.adapter_dir is None):
+            return None
+        with self._features_lock:
+            down = self._features_down.get(lineage.adapter_dir)
+        if down is not None and time.monotonic() < down[0]:
+            raise FeaturesUnavailable(down[1])
+        return str(self.base_model_dir), lineage.adapter_dir, tuple(sorted(lineage.owners))
+
+    def _features_unavailable(self, adapter: str | None, exc: FeaturesUnavailable) -> None:
+        """Remember unusable features for a while; log them once per adapter per FEATURES_WARN_SECONDS."""
+        now = time.monotonic()
+        adapter_dir = self.lineages.cached(adapter).adapter_dir if adapter is not None else None
+        with self._features_lock:
+            down = self._features_down.get(adapter_dir) if adapter_dir is not None else None
+            if adapter_dir is not None and (down is None or now >= down[0]):  # not extended by its own refusals
+                self._features_down[adapter_dir] = (now + FEATURES_RECHECK_SECONDS, str(exc))
+            last = self._features_warned.get(adapter or "")
+            warn = last is None or now - last >= FEATURES_WARN_SECONDS
+            if warn:
+                self._features_warned[adapter or ""] = now
+        if warn:
+            log.warning("adapter '%s': influence attribution is unavailable, its responses are billed unattributed "
+                        "(%s): %s", adapter, type(exc).__name__, exc)
 
     def _queue_for_ledger(self, trace: AttributionTrace) -> Path | None:
         """Write the trace to the outbox durably (its file); admitted requests are written even past the bound.

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from attribution.adapter_method import COMBINED, VERBATIM
 from gateway.adapter_lifecycle import (
     adapter_store,
     check_new_name,
@@ -23,6 +24,8 @@ from gateway.ledger_access import open_registries
 from registry.adapters import DEFAULT_PRICE_PER_1K_TOKENS, AdapterRecord, parse_price
 from registry.contribution_content import address_of_key
 from training.lora_training import TrainingInterrupted
+
+ATTRIBUTION_CHOICES = {"combined": COMBINED, "verbatim": VERBATIM}  # --attribution: the method recorded
 
 
 def _payload(record: AdapterRecord, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -65,10 +68,16 @@ def cmd_train(config: GatewayConfig, args: argparse.Namespace) -> None:
             progress(f"[train] step {update.step}/{update.total_steps} loss {update.loss:.4f} "
                      f"({update.elapsed_seconds:.0f} s)")
 
+    def report_features(done: int, total: int) -> None:
+        if done == 1 or done % 10 == 0 or done == total:
+            progress(f"[train] influence features {done}/{total} sequences")
+
     previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         trained = train_and_register(config, registries, args.adapter, lineage, owner=owner, price=price,
-                                     steps=args.steps, progress=report, should_stop=stop.is_set)
+                                     steps=args.steps, progress=report, should_stop=stop.is_set,
+                                     attribution=ATTRIBUTION_CHOICES[args.attribution],
+                                     features_progress=report_features)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     except TrainingInterrupted:
@@ -76,7 +85,8 @@ def cmd_train(config: GatewayConfig, args: argparse.Namespace) -> None:
     finally:
         signal.signal(signal.SIGINT, previous)
     emit(args, _payload(trained.record, {"steps": trained.steps, "final_loss": round(trained.final_loss, 4),
-                                         "seconds": round(trained.seconds, 1)}), _human)
+                                         "seconds": round(trained.seconds, 1),
+                                         "attribution": ATTRIBUTION_CHOICES[args.attribution]}), _human)
 
 
 def cmd_register(config: GatewayConfig, args: argparse.Namespace) -> None:
@@ -122,6 +132,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                        help="datanet version to learn from (repeatable; latest version when none is given)")
     train.add_argument("--owner", help="owner address (default: the address of GATEWAY_CONTRIBUTOR_KEY)")
     train.add_argument("--steps", type=int, help="optimizer steps (default: enough to memorize a small datanet)")
+    train.add_argument("--attribution", choices=sorted(ATTRIBUTION_CHOICES), default="combined",
+                       help="how its responses are attributed: combined (verbatim spans, gradient influence "
+                            "elsewhere; computes influence features after training) or verbatim (default combined)")
     money(train)
     json_flag(train)
     train.set_defaults(func=cmd_train)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sqlmodel import Session, select
 
+from attribution.adapter_method import COMBINED, METHODS, VERBATIM, write_method
 from gateway.config import GatewayConfig
 from gateway.ledger_access import Registries
 from registry.adapters import AdapterRecord
@@ -26,7 +27,7 @@ from registry.models import Contribution, Datanet, DatanetVersion
 from serving.adapter_store import AdapterStore, BaseModelShape, check_adapter_dir, validate_name
 from serving.config import EngineConfig
 from serving.errors import ApiError
-from training.lora_training import TrainingConfig, TrainingProgress, train_adapter
+from training.lora_training import TrainingConfig, TrainingProgress, TrainingResult, train_adapter
 
 
 def adapter_store(config: GatewayConfig) -> AdapterStore:
@@ -66,18 +67,37 @@ def lineage_label(registries: Registries, version: DatanetVersion) -> str:
         return f"{session.get(Datanet, version.datanet_id).name}@{version.number}"
 
 
-def training_texts(registries: Registries, lineage: list[DatanetVersion]) -> list[str]:
-    """The texts of every contribution in the lineage's versions, in a stable order."""
+def training_contributions(registries: Registries, lineage: list[DatanetVersion]) -> list[tuple[str, str]]:
+    """(contribution id, text) of every contribution in the lineage's versions, in a stable order."""
     with Session(registries.engine) as session:
         return [
-            text
+            (cid, text)
             for version in lineage
-            for text in session.exec(
-                select(Contribution.text)
+            for cid, text in session.exec(
+                select(Contribution.id, Contribution.text)
                 .where(in_version(version.datanet_id, version.number))
                 .order_by(Contribution.created_at, Contribution.id)
             ).all()
         ]
+
+
+def training_texts(registries: Registries, lineage: list[DatanetVersion]) -> list[str]:
+    """The texts of every contribution in the lineage's versions, in a stable order."""
+    return [text for _, text in training_contributions(registries, lineage)]
+
+
+def record_attribution(base_model_dir: Path, adapter_dir: Path, contributions: list[tuple[str, str]],
+                       training: TrainingConfig, result: TrainingResult | None, method: str,
+                       progress: Callable[[int, int], None] | None = None) -> None:
+    """Make the adapter just trained in `adapter_dir` attributable with `method`: for the combined method its
+    influence features first (`progress(done, total)` per training sequence), then the method file."""
+    if method not in METHODS:
+        raise ValueError(f"unknown attribution method {method!r}; known: {', '.join(METHODS)}")
+    if method == COMBINED:
+        from attribution.influence import features_after_training
+
+        features_after_training(base_model_dir, adapter_dir, contributions, training, result, progress=progress)
+    write_method(adapter_dir, method)
 
 
 @dataclass(frozen=True)
@@ -104,17 +124,22 @@ def training_config(texts: list[str], steps: int | None, default: TrainingConfig
 def train_and_register(config: GatewayConfig, registries: Registries, name: str, lineage: list[DatanetVersion], *,
                        owner: str, price: int, steps: int | None = None,
                        progress: Callable[[TrainingProgress], None] | None = None,
-                       should_stop: Callable[[], bool] | None = None) -> TrainedAdapter:
-    """Fine-tune a LoRA adapter on the lineage's contributions, then store and register it.
+                       should_stop: Callable[[], bool] | None = None, attribution: str = COMBINED,
+                       features_progress: Callable[[int, int], None] | None = None) -> TrainedAdapter:
+    """Fine-tune a LoRA adapter on the lineage's contributions, record its attribution method (with influence
+    features for the combined one: `features_progress(done, total)`), then store and register it.
 
-    Raises TrainingInterrupted (nothing written) when `should_stop` fires, ValueError for bad steps.
+    Raises TrainingInterrupted (nothing written) when `should_stop` fires, ValueError for bad steps or method.
     """
+    if attribution not in METHODS:
+        raise ValueError(f"unknown attribution method {attribution!r}; known: {COMBINED}, {VERBATIM}")
     check_new_name(config, registries, name)
     try:
         checksum_address(owner)  # refuse a bad owner before minutes of training, not after
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
-    texts = training_texts(registries, lineage)
+    contributions = training_contributions(registries, lineage)
+    texts = [text for _, text in contributions]
     training = training_config(texts, steps, training_preset(config))
     if progress is not None:
         progress(TrainingProgress(0, training.steps, float("nan"), 0.0))
@@ -124,6 +149,8 @@ def train_and_register(config: GatewayConfig, registries: Registries, name: str,
     try:
         result = train_adapter(config.model_path, texts, workdir / name, training, progress=progress,
                                should_stop=should_stop, base_model_name=config.served_model_name)
+        record_attribution(config.model_path, result.out_dir, contributions, training, result, attribution,
+                           features_progress)
         record = store_and_register(config, registries, name, result.out_dir, owner=owner, price=price,
                                     lineage=lineage, source="trained")
     finally:

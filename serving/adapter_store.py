@@ -1,6 +1,8 @@
 """Adapter store: LoRA adapters resolved by name from a directory or any fsspec URL.
 
-Layout: ``<store>/<adapter name>/adapter_config.json`` and ``adapter_model.safetensors``, and
+Layout: ``<store>/<adapter name>/adapter_config.json`` and ``adapter_model.safetensors`` (with, when the
+adapter has them, ``influence.safetensors`` and ``attribution.json``: its influence features and attribution
+method, attribution/adapter_method.py), and
 ``<store>/.<adapter name>.sha256`` holding the adapter directory's digest (``sha256:<hex>``,
 statedir/store_cache.py `directory_digest`), written by `put` just before the directory. Names start
 with a letter or digit, so the listing never takes a digest file (or a hidden staging directory)
@@ -32,12 +34,15 @@ from pathlib import Path
 
 import fsspec
 
+from attribution.adapter_method import METHOD_FILE
+from attribution.influence import FEATURES_FILE
 from serving.errors import AdapterUnavailable, InvalidRequest
 from statedir.store_cache import StoreCache, StoreDigestMismatch, StoreError, digest_hex, directory_digest
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+OPTIONAL_FILES = (FEATURES_FILE, METHOD_FILE)  # copied (and digested) when the adapter has them
 DIGEST_SUFFIX = ".sha256"
 OBJECTS_DIR = ".objects"
 SAFETENSORS_HEADER_BYTES_MAX = 16 * 1024 * 1024
@@ -234,15 +239,18 @@ class AdapterStore:
             shutil.rmtree(target, ignore_errors=True)
 
     def put(self, name: str, source: Path) -> str:
-        """Register an adapter by copying its directory into the store, with its digest; return the digest."""
+        """Register an adapter by copying its directory into the store, with its digest; return the digest.
+
+        Its config and weights are required; its influence features and method file are copied when present."""
         validate_name(name)
         for file in (CONFIG_FILE, WEIGHTS_FILE):
             if not (Path(source) / file).is_file():
                 raise InvalidRequest(f"{source} has no {file}")
-        digest = directory_digest(Path(source), files=(CONFIG_FILE, WEIGHTS_FILE))  # what is copied, only
+        files = (CONFIG_FILE, WEIGHTS_FILE, *(f for f in OPTIONAL_FILES if (Path(source) / f).is_file()))
+        digest = directory_digest(Path(source), files=files)  # what is copied, only
         staging = f"{self.root}/.{name}.{uuid.uuid4().hex}"
         self.fs.makedirs(staging, exist_ok=True)
-        for file in (CONFIG_FILE, WEIGHTS_FILE):
+        for file in files:
             self.fs.put(str(Path(source) / file), f"{staging}/{file}")
         self.fs.pipe_file(self.digest_path(name), f"{digest}\n".encode())
         target = f"{self.root}/{name}"
@@ -251,7 +259,7 @@ class AdapterStore:
         if self.is_local:
             self.fs.mv(staging, target, recursive=True)
         else:  # object stores rename no directory: move the objects (readers check the digest)
-            for file in (CONFIG_FILE, WEIGHTS_FILE):
+            for file in files:
                 self.fs.mv(f"{staging}/{file}", f"{target}/{file}")
             if self.fs.exists(staging):
                 self.fs.rm(staging, recursive=True)

@@ -105,9 +105,10 @@ class EngineReplica:
         outbox = Outbox(self.config.outbox_dir, ledger.outbox_max_traces) if ledger.ship else None
         usage_log = UsageLog(self.config.usage_dir) if outbox is not None and ledger.usage_records else None
         attribution = (
-            AttributionService.from_config(LedgerLineages(self.ledger), trace_dir=self.config.trace_dir,
-                                           outbox=outbox, usage_log=usage_log,
-                                           delay_seconds=self.config.attribution_delay_seconds)
+            AttributionService.from_config(LedgerLineages(self.ledger, adapter_dirs=self.engine.store.local_path),
+                                           trace_dir=self.config.trace_dir, outbox=outbox, usage_log=usage_log,
+                                           delay_seconds=self.config.attribution_delay_seconds,
+                                           base_model_dir=self.config.model_path)
             if self.config.attribution else None
         )
         access = AccessConfig()

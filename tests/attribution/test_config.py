@@ -24,7 +24,7 @@ class OneLineage:
 
 @pytest.fixture(autouse=True)
 def _no_attribution_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("WORKERS", "QUEUE_MAX", "MAX_LAG_SECONDS"):
+    for name in ("WORKERS", "QUEUE_MAX", "MAX_LAG_SECONDS", "INFLUENCE"):
         monkeypatch.delenv(f"GATEWAY_ATTRIBUTION_{name}", raising=False)
 
 
@@ -56,6 +56,20 @@ def test_bad_values_are_refused_naming_the_setting(monkeypatch: pytest.MonkeyPat
     with pytest.raises(ValidationError, match=message) as refused:
         AttributionConfig()
     assert [error["loc"] for error in refused.value.errors()] == [(name.lower(),)]
+
+
+def test_influence_is_on_unless_turned_off(built: tuple[Path, IndexManifest], monkeypatch: pytest.MonkeyPatch) -> None:
+    assert AttributionConfig().influence is True
+    monkeypatch.setenv("GATEWAY_ATTRIBUTION_INFLUENCE", "false")
+    assert AttributionConfig().influence is False
+    service = AttributionService.from_config(LedgerLineages(OneLineage(built[0])), processes=False)
+    try:
+        assert service.influence is False
+    finally:
+        service.close()
+    monkeypatch.setenv("GATEWAY_ATTRIBUTION_INFLUENCE", "sometimes")
+    with pytest.raises(ValidationError, match="valid boolean"):
+        AttributionConfig()
 
 
 def test_unknown_settings_are_refused() -> None:
