@@ -23,7 +23,10 @@ share of r's tokens given to c's contributions:
 - Spearman: mean rank correlation of weights and true effects (same responses);
 - noise mass: mean weight on contributors whose effect is within noise (on unrelated prompts, that is
   every contributor);
-- true-contributor mass (recitation): mean weight on the contributor of the recited passage.
+- true-contributor mass (recitation, paraphrase): mean weight on the contributor the prompt is about;
+- attributed mass: mean weight on all contributors together (on unrelated prompts it should be near 0).
+Methods: verbatim spans, influence alone, combined (what `verbatim+influence-v1` serves: verbatim where a
+token has spans, influence elsewhere) and blend (the other candidate rule: the mean of the two on every token).
 Cost per inference: seconds per response for each method, beside the seconds the adapter took to
 generate it (transformers, greedy, one response at a time, same process).
 
@@ -55,7 +58,8 @@ from training.lora_training import TrainingConfig, greedy_batch, load_adapted_mo
 
 PROMPT_WORDS = 12
 REGIMES = ("recitation", "paraphrase", "unrelated")
-METHODS = ("verbatim", "influence", "combined")
+METHODS = ("verbatim", "influence", "combined", "blend")
+"""blend: the alternative combination rule, half verbatim and half influence on every token (reported, not served)."""
 
 UNRELATED_QUESTIONS = (
     "What is the capital of France?",
@@ -118,6 +122,8 @@ class RegimeScore:
     noise_mass: float
     true_mass: float
     """Mean weight on the prompt's own contributor (recitation and paraphrase)."""
+    attributed_mass: float
+    """Mean weight on all contributors together (the rest of the response is unattributed)."""
 
 
 @dataclass(frozen=True)
@@ -257,10 +263,11 @@ def contributor_weights(tokens: Sequence[TokenAttribution], owner_of: dict[str, 
 
 def score_regime(weights: np.ndarray, effects: np.ndarray, noise: np.ndarray, owners: Sequence[int | None]) -> RegimeScore:
     """weights/effects: [cases, contributors]; noise: [cases]."""
-    top1, rhos, noise_mass, true_mass = [], [], [], []
+    top1, rhos, noise_mass, true_mass, attributed = [], [], [], [], []
     for row in range(len(effects)):
         within = np.abs(effects[row]) <= noise[row]
         noise_mass.append(float(weights[row][within].sum()))
+        attributed.append(float(weights[row].sum()))
         if owners[row] is not None:
             true_mass.append(float(weights[row][owners[row]]))
         if within.all():
@@ -268,7 +275,7 @@ def score_regime(weights: np.ndarray, effects: np.ndarray, noise: np.ndarray, ow
         top1.append(float(np.argmax(weights[row]) == np.argmax(effects[row]) and weights[row].max() > 0))
         rhos.append(spearman(weights[row], effects[row]))
     return RegimeScore(cases=len(effects), scored=len(top1), top1=_mean(top1), spearman=_mean(rhos),
-                       noise_mass=_mean(noise_mass), true_mass=_mean(true_mass))
+                       noise_mass=_mean(noise_mass), true_mass=_mean(true_mass), attributed_mass=_mean(attributed))
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -310,8 +317,10 @@ def evaluate(work_dir: Path, model_dir: Path, size: EvalSize, report: Any = prin
             started = time.perf_counter()
             mixed = combined.token_weights(verbatim, influence)
             seconds["combined"].append(seconds["verbatim"][-1] + seconds["influence"][-1] + time.perf_counter() - started)
+            seconds["blend"].append(seconds["combined"][-1])
             for method, tokens in (("verbatim", verbatim), ("influence", influence), ("combined", mixed)):
                 per_method[method].append(contributor_weights(tokens, experiment.owner_of, size.contributors))
+            per_method["blend"].append((per_method["verbatim"][-1] + per_method["influence"][-1]) / 2)
     scores: dict[str, dict[str, RegimeScore]] = {}
     for method in METHODS:
         weights = np.stack(per_method[method])
@@ -328,14 +337,18 @@ def evaluate(work_dir: Path, model_dir: Path, size: EvalSize, report: Any = prin
 
 GOALS = {
     ("paraphrase", "top1"): 0.8, ("paraphrase", "spearman"): 0.6, ("recitation", "true_mass"): 0.9,
-    ("unrelated", "noise_mass"): 0.1,
+    ("unrelated", "attributed_mass"): 0.1,
 }
-"""The issue's goals for the combined method (noise mass is an upper bound, the others lower bounds)."""
+"""The issue's goals for the combined method (mass on unrelated prompts is an upper bound, the others lower
+bounds). On unrelated prompts the bound is put on all the mass given to contributors, not only on those within
+noise: the second seed does not move a short greedy answer much, so some contributors' effects on it pass
+for real ones, and paying them for a response about none of their data is still a misdirected payment."""
+UPPER_BOUNDS = {"noise_mass", "attributed_mass"}
 
 
 def goals_met(report: CounterfactualReport) -> dict[str, bool]:
     combined = report.scores["combined"]
-    met = {f"{regime} {metric}": (getattr(combined[regime], metric) <= bound if metric == "noise_mass"
+    met = {f"{regime} {metric}": (getattr(combined[regime], metric) <= bound if metric in UPPER_BOUNDS
                                   else getattr(combined[regime], metric) >= bound)
            for (regime, metric), bound in GOALS.items()}
     met["influence cost <= generation cost"] = (report.seconds_per_inference["influence"]
@@ -346,15 +359,15 @@ def goals_met(report: CounterfactualReport) -> dict[str, bool]:
 def format_report(report: CounterfactualReport) -> str:
     lines = [f"K = {report.size.contributors} contributors, {report.size.contributions} contributions; "
              f"seed noise per token (nats): " + ", ".join(f"{r} {v:.3f}" for r, v in report.noise_per_token.items()),
-             f"{'regime':<11} {'measure':<11} " + " ".join(f"{m:>10}" for m in METHODS) + "   goal (combined)"]
+             f"{'regime':<11} {'measure':<15} " + " ".join(f"{m:>10}" for m in METHODS) + "   goal (combined)"]
     for regime in REGIMES:
-        for metric in ("top1", "spearman", "noise_mass", "true_mass"):
+        for metric in ("top1", "spearman", "noise_mass", "true_mass", "attributed_mass"):
             if regime == "unrelated" and metric in ("top1", "spearman", "true_mass"):
                 continue
             goal = GOALS.get((regime, metric))
-            shown = "" if goal is None else ("<= " if metric == "noise_mass" else ">= ") + f"{goal}"
+            shown = "" if goal is None else ("<= " if metric in UPPER_BOUNDS else ">= ") + f"{goal}"
             values = " ".join(f"{getattr(report.scores[m][regime], metric):>10.3f}" for m in METHODS)
-            lines.append(f"{regime:<11} {metric:<11} {values}   {shown}")
+            lines.append(f"{regime:<11} {metric:<15} {values}   {shown}")
     scored = ", ".join(f"{r} {report.scores['combined'][r].scored}/{report.scores['combined'][r].cases}"
                        for r in REGIMES)
     lines.append(f"cases with an effect above noise: {scored}")

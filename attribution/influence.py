@@ -1,22 +1,30 @@
 """Gradient influence of a LoRA adapter's training contributions on a response (method `lora-influence-v1`).
 
 What it estimates. Leaving contribution c out of training would change the adapter's weights by
-about H^-1 g_c (g_c: the gradient of c's summed token loss at the trained weights; H: the loss's
-curvature), and so change a response r's log-probability by about -g_r . H^-1 g_c. The method scores
-every contribution by s_c = g_r . H^-1 g_c: the larger, the more r's probability rests on c.
+about H^-1 g_c (g_c: the gradient of c's summed token loss; H: the loss's curvature), and so change a
+response r's log-probability by about -g_r . H^-1 g_c. The method scores every contribution by
+s_c = g_r . H^-1 g_c: the larger, the more r's probability rests on c.
+
+Where the gradients are taken. At the trained weights an adapter that has fitted its data has almost no
+gradient left on it, and what remains does not tell contributions apart. Gradients are therefore taken at
+an early snapshot of the same training run (the LoRA weights after a tenth of the steps,
+training.lora_training.TrainingResult.snapshot), where each contribution still pulls the weights its own
+way: a one-checkpoint version of TracIn's sum over checkpoints. The snapshot is stored in the features
+file, so inference takes g_r at the same point.
 
 How (TRAK/LoGra-style, made cheap by LoRA):
 
-- Only the adapter's LoRA weights are differentiated (all layers, or the last `top_layers`), so the
-  gradient has a few million entries at most. It is projected to `sketch_dim` entries by a seeded
-  count sketch (each entry goes to one random bucket with a random sign): inner products are kept in
-  expectation, the projection costs one pass over the gradient, and it is rebuilt from the seed
-  instead of stored.
+- Only the LoRA weights are differentiated (all layers, or the last `top_layers`), so the gradient has a
+  few million entries at most. It is projected to `sketch_dim` entries by a seeded count sketch (each
+  entry goes to one random bucket with a random sign): inner products are kept in expectation, the
+  projection costs one pass over the gradient, and it is rebuilt from the seed instead of stored.
 - Curvature: a damped empirical Fisher in the sketched space, H = G'G/n + lambda I, over the training
   sequences' gradients G (lambda = `damping` x the mean eigenvalue), as TRAK and DataInf do. The
-  features file stores W = H^-1/2 and, per contribution, psi_c = W sum_i g_i over its sequences.
+  features file stores W = H^-1/2 and, per contribution, psi_c = W sum_i g_i over its sequences (and the
+  unwhitened sums).
 - At inference one forward and backward pass over prompt + response gives g_r; q = W g_r;
-  s_c = psi_c . q, and the cosine psi_c . q / (|psi_c| |q|) says how specifically r points at c.
+  s_c = psi_c . q. How specifically r points at c is the cosine of the unwhitened sums and g_r (the
+  whitening flattens the directions common to all training text, which would make every cosine small).
 
 Features are computed once when the adapter is trained (`build_features`), written beside it as
 ``influence.safetensors``, and bound to it: the file records the sha256 of the adapter's weights file,
@@ -41,6 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from attribution.policy import InfluenceWeighting
+from ledger.client.trace import TokenAttribution
 from statedir.durable_files import fsync_path
 
 METHOD = "lora-influence-v1"
@@ -371,7 +381,10 @@ class InfluenceScores:
 
 
 class InfluenceScorer:
-    """Scores responses of one adapter against its features (holds the model; not thread-safe)."""
+    """Scores responses of one adapter against its features (holds the model; not thread-safe). An
+    `AttributionMethod` (attribution/policy.py): `token_weights` turns the scores into per-token weights."""
+
+    name = METHOD
 
     def __init__(self, model: Any, features: InfluenceFeatures) -> None:
         self.model = model
@@ -393,6 +406,12 @@ class InfluenceScorer:
         denominator = self._raw_norms * max(float(np.linalg.norm(gradient)), 1e-30)
         cosines = np.where(denominator > 0, (self.features.raw @ gradient) / np.maximum(denominator, 1e-30), 0.0)
         return InfluenceScores(self.features.contribution_ids, scores, cosines, time.perf_counter() - started)
+
+    def token_weights(self, context_ids: Sequence[int], completion_ids: Sequence[int],
+                      weighting: InfluenceWeighting | None = None) -> list[TokenAttribution]:
+        """The response's influence as one TokenAttribution per completion token (`InfluenceWeighting`)."""
+        return (weighting or InfluenceWeighting()).token_weights(self.scores(context_ids, completion_ids),
+                                                                 completion_ids)
 
 
 def features_after_training(base_model_dir: Path, adapter_dir: Path, contributions: Sequence[tuple[str, str]],

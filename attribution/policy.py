@@ -3,8 +3,9 @@
 What this measures. Verbatim span matching measures *overlap* between generated text and indexed
 contributions: a long, rare span shared with a contribution is strong evidence that the text was
 copied (memorized) from it. It does not measure causal influence: a model can depend on a
-contribution without repeating it, and can repeat a phrase it learned elsewhere. A gradient-based
-influence method (for LoRA adapters) can replace this one by implementing `AttributionMethod`.
+contribution without repeating it, and can repeat a phrase it learned elsewhere. The gradient-influence
+method for LoRA adapters (attribution/influence.py, weighted by `InfluenceWeighting` below) is the other
+`AttributionMethod`; `CombinedPolicy` joins the two.
 
 The span rule (`SpanWeightingPolicy`), in words:
 
@@ -79,7 +80,8 @@ class MatchedSpan:
 
 
 class AttributionMethod(Protocol):
-    """Any per-token attribution method (verbatim spans now, gradient-based influence later)."""
+    """Any per-token attribution method: verbatim spans (attribution/attributor.py `Attributor`) and gradient
+    influence (attribution/influence.py `InfluenceScorer`)."""
 
     name: str
 
@@ -234,18 +236,22 @@ class InfluenceWeighting:
     """How influence scores (attribution/influence.py) become per-token weights.
 
     The gradient of a response says how much its probability rests on each contribution (score s_c), and
-    how specifically it points at that contribution (the cosine of the two whitened gradients). The rule:
+    how specifically it points at that contribution (the cosine of their gradients). The rule:
 
     1. The response's attributed share is a = clip((max_c cos_c - cosine_floor) / (cosine_full - cosine_floor),
        0, 1): a response whose gradient points at no contribution more than a response about none of the data
        does is left unattributed (its share goes by the unattributed policy).
     2. a is split among contributions with s_c > 0 in proportion to s_c ** sharpness.
     3. Influence is measured for the whole response, so every token of it gets the same weights.
+
+    The defaults are the ones the counterfactual evaluation (attribution/counterfactual.py) chose on the
+    pretrained model: the gate keeps the mass attributed to prompts about none of the data under 0.1, and
+    squaring the scores puts more of the share on the contribution the response rests on most.
     """
 
-    cosine_floor: float = 0.1
-    cosine_full: float = 0.25
-    sharpness: float = 1.0
+    cosine_floor: float = 0.15
+    cosine_full: float = 0.3
+    sharpness: float = 2.0
     name: str = "lora-influence-v1"
 
     def __post_init__(self) -> None:

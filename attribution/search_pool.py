@@ -87,15 +87,15 @@ class LocalAttributors:
                   completion: Sequence[int], influence: Influence | None = None) -> list[TokenAttribution]:
         if influence is None:
             return self._attributor(tuple(index_dirs)).attribute(context, completion)
-        from attribution.policy import CombinedPolicy, InfluenceWeighting
+        from attribution.policy import CombinedPolicy
 
         with self._scoring:
-            scores = self._scorer(influence).scores(context, completion)
+            influence_tokens = self._scorer(influence).token_weights(context, completion)
         if index_dirs:
             verbatim = self._attributor(tuple(index_dirs)).attribute(context, completion)
         else:
             verbatim = [TokenAttribution.unattributed_token(int(t)) for t in completion]
-        return CombinedPolicy().token_weights(verbatim, InfluenceWeighting().token_weights(scores, completion))
+        return CombinedPolicy().token_weights(verbatim, influence_tokens)
 
     def scorers_open(self) -> int:
         return len(self._scorers)

@@ -96,8 +96,12 @@ def _ensure_adapter(config: GatewayConfig, registries: Registries, datanet: Demo
         if update.step and (update.step % 10 == 0 or update.step == update.total_steps):
             say(f"[demo]   step {update.step}/{update.total_steps} loss {update.loss:.3f}")
 
+    def features_report(done: int, total: int) -> None:
+        if done == total or done % 20 == 0:
+            say(f"[demo]   influence features: {done}/{total} training sequences")
+
     trained = train_and_register(config, registries, name, lineage, owner=owner,
-                                 price=DEFAULT_PRICE_PER_1K_TOKENS, progress=report)
+                                 price=DEFAULT_PRICE_PER_1K_TOKENS, progress=report, features_progress=features_report)
     say(f"[demo] adapter '{name}' ready ({trained.seconds:.0f} s, loss {trained.final_loss:.3f})")
     if config.embedded_pretrained:
         _report_what_it_learned(config, name, demo_fact_datanet(datanet.name), say)

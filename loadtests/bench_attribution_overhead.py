@@ -16,6 +16,7 @@ import asyncio
 import statistics
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,14 +52,16 @@ async def bench(servers: dict[str, GatewayServer], args: argparse.Namespace) -> 
     return rounds
 
 
-def alternate_gateways(state: Path, variants: dict[str, dict[str, str]],
-                       args: argparse.Namespace) -> dict[str, list[dict]]:
-    """Start one gateway per variant (its extra env) on one state directory and run `bench` on them.
+def alternate_gateways(state: Path, variants: dict[str, dict[str, str]], args: argparse.Namespace,
+                       run: Callable[[dict[str, GatewayServer]], Awaitable[dict[str, list[dict]]]] | None = None,
+                       env: dict[str, str] | None = None) -> dict[str, list[dict]]:
+    """Start one gateway per variant (its extra env, over `env`) on one state directory and `run` the rounds
+    on them (default: `bench`).
 
     They share the local chain and the ledger; HTTP and gRPC ports follow from `args.port`.
     """
     shared = {"GATEWAY_CHAIN_PORT": str(free_port()), "GATEWAY_LEDGER_PORT": str(free_port()),
-              "GATEWAY_DEMO_ADAPTERS": "0"}
+              "GATEWAY_DEMO_ADAPTERS": "0", **(env or {})}
     servers = {name: GatewayServer(state, args.port + 2 * i) for i, name in enumerate(variants)}
     for name, server in servers.items():
         server.process.env.update({**shared, **variants[name]})
@@ -66,23 +69,33 @@ def alternate_gateways(state: Path, variants: dict[str, dict[str, str]],
         for name, server in servers.items():  # one after the other: the first builds the demo data
             log(f"starting the gateway with {name} (state {state})")
             server.start()
-        return asyncio.run(bench(servers, args))
+        return asyncio.run(run(servers) if run is not None else bench(servers, args))
     finally:
         for server in servers.values():
             server.stop()
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def paired_arguments(description: str, port: int) -> argparse.ArgumentParser:
+    """The options of a two-gateway benchmark: rounds, workload, state dir and the first of its four ports."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--state-dir", type=Path, help="reuse a state dir (default: a new temp dir)")
-    parser.add_argument("--port", type=int, default=18300, help="first of four ports (HTTP and gRPC of both)")
-    args = parser.parse_args()
+    parser.add_argument("--port", type=int, default=port, help="first of four ports (HTTP and gRPC of both)")
+    return parser
+
+
+def paired_state_dir(args: argparse.Namespace, prefix: str) -> Path:
+    """The state directory to run in (after checking the four ports are free)."""
     for port in range(args.port, args.port + 4):
         check_port_free(port)
-    state = (args.state_dir or Path(tempfile.mkdtemp(prefix="bench-attribution-", dir="/tmp"))).resolve()
+    return (args.state_dir or Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))).resolve()
+
+
+def main() -> int:
+    args = paired_arguments(__doc__.split("\n\n")[0], 18300).parse_args()
+    state = paired_state_dir(args, "bench-attribution-")
     rounds = alternate_gateways(state, {"attribution on": {}, "attribution off": {"GATEWAY_ATTRIBUTION": "false"}}, args)
     figures = {name: {key: statistics.median(r[key] for r in runs) for key in ("tok_s", "ttft_p50", "itl_p50")}
                for name, runs in rounds.items()}

@@ -64,6 +64,7 @@ def test_whole_trace_by_id_sums_to_one_per_token(gateway: GatewayProcess, client
     assert "attribution" not in body, "the summary comes only on request"
     trace = httpx.get(headers=gateway.headers, url=f"{gateway.base_url}/v1/attributions/{raw.headers['x-attribution-trace-id']}", timeout=30).json()
     assert trace["adapter"] == ADAPTER and trace["completion_tokens"] == body["usage"]["completion_tokens"]
+    assert trace["method"] == "verbatim+influence-v1", "demo adapters are trained with the combined method"
     assert len(trace["tokens"]) == trace["completion_tokens"]
     for token in trace["tokens"]:
         assert abs(sum(w for _, w in token["weights"]) + token["unattributed"] - 1) < 1e-9

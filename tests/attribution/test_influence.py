@@ -21,7 +21,7 @@ from attribution.influence import (
     build_features,
     features_after_training,
 )
-from attribution.policy import CombinedPolicy, InfluenceWeighting
+from attribution.policy import AttributionMethod, CombinedPolicy, InfluenceWeighting
 from ledger.client.trace import TokenAttribution
 from training.demo_facts import GLASSFIN_REEF
 from training.lora_training import TrainingConfig, snapshot_step, train_adapter
@@ -63,8 +63,12 @@ def test_a_recited_contribution_scores_highest(tiny_model_dir: Path, trained: Pa
         scores = scorer.scores(prompt, response)
         assert int(np.argmax(scores.scores)) == index
         assert int(np.argmax(scores.cosines)) == index
-        tokens = InfluenceWeighting().token_weights(scores, response)
-        assert len(tokens) == len(response)
+        method: AttributionMethod = scorer  # the protocol the attribution service calls
+        tokens = method.token_weights(prompt, response)
+        again = InfluenceWeighting().token_weights(scores, response)
+        assert len(tokens) == len(again) == len(response)
+        assert dict(tokens[0].weights) == pytest.approx(dict(again[0].weights), rel=1e-4, abs=1e-6)
+        assert max(tokens[0].weights, key=lambda pair: pair[1])[0] == IDS[index]
         for token in tokens:
             assert sum(weight for _, weight in token.weights) + token.unattributed == pytest.approx(1.0)
 
@@ -105,10 +109,12 @@ def test_building_features_refuses_bad_input(tiny_model_dir: Path, trained: Path
 
 
 def test_influence_weighting_gates_on_the_cosine_and_splits_by_score() -> None:
-    policy = InfluenceWeighting(cosine_floor=0.1, cosine_full=0.3)
+    policy = InfluenceWeighting(cosine_floor=0.1, cosine_full=0.3, sharpness=1.0)
     assert policy.contribution_weights(["a", "b"], [5.0, 1.0], [0.05, 0.02]) == {}
     half = policy.contribution_weights(["a", "b", "c"], [3.0, 1.0, -2.0], [0.2, 0.1, -0.1])
     assert half == pytest.approx({"a": 0.375, "b": 0.125})
+    squared = InfluenceWeighting(cosine_floor=0.1, cosine_full=0.3, sharpness=2.0)
+    assert squared.contribution_weights(["a", "b"], [3.0, 1.0], [0.2, 0.1]) == pytest.approx({"a": 0.45, "b": 0.05})
     full = policy.contribution_weights(["a", "b"], [3.0, 1.0], [0.9, 0.1])
     assert sum(full.values()) == pytest.approx(1.0)
     with pytest.raises(ValueError):
