@@ -136,6 +136,9 @@ class CounterfactualReport:
     noise_per_token: dict[str, float]
     effects: dict[str, list[list[float]]]
     """regime -> per case, true effect per contributor (nats)."""
+    owner_first: dict[str, tuple[int, int]]
+    """recitation and paraphrase -> (cases whose largest true effect is the prompt's own contributor, cases): how
+    far the ground truth agrees with the obvious answer."""
 
 
 def contribution_id(text: str) -> str:
@@ -177,7 +180,8 @@ class Experiment:
     def adapters(self) -> dict[str, Path]:
         """"all", "seed2" and "without-<c>" for every contributor, trained if not already in the work dir."""
         seed = self.size.training.seed
-        found = {"all": self.adapter("all", self.texts, seed, with_features=True), "seed2": self.adapter("seed2", self.texts, seed + 1)}
+        found = {"all": self.adapter("all", self.texts, seed, with_features=True),
+                 "seed2": self.adapter("seed2", self.texts, seed + 1)}
         for contributor in range(self.size.contributors):
             kept = [t for t, cid in zip(self.texts, self.ids, strict=True) if self.owner_of[cid] != contributor]
             found[f"without-{contributor}"] = self.adapter(f"without-{contributor}", kept, seed)
@@ -261,7 +265,8 @@ def contributor_weights(tokens: Sequence[TokenAttribution], owner_of: dict[str, 
     return weights / max(len(tokens), 1)
 
 
-def score_regime(weights: np.ndarray, effects: np.ndarray, noise: np.ndarray, owners: Sequence[int | None]) -> RegimeScore:
+def score_regime(weights: np.ndarray, effects: np.ndarray, noise: np.ndarray,
+                 owners: Sequence[int | None]) -> RegimeScore:
     """weights/effects: [cases, contributors]; noise: [cases]."""
     top1, rhos, noise_mass, true_mass, attributed = [], [], [], [], []
     for row in range(len(effects)):
@@ -316,7 +321,8 @@ def evaluate(work_dir: Path, model_dir: Path, size: EvalSize, report: Any = prin
             seconds["influence"].append(time.perf_counter() - started)
             started = time.perf_counter()
             mixed = combined.token_weights(verbatim, influence)
-            seconds["combined"].append(seconds["verbatim"][-1] + seconds["influence"][-1] + time.perf_counter() - started)
+            seconds["combined"].append(seconds["verbatim"][-1] + seconds["influence"][-1]
+                                       + time.perf_counter() - started)
             seconds["blend"].append(seconds["combined"][-1])
             for method, tokens in (("verbatim", verbatim), ("influence", influence), ("combined", mixed)):
                 per_method[method].append(contributor_weights(tokens, experiment.owner_of, size.contributors))
@@ -331,8 +337,12 @@ def evaluate(work_dir: Path, model_dir: Path, size: EvalSize, report: Any = prin
         }
     costs = {method: _mean(values) for method, values in seconds.items()}
     costs["generation"] = generation_seconds
+    owner_first = {regime: (sum(int(np.argmax(effect) == case.owner)
+                                for case, effect in zip(cases, effects, strict=True) if case.regime == regime),
+                            int((regimes == regime).sum()))
+                   for regime in REGIMES if regime != "unrelated"}
     return CounterfactualReport(size, scores, costs, noise_per_token,
-                                {regime: effects[regimes == regime].tolist() for regime in REGIMES})
+                                {regime: effects[regimes == regime].tolist() for regime in REGIMES}, owner_first)
 
 
 GOALS = {
@@ -371,10 +381,13 @@ def format_report(report: CounterfactualReport) -> str:
     scored = ", ".join(f"{r} {report.scores['combined'][r].scored}/{report.scores['combined'][r].cases}"
                        for r in REGIMES)
     lines.append(f"cases with an effect above noise: {scored}")
+    lines.append("cases whose largest true effect is the prompt's own contributor: "
+                 + ", ".join(f"{regime} {first}/{total}" for regime, (first, total) in report.owner_first.items()))
     cost = report.seconds_per_inference
     lines.append("seconds per response: " + ", ".join(f"{name} {cost[name] * 1000:.1f} ms"
                                                       for name in (*METHODS, "generation")))
-    lines.append("goals: " + ", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in goals_met(report).items()))
+    lines.append("goals: " + ", ".join(f"{name} {'met' if ok else 'NOT met'}"
+                                       for name, ok in goals_met(report).items()))
     return "\n".join(lines)
 
 
@@ -387,8 +400,10 @@ def size_for(name: str) -> tuple[EvalSize, bool]:
     raise ValueError(f"size must be small or full, got {name!r}")
 
 
-def run_counterfactual(size_name: str, model_dir: Path | None = None, work_dir: Path | None = None) -> str:
-    """Run the evaluation at a named size (training whatever `work_dir` lacks) and return the printed report."""
+def run_counterfactual(size_name: str, model_dir: Path | None = None, work_dir: Path | None = None,
+                       influence_policy: InfluenceWeighting | None = None) -> str:
+    """Run the evaluation at a named size (training whatever `work_dir` lacks) and return the printed report;
+    `influence_policy` replaces the served influence weighting."""
     import tempfile
 
     from statedir.layout import StateLayout
@@ -407,6 +422,6 @@ def run_counterfactual(size_name: str, model_dir: Path | None = None, work_dir: 
         print(f"[counterfactual] {line}", flush=True)
 
     if work_dir is not None:
-        return format_report(evaluate(work_dir, model_dir, size, report))
+        return format_report(evaluate(work_dir, model_dir, size, report, influence_policy))
     with tempfile.TemporaryDirectory(prefix="counterfactual-") as scratch:
-        return format_report(evaluate(Path(scratch), model_dir, size, report))
+        return format_report(evaluate(Path(scratch), model_dir, size, report, influence_policy))

@@ -157,11 +157,23 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "12 contributions (default)")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="--counterfactual: keep the trained adapters here and reuse them on the next run")
+    parser.add_argument("--influence", type=str, default=None, metavar="FLOOR,FULL,SHARPNESS",
+                        help="--counterfactual: try another influence weighting (default: the served one, "
+                             "attribution/policy.py InfluenceWeighting), e.g. 0.1,0.25,2")
     args = parser.parse_args(argv)
     if args.counterfactual:
         from attribution.counterfactual import run_counterfactual
+        from attribution.policy import InfluenceWeighting
 
-        print(run_counterfactual(args.size, args.model_dir, args.work_dir))
+        weighting = None
+        if args.influence is not None:
+            try:
+                floor, full, sharpness = (float(part) for part in args.influence.split(","))
+                weighting = InfluenceWeighting(cosine_floor=floor, cosine_full=full, sharpness=sharpness)
+            except ValueError as exc:
+                parser.error(f"--influence wants FLOOR,FULL,SHARPNESS with -1 <= FLOOR < FULL <= 1 and "
+                             f"SHARPNESS > 0 ({exc})")
+        print(run_counterfactual(args.size, args.model_dir, args.work_dir, weighting))
         return
     with tempfile.TemporaryDirectory(prefix="attribution-eval-") as scratch:
         print(format_report(evaluate(Path(scratch), args.model_dir, args.passages)))

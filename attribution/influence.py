@@ -287,8 +287,9 @@ class InfluenceFeatures:
         weights = Path(adapter_dir) / ADAPTER_WEIGHTS_FILE
         actual = file_sha256(weights) if weights.is_file() else "(no weights file)"
         if actual != adapter_sha256:
-            raise FeaturesStale(f"influence features {path} were computed for adapter weights {adapter_sha256[:12]}…, "
-                                f"but {weights.name} is {actual[:12]}…: the adapter was trained again without them")
+            raise FeaturesStale(f"influence features {path} were computed for adapter weights "
+                                f"{adapter_sha256[:12]}…, but {weights.name} is {actual[:12]}…: "
+                                "the adapter was trained again without them")
         if lineage_contribution_ids is not None:
             unknown = sorted(set(contribution_ids) - set(lineage_contribution_ids))
             if unknown:

@@ -36,8 +36,21 @@ def test_counterfactual_goals_at_small_size(tiny_model_dir: Path, tmp_path: Path
     assert combined["unrelated"].noise_mass <= 0.1, combined["unrelated"]
     assert report.scores["influence"]["recitation"].top1 >= 0.5, "influence alone names most recited contributors"
     assert combined["recitation"].scored == combined["recitation"].cases, "reciting a passage rests on its contributor"
+    assert report.owner_first["recitation"] == (6, 6), "the truth: a recited passage rests most on its contributor"
     # Combining never does worse than verbatim alone where verbatim sees the copy.
     verbatim = report.scores["verbatim"]
     assert combined["recitation"].true_mass >= verbatim["recitation"].true_mass - 1e-9
     assert combined["paraphrase"].top1 >= verbatim["paraphrase"].top1
     assert set(report.seconds_per_inference) == {"verbatim", "influence", "combined", "blend", "generation"}
+
+
+@pytest.mark.parametrize("bad", ["abc", "0.3,0.1,2", "0.1,0.25", "0.1,0.25,0"])
+def test_a_bad_influence_weighting_is_refused_before_any_work(bad: str, capsys: pytest.CaptureFixture[str],
+                                                               tmp_path: Path) -> None:
+    from attribution.eval import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--counterfactual", "--influence", bad, "--work-dir", str(tmp_path / "work")])
+    assert exited.value.code == 2
+    assert "--influence wants FLOOR,FULL,SHARPNESS" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists(), "nothing was trained or written"
