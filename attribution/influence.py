@@ -20,8 +20,8 @@ How (TRAK/LoGra-style, made cheap by LoRA):
   projection costs one pass over the gradient, and it is rebuilt from the seed instead of stored.
 - Curvature: a damped empirical Fisher in the sketched space, H = G'G/n + lambda I, over the training
   sequences' gradients G (lambda = `damping` x the mean eigenvalue), as TRAK and DataInf do. The
-  features file stores W = H^-1/2 and, per contribution, psi_c = W sum_i g_i over its sequences (and the
-  unwhitened sums).
+  features file stores W = H^-1/2 and, per contribution, the sum of its sequences' gradients; psi_c =
+  W sum_i g_i follows from the two.
 - At inference one forward and backward pass over prompt + response gives g_r; q = W g_r;
   s_c = psi_c . q. How specifically r points at c is the cosine of the unwhitened sums and g_r (the
   whitening flattens the directions common to all training text, which would make every cosine small).
@@ -37,6 +37,7 @@ How the scores become weights is the policy's job (attribution/policy.py `Influe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -55,7 +56,7 @@ from statedir.durable_files import fsync_path
 
 METHOD = "lora-influence-v1"
 FEATURES_FILE = "influence.safetensors"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: the unwhitened sums and the snapshot are stored; psi is derived
 SNAPSHOT_PREFIX = "snapshot."
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # PEFT's name, as in training.lora_training.WEIGHTS_FILE
 
@@ -208,11 +209,9 @@ def contribution_sequences(tokenizer: Any, texts: Sequence[str], max_seq_len: in
 
 @dataclass(frozen=True)
 class InfluenceFeatures:
-    """An adapter's stored features: psi per contribution and the whitener W (see the module docstring)."""
+    """An adapter's stored features: the gradient sum per contribution and the whitener W (see the module docstring)."""
 
     contribution_ids: tuple[str, ...]
-    features: np.ndarray
-    """[contributions, sketch_dim]: psi_c = W sum of c's sequence gradients."""
     whitener: np.ndarray
     """[sketch_dim, sketch_dim]: W = H^-1/2."""
     raw: np.ndarray
@@ -222,8 +221,13 @@ class InfluenceFeatures:
     settings: InfluenceSettings
     adapter_sha256: str
 
+    @functools.cached_property
+    def features(self) -> np.ndarray:
+        """[contributions, sketch_dim]: psi_c = W sum of c's sequence gradients."""
+        return self.raw @ self.whitener.T
+
     def tensors(self) -> dict[str, np.ndarray]:
-        out = {"features": self.features, "whitener": self.whitener, "raw": self.raw}
+        out = {"whitener": self.whitener, "raw": self.raw}
         out.update({SNAPSHOT_PREFIX + name: value for name, value in self.snapshot.items()})
         return {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in out.items()}
 
@@ -267,7 +271,7 @@ class InfluenceFeatures:
             with safe_open(str(path), framework="numpy") as handle:
                 metadata = handle.metadata() or {}
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-            features, whitener, raw = tensors["features"], tensors["whitener"], tensors["raw"]
+            whitener, raw = tensors["whitener"], tensors["raw"]
             settings = InfluenceSettings(**json.loads(metadata["settings"]))
             contribution_ids = tuple(str(c) for c in json.loads(metadata["contribution_ids"]))
             recorded = metadata["tensors_sha256"]
@@ -279,8 +283,8 @@ class InfluenceFeatures:
             raise FeaturesCorrupt(f"influence features {path} are of format {version!r} / {metadata.get('method')!r}; "
                                   f"expected {FORMAT_VERSION!r} / {METHOD!r}")
         k = settings.sketch_dim
-        if features.shape != (len(contribution_ids), k) or whitener.shape != (k, k) or raw.shape != features.shape:
-            raise FeaturesCorrupt(f"influence features {path} have shapes {features.shape} and {whitener.shape} "
+        if raw.shape != (len(contribution_ids), k) or whitener.shape != (k, k):
+            raise FeaturesCorrupt(f"influence features {path} have shapes {raw.shape} and {whitener.shape} "
                                   f"for {len(contribution_ids)} contributions of dimension {k}")
         if _tensors_sha256(tensors) != recorded:
             raise FeaturesCorrupt(f"influence features {path} do not match their checksum (altered or damaged)")
@@ -297,8 +301,8 @@ class InfluenceFeatures:
                                     f"adapter's lineage (first: {unknown[0][:16]}…)")
         snapshot = {name[len(SNAPSHOT_PREFIX):]: value for name, value in tensors.items()
                     if name.startswith(SNAPSHOT_PREFIX)}
-        return cls(contribution_ids, features.astype(np.float64), whitener.astype(np.float64), raw.astype(np.float64),
-                   snapshot, settings, adapter_sha256)
+        return cls(contribution_ids, whitener.astype(np.float64), raw.astype(np.float64), snapshot, settings,
+                   adapter_sha256)
 
 
 def whitener_of(gradients: np.ndarray, damping: float) -> np.ndarray:
@@ -339,7 +343,7 @@ def build_features(base_model_dir: Path, adapter_dir: Path, contributions: Seque
     whitener = whitener_of(gradients, settings.damping)
     summed = np.zeros((len(ids), settings.sketch_dim))
     np.add.at(summed, owners, gradients)
-    features = InfluenceFeatures(tuple(ids), summed @ whitener.T, whitener, summed, kept, settings,
+    features = InfluenceFeatures(tuple(ids), whitener, summed, kept, settings,
                                  file_sha256(adapter_dir / ADAPTER_WEIGHTS_FILE))
     return features.save(adapter_dir)
 

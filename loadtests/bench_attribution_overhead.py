@@ -16,8 +16,10 @@ import asyncio
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,20 +33,34 @@ from training.demo_passages import DEMO_DATANETS  # noqa: E402
 ADAPTERS = [demo_adapter_name(d) for d in DEMO_DATANETS]
 
 
-async def bench(servers: dict[str, GatewayServer], args: argparse.Namespace) -> dict[str, list[dict]]:
+Settle = Callable[[float, int], Awaitable[tuple[dict[str, Any], str]]]
+"""Called after each warm-up and round with (its start, a time.time(), its requests): waits for whatever the
+round leaves behind and returns figures to add to the round's and a note for its log line."""
+
+
+async def bench(servers: dict[str, GatewayServer], args: argparse.Namespace, models: list[str] | None = None,
+                settle: Settle | None = None) -> dict[str, list[dict]]:
+    """Warm each server up, then `args.rounds` rounds of `models` (default: the demo adapters, mixed) on each in
+    turn; per server, the summary of each round (with what `settle` adds)."""
     clients = {name: OpenAIHttpClient(s.base_url, args.concurrency, s.headers) for name, s in servers.items()}
-    models = [ADAPTERS[i % len(ADAPTERS)] for i in range(args.requests)]
+    models = models or [ADAPTERS[i % len(ADAPTERS)] for i in range(args.requests)]
     rounds: dict[str, list[dict]] = {name: [] for name in servers}
     try:
         for name, client in clients.items():
             log(f"warm-up of {name}")
-            await run_requests(client, models[: args.concurrency * 2], args.concurrency)
+            since, warm = time.time(), models[: args.concurrency * 2]
+            await run_requests(client, warm, args.concurrency)
+            if settle is not None:
+                await settle(since, len(warm))
         for index in range(args.rounds):
             for name, server in servers.items():
+                since = time.time()
                 result = await measured_round(server, clients[name], models, args.concurrency)
-                s = result["summary"]
+                s = dict(result["summary"])
+                extra, note = await settle(since, len(models)) if settle is not None else ({}, "")
+                s.update(extra)
                 log(f"round {index + 1}/{args.rounds} {name}: {s['tok_s']:.1f} tok/s, TTFT p50 {s['ttft_p50']:.1f} ms, "
-                    f"ITL p50 {s['itl_p50']:.2f} ms, {s['errors']:.0f} errors")
+                    f"ITL p50 {s['itl_p50']:.2f} ms, {s['errors']:.0f} errors{note}")
                 rounds[name].append(s)
     finally:
         for client in clients.values():

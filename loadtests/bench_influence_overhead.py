@@ -14,19 +14,25 @@ traces were written with (under load the lag policy bills what it cannot reach i
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_attribution_overhead import alternate_gateways, paired_arguments, paired_state_dir  # noqa: E402
-from bench_serving import GatewayServer, OpenAIHttpClient, log, measured_round, run_requests  # noqa: E402
+from bench_attribution_overhead import (  # noqa: E402
+    Settle,
+    alternate_gateways,
+    bench,
+    paired_arguments,
+    paired_state_dir,
+)
+from bench_serving import log  # noqa: E402
 
 from attribution.service import TRACE_FILE_SUFFIX  # noqa: E402
 from gateway.config import GatewayConfig  # noqa: E402
@@ -42,53 +48,39 @@ DRAIN_TIMEOUT_SECONDS = 900.0
 def trace_methods(trace_dir: Path, since: float) -> Counter[str]:
     """How many traces written at or after `since` (a time.time()) carry each attribution method."""
     methods: Counter[str] = Counter()
-    for path in trace_dir.glob(f"*{TRACE_FILE_SUFFIX}"):
+    for path in _traces_since(trace_dir, since):
         try:
-            if path.stat().st_mtime >= since:
-                methods[trace_from_bytes(path.read_bytes()).method] += 1
+            methods[trace_from_bytes(path.read_bytes()).method] += 1
         except (OSError, ValueError):
             methods["unreadable"] += 1
     return methods
 
 
-async def drained(trace_dir: Path, since: float, expected: int) -> tuple[float, Counter[str]]:
-    """Wait until `expected` traces were written since `since`; (seconds waited, their methods)."""
-    started = time.monotonic()
-    while True:
+def _traces_since(trace_dir: Path, since: float) -> list[Path]:
+    found = []
+    for path in trace_dir.glob(f"*{TRACE_FILE_SUFFIX}"):
+        try:
+            if path.stat().st_mtime >= since:
+                found.append(path)
+        except OSError:  # replaced or pruned while listed
+            continue
+    return found
+
+
+def trace_settler(trace_dir: Path) -> Settle:
+    """Waits until every response of a round has its trace (stat only while waiting), then reads their methods."""
+
+    async def settle(since: float, expected: int) -> tuple[dict[str, Any], str]:
+        started = time.monotonic()
+        while len(_traces_since(trace_dir, since)) < expected and time.monotonic() - started < DRAIN_TIMEOUT_SECONDS:
+            await asyncio.sleep(0.5)
+        waited = time.monotonic() - started
         methods = trace_methods(trace_dir, since)
-        if sum(methods.values()) >= expected or time.monotonic() - started > DRAIN_TIMEOUT_SECONDS:
-            return time.monotonic() - started, methods
-        await asyncio.sleep(0.5)
+        return ({"drain_s": waited, "methods": methods},
+                f"; last trace {waited:.1f} s after the last response "
+                f"({', '.join(f'{m} {c}' for m, c in methods.most_common())})")
 
-
-async def bench(servers: dict[str, GatewayServer], trace_dir: Path, adapters: list[str],
-                args: argparse.Namespace) -> dict[str, list[dict]]:
-    clients = {name: OpenAIHttpClient(s.base_url, args.concurrency, s.headers) for name, s in servers.items()}
-    models = [adapters[i % len(adapters)] for i in range(args.requests)]
-    rounds: dict[str, list[dict]] = {name: [] for name in servers}
-    try:
-        for name, client in clients.items():
-            log(f"warm-up of {name}")
-            since = time.time()
-            warm = models[: args.concurrency * 2]
-            await run_requests(client, warm, args.concurrency)
-            await drained(trace_dir, since, len(warm))
-        for index in range(args.rounds):
-            for name, server in servers.items():
-                since = time.time()
-                result = await measured_round(server, clients[name], models, args.concurrency)
-                s = dict(result["summary"])
-                s["drain_s"], methods = await drained(trace_dir, since, args.requests)
-                s["traced_tok_s"] = s["tokens"] / (s["wall_s"] + s["drain_s"])
-                s["methods"] = methods
-                log(f"round {index + 1}/{args.rounds} {name}: {s['tok_s']:.1f} tok/s, TTFT p50 {s['ttft_p50']:.1f} ms, "
-                    f"ITL p50 {s['itl_p50']:.2f} ms, {s['errors']:.0f} errors; last trace {s['drain_s']:.1f} s after "
-                    f"the last response ({', '.join(f'{m} {c}' for m, c in methods.most_common())})")
-                rounds[name].append(s)
-    finally:
-        for client in clients.values():
-            await client.aclose()
-    return rounds
+    return settle
 
 
 def main() -> int:
@@ -100,8 +92,13 @@ def main() -> int:
     adapters = [demo_adapter_name(datanet)
                 for datanet in demo_datanets(GatewayConfig(state_dir=state, base_model=args.model))]
     log(f"model {args.model}, adapters {', '.join(adapters)}")
+    models = [adapters[i % len(adapters)] for i in range(args.requests)]
+    settle = trace_settler(StateLayout(state).traces)
     rounds = alternate_gateways(state, VARIANTS, args, env={"GATEWAY_BASE_MODEL": args.model},
-                                run=lambda servers: bench(servers, StateLayout(state).traces, adapters, args))
+                                run=lambda servers: bench(servers, args, models, settle))
+    for runs in rounds.values():
+        for r in runs:
+            r["traced_tok_s"] = r["tokens"] / (r["wall_s"] + r["drain_s"])
     keys = ("tok_s", "traced_tok_s", "ttft_p50", "itl_p50", "drain_s")
     figures = {name: {key: statistics.median(r[key] for r in runs) for key in keys} for name, runs in rounds.items()}
     print(f"{'':16}{'tok/s':>9}{'tok/s to last trace':>21}{'TTFT p50 ms':>13}{'ITL p50 ms':>12}{'trace lag s':>13}")
